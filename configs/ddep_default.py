@@ -1,0 +1,31 @@
+"""DDeP on the embedded real photographs (scikit-image), small enough for a CPU.
+
+The README's first command; needs no dataset preparation and no network:
+  python -m ddep_jax.main --config=configs/ddep_default.py --workdir=workdirs/default
+
+A small R(1,1,1)+ViT-mu hybrid and a narrow decoder, 64x64 crops, frozen
+(randomly initialised) encoder, scaled noise with sigma = 0.22 (Eq. 5), eps
+target (Eq. 6).
+"""
+
+from ddep_jax.config_lib import ddep_config
+
+
+def get_config(arg=None):
+    del arg
+    c = ddep_config()
+    c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=16,
+                           image_size=(64, 64), num_groups=8)
+    c.model.decoder_widths = (128, 64, 64, 32, 32)
+    c.model.decoder_num_groups = 8
+    c.data.source = "embedded"
+    c.data.crop_area_range = (0.05, 1.0)
+    c.data.num_threads = 2
+    c.batch_size = 8
+    c.total_steps = 200
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.image_grid_every = 100
+    return c

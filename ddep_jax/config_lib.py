@@ -1,0 +1,191 @@
+"""The stage-2 (DDeP) config schema, its defaults and its validation.
+
+Every config file under `configs/` starts from `ddep_config()` and overrides
+values; the schema (the set of keys) is fixed here, the ConfigDict is locked,
+so a misspelt `--config.a.b=v` override fails with the key's name, and
+`validate` rejects bad values before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ddep_jax.objectives.denoising import NOISE_TYPES, TARGETS
+
+COLLECTIONS = ("encoder", "decoder", "head")
+# Paper Sec. 5.1: lr 6e-5 for the 1x and 3x decoders, 1e-4 for the 2x decoder.
+PAPER_LEARNING_RATE = {1: 6e-5, 2: 1e-4, 3: 6e-5}
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parses a config argument 'k=v,flag' into a ConfigDict (big_vision style).
+
+    Keys must be among `defaults`; values are converted to the type of the
+    default; a bare name sets a bool default to True.
+
+    Raises:
+      ValueError: unknown argument name, naming it and the known ones.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, eq, value = item.partition("=")
+        if name not in defaults:
+            raise ValueError(f"config argument {name!r} is unknown; known: "
+                             f"{sorted(defaults)}.")
+        default = defaults[name]
+        if not eq:
+            out[name] = True
+        elif isinstance(default, bool):
+            out[name] = value.lower() in ("1", "true", "yes")
+        else:
+            out[name] = type(default)(value)
+    return out
+
+
+def ddep_config() -> ml_collections.ConfigDict:
+    """Defaults: the paper's DDeP run (R50+ViT-B/16, 1x decoder, Sec. 5.1)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.encoder = ml_collections.ConfigDict(dict(
+        vit_size="B", resnet_layers=(3, 4, 9), resnet_width=64,
+        image_size=(224, 224), num_groups=32, dropout_rate=0.0))
+    c.model.decoder_multiplier = 1
+    c.model.decoder_widths = ()  # empty: 1x widths times the multiplier
+    c.model.decoder_num_groups = 32
+    c.model.num_outputs = 3
+    c.model.noise_conditioning = False
+    c.model.dtype = "float32"
+
+    # Denoising objective (Sec. 3-4).
+    c.denoising = ml_collections.ConfigDict()
+    c.denoising.noise_type = "scaled"  # Eq. 5; 'simple' is Eq. 1
+    c.denoising.target = "eps"  # Eq. 6; 'x' is Eq. 2
+    c.denoising.sigma = 0.22  # Fig. 5
+    c.denoising.sigma_range = ()  # (low, high): sample sigma per example (Table 4)
+
+    # Which top-level collections stay fixed: ('encoder',) is DDeP, () is DeP.
+    c.frozen = ("encoder",)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # 'tfds' | 'embedded'
+    c.data.name = "imagenet21k"
+    c.data.split = "train"
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
+    c.data.crop_aspect_range = (3 / 4, 4 / 3)
+    c.data.flip = True
+    c.data.num_threads = 8
+    c.data.prefetch = 4
+
+    c.batch_size = 512
+    c.num_epochs = 100.0
+    c.total_steps = 0  # > 0 overrides num_epochs
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 0.0  # 0: the paper's value for the decoder width
+    c.optimizer.warmup_steps = 0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the data axis; -1 = all
+    c.mesh.param_sharding = "replicated"
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.image_grid_every = 500
+    c.image_grid_size = 8
+    return c
+
+
+def _check_keys(config, reference, prefix=""):
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ValueError(f"config.{name} is not a known key; known keys at "
+                             f"this level: {sorted(reference.keys())}.")
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            _check_keys(config[key], reference[key], name + ".")
+
+
+def _require(ok: bool, key: str, value, what: str):
+    if not ok:
+        raise ValueError(f"config.{key}={value!r} is invalid: {what}.")
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values, naming the key.
+
+    Args:
+      config: a stage-2 ConfigDict.
+      num_devices: global device count on the data axis.
+      num_processes: host count.
+
+    Raises:
+      ValueError: the first problem found, as 'config.<key>=<value> is invalid:
+        <why>' or 'config.<key> is not a known key'.
+    """
+    _check_keys(config, ddep_config())
+    d, m, o = config.denoising, config.model, config.optimizer
+    _require(d.noise_type in NOISE_TYPES, "denoising.noise_type", d.noise_type,
+             f"expected one of {NOISE_TYPES}")
+    _require(d.target in TARGETS, "denoising.target", d.target,
+             f"expected one of {TARGETS}")
+    _require(d.sigma >= 0, "denoising.sigma", d.sigma, "must be >= 0")
+    if d.sigma_range:
+        low_high = tuple(d.sigma_range)
+        _require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
+                 "denoising.sigma_range", low_high, "need (low, high) with 0 <= low < high")
+    _require(m.decoder_multiplier in (1, 2, 3), "model.decoder_multiplier",
+             m.decoder_multiplier, "the paper's decoders are 1x, 2x or 3x")
+    _require(not m.decoder_widths or len(m.decoder_widths) == 5,
+             "model.decoder_widths", m.decoder_widths, "give 5 widths or none")
+    size = tuple(m.encoder.image_size)
+    _require(len(size) == 2 and all(s > 0 and s % 16 == 0 for s in size),
+             "model.encoder.image_size", size, "need (H, W), multiples of 16")
+    _require(len(m.encoder.resnet_layers) == 3, "model.encoder.resnet_layers",
+             m.encoder.resnet_layers, "need 3 stages")
+    from ddep_jax.models.hybrid_vit import VIT_SIZES
+    _require(m.encoder.vit_size in VIT_SIZES, "model.encoder.vit_size",
+             m.encoder.vit_size, f"expected one of {sorted(VIT_SIZES)}")
+    _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+             "float32 or bfloat16")
+    _require(set(config.frozen) <= set(COLLECTIONS) and "head" not in config.frozen
+             and "decoder" not in config.frozen, "frozen", tuple(config.frozen),
+             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
+    _require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
+    _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
+             f"must be divisible by the {num_devices} devices on the data axis")
+    _require(config.batch_size % num_processes == 0, "batch_size",
+             config.batch_size, f"must be divisible by the {num_processes} hosts")
+    _require(config.total_steps > 0 or config.num_epochs > 0, "total_steps",
+             config.total_steps, "set total_steps > 0 or num_epochs > 0")
+    _require(o.learning_rate >= 0, "optimizer.learning_rate", o.learning_rate,
+             "must be >= 0 (0 picks the paper's value)")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, ">= 0")
+    _require(config.data.source in ("tfds", "embedded"), "data.source",
+             config.data.source, "'tfds' or 'embedded'")
+    lo, hi = config.data.crop_area_range
+    _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi), "need 0 < low <= high <= 1")
+    _require(config.mesh.param_sharding in ("replicated",), "mesh.param_sharding",
+             config.mesh.param_sharding, "only 'replicated' is implemented")
+    import jax
+
+    _require(config.mesh.data == -1 or 1 <= config.mesh.data <= jax.device_count(),
+             "mesh.data", config.mesh.data,
+             f"-1 (all) or 1..{jax.device_count()} devices")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints",
+                "image_grid_every"):
+        _require(config[key] > 0, key, config[key], "must be > 0")
+
+
+def learning_rate(config) -> float:
+    """The configured peak learning rate, or the paper's for the decoder width."""
+    if config.optimizer.learning_rate > 0:
+        return config.optimizer.learning_rate
+    return PAPER_LEARNING_RATE[config.model.decoder_multiplier]

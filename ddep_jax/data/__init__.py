@@ -1,0 +1,1 @@
+"""Data: TFDS builders (CamVid, ImageNet-21k), preparation CLI and readers."""

@@ -1,0 +1,104 @@
+"""Input pipeline: a random-access image source read through grain.
+
+source -> this host's shard -> seeded shuffle (reshuffled every epoch) ->
+repeat -> inception-style random crop + horizontal flip (seeded per element)
+-> batch -> threaded prefetch. The same seed gives the same batches, and the
+iterator state (saved with the checkpoint) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+def sample_crop_box(rng: np.random.Generator, height: int, width: int,
+                    area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
+                    attempts: int = 10) -> tuple[int, int, int, int]:
+    """Inception-style crop box (Szegedy et al. 2015): (top, left, h, w).
+
+    The area fraction is uniform in `area_range`, the aspect ratio log-uniform
+    in `aspect_range`; after `attempts` misses, the largest centred crop
+    within the aspect range.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(*area_range)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return (int(rng.integers(0, height - h + 1)),
+                    int(rng.integers(0, width - w + 1)), h, w)
+    aspect = width / height
+    if aspect < aspect_range[0]:
+        w, h = width, int(round(width / aspect_range[0]))
+    elif aspect > aspect_range[1]:
+        h, w = height, int(round(height * aspect_range[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomCropFlip:
+    """Random inception crop resized to `size`, then a random horizontal flip.
+
+    Input: {'image': uint8 [H, W, 3], ...}; output: {'image': uint8
+    [size_h, size_w, 3]} (other keys dropped). Resizing is PIL's bilinear.
+    """
+
+    def __init__(self, size, area_range, aspect_range, flip: bool):
+        self.size = tuple(size)
+        self.area_range = tuple(area_range)
+        self.aspect_range = tuple(aspect_range)
+        self.flip = flip
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        image = example["image"]
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an RGB image [H, W, 3], got {image.shape}.")
+        top, left, h, w = sample_crop_box(rng, *image.shape[:2],
+                                          self.area_range, self.aspect_range)
+        crop = Image.fromarray(image[top:top + h, left:left + w])
+        crop = crop.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        out = np.asarray(crop)
+        if self.flip and rng.random() < 0.5:
+            out = out[:, ::-1]
+        return {"image": np.ascontiguousarray(out)}
+
+
+def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1,
+                       area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
+                       flip: bool = True, num_threads: int = 8,
+                       prefetch: int = 4) -> grain.IterDataset:
+    """The training stream of this host.
+
+    Args:
+      source: random-access source (`__len__`, `__getitem__` -> {'image':
+        uint8 [H, W, 3]}), e.g. a TFDS data source or `EmbeddedImages`.
+      image_size: (H, W) of the crops.
+      batch_size: per-host batch size.
+      seed: shuffling and augmentation seed.
+      process_index, process_count: this host's shard of the source.
+
+    Returns:
+      grain.IterDataset of {'image': uint8 [batch_size, H, W, 3]}; infinite.
+
+    Raises:
+      ValueError: the host's shard holds fewer examples than one batch.
+    """
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+        raise ValueError(f"host {process_index} has {len(ds)} examples, fewer than "
+                         f"its batch of {batch_size}: lower batch_size or add data.")
+    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip),
+                       seed=seed + 1)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                prefetch_buffer_size=prefetch))

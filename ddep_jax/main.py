@@ -1,0 +1,37 @@
+"""Entry point: python -m ddep_jax.main --config=configs/<stage>.py[:args] --workdir=DIR.
+
+Any config value can be overridden with --config.a.b=value.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddep_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it "
+                               "holds checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+    """Drops INFO records from Orbax and grain, which log every checkpoint step."""
+
+    def filter(self, record) -> bool:
+        noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+        return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("Done: step %d, loss %.4f, workdir %s", result["step"],
+                 result["loss"], _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

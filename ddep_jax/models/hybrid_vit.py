@@ -1,0 +1,294 @@
+"""Hybrid-ViT encoder (ResNet stem + ViT), as in the public R50+ViT-B/16.
+
+Source: Dosovitskiy et al. 2021 (ViT, "hybrid" models); TransUNet (Chen et al.
+2021) uses this encoder and takes skip features from its CNN stages; DDeP
+(Brempong et al. 2022, Sec. 2, Fig. 2) keeps it unchanged.
+
+Parameter names and shapes follow the Linen layout of the public
+`google-research/vision_transformer` checkpoints, so that their `.npz` files
+map onto this module by renaming keys only:
+
+    conv_root/kernel            [7, 7, 3, W]          (raw, standardised at use)
+    gn_root/{scale,bias}        [W]                   (upstream: [1, 1, 1, W])
+    block{s}/unit{u}/conv{1,2,3}/kernel, gn{1,2,3}/{scale,bias}
+    block{s}/unit1/conv_proj/kernel, gn_proj/{scale,bias}
+    embedding/{kernel,bias}     [P, P, 16W, D], [D]
+    Transformer/posembed_input/pos_embedding   [1, h*w, D]  (no class token)
+    Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0
+        ({query,key,value}/kernel [D, heads, D/heads], out/kernel
+        [heads, D/heads, D]), LayerNorm_1, MlpBlock_0/Dense_{0,1}
+    Transformer/encoder_norm/{scale,bias}
+
+The pre-Linen checkpoints name the block children LayerNorm_0,
+MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; the importer renames
+those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# ViT widths by name (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT / AugReg).
+# 'mu' and 'nano' are tiny sizes for tests and CPU smoke runs.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "mu": dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64),
+    "nano": dict(hidden_size=96, num_layers=4, num_heads=3, mlp_dim=384),
+    "Ti": dict(hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768),
+    "S": dict(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "B": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "L": dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+}
+
+
+def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Standardises a conv kernel per output channel (Qiao et al. 2019).
+
+    Args:
+      kernel: float [kh, kw, c_in, c_out].
+      eps: added to the standard deviation (upstream BiT/ViT value 1e-5).
+
+    Returns:
+      (kernel - mean) / (std + eps), mean and std over axes (0, 1, 2).
+    """
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    std = jnp.std(kernel, axis=(0, 1, 2), keepdims=True)
+    return (kernel - mean) / (std + eps)
+
+
+class StdConv(nn.Conv):
+    """Conv whose stored `kernel` is raw and standardised on every use (BiT)."""
+
+    def param(self, name, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        if name == "kernel":
+            value = weight_standardize(value)
+        return value
+
+
+class BottleneckUnit(nn.Module):
+    """ResNet bottleneck unit of the hybrid's stem (upstream `ResidualUnit`).
+
+    1x1 -> 3x3 (strided) -> 1x1 (x4 channels), GroupNorm after each conv, the
+    last GroupNorm's scale initialised to zero, projection shortcut where the
+    shape changes.
+    """
+
+    features: int
+    strides: int = 1
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda f, k, s, name: StdConv(  # noqa: E731
+            f, (k, k), (s, s), use_bias=False, dtype=self.dtype, name=name)
+        norm = lambda name, **kw: nn.GroupNorm(  # noqa: E731
+            self.num_groups, dtype=self.dtype, name=name, **kw)
+        out_features = 4 * self.features
+        residual = x
+        if x.shape[-1] != out_features or self.strides != 1:
+            residual = conv(out_features, 1, self.strides, "conv_proj")(x)
+            residual = norm("gn_proj")(residual)
+        y = nn.relu(norm("gn1")(conv(self.features, 1, 1, "conv1")(x)))
+        y = nn.relu(norm("gn2")(conv(self.features, 3, self.strides, "conv2")(y)))
+        y = norm("gn3", scale_init=nn.initializers.zeros)(
+            conv(out_features, 1, 1, "conv3")(y))
+        return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+    """`num_units` bottleneck units named unit1..unitN; the first one strides."""
+
+    num_units: int
+    features: int
+    first_stride: int
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for u in range(self.num_units):
+            x = BottleneckUnit(self.features, self.first_stride if u == 0 else 1,
+                               self.num_groups, self.dtype, name=f"unit{u + 1}")(x)
+        return x
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        out_dim = x.shape[-1]
+        dense = lambda f, name: nn.Dense(  # noqa: E731
+            f, dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6))
+        y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)
+        y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = dense(out_dim, "Dense_1")(y)
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block (ViT `Encoder1DBlock`)."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
+            deterministic=not train, name="MultiHeadDotProductAttention_0")(y, y)
+        x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
+                     name="MlpBlock_0")(y, train=train)
+        return x + y
+
+
+def resize_pos_embedding(pos_emb: jax.Array, old_grid: tuple[int, int],
+                         new_grid: tuple[int, int]) -> jax.Array:
+    """Bilinearly resamples a learned position embedding to another token grid.
+
+    Args:
+      pos_emb: [1, gh * gw, D] without a class-token row.
+      old_grid: (gh, gw) the embedding was learned for.
+      new_grid: (h, w) wanted.
+
+    Returns:
+      [1, h * w, D]; `pos_emb` itself when the grids are equal.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_emb
+    d = pos_emb.shape[-1]
+    grid = pos_emb.reshape(1, *old_grid, d)
+    grid = jax.image.resize(grid, (1, *new_grid, d), method="bilinear")
+    return grid.reshape(1, new_grid[0] * new_grid[1], d)
+
+
+class PosEmbedding(nn.Module):
+    """Learned additive position embedding (upstream `AddPositionEmbs`)."""
+
+    grid: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        d = tokens.shape[-1]
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                         (1, self.grid[0] * self.grid[1], d))
+        return tokens + resize_pos_embedding(pos, self.grid, grid).astype(tokens.dtype)
+
+
+class ViTEncoder(nn.Module):
+    """The ViT part (upstream `Encoder`, scope name 'Transformer')."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    pos_grid: tuple[int, int]
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, grid: tuple[int, int], *,
+                 train: bool) -> jax.Array:
+        x = PosEmbedding(self.pos_grid, name="posembed_input")(tokens, grid)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        for i in range(self.num_layers):
+            x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
+                             self.attention_dropout_rate, self.dtype,
+                             name=f"encoderblock_{i}")(x, train=train)
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderFeatures:
+    """What the encoder hands to the decoder.
+
+    tokens: [B, H/16, W/16, D] ViT output reshaped to its grid.
+    skips: features at 1/2 (root, W channels), 1/4 (4W), 1/8 (8W), finest first.
+    """
+
+    tokens: jax.Array
+    skips: tuple[jax.Array, ...]
+
+
+jax.tree_util.register_dataclass(
+    EncoderFeatures, data_fields=["tokens", "skips"], meta_fields=[])
+
+
+class HybridViT(nn.Module):
+    """R{layers}+ViT-{size}/16 encoder returning the token map and skip features.
+
+    Attributes:
+      vit_size: key of `VIT_SIZES` ('B' for the paper's R50+ViT-B/16).
+      resnet_layers: bottleneck units per stage; (3, 4, 9) is the public R50
+        hybrid (3 stages: outputs 4W, 8W, 16W channels at 1/4, 1/8, 1/16).
+      resnet_width: W, channels of the root conv (64 upstream).
+      image_size: (H, W) pixels the position embedding is learned for; other
+        input sizes are served by bilinear resampling of the embedding.
+      num_groups: GroupNorm groups (32 upstream).
+      patch_size: patch size on the 1/16 map (1 for the hybrid).
+
+    Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 ->
+      `EncoderFeatures`.
+    """
+
+    vit_size: str = "B"
+    resnet_layers: Sequence[int] = (3, 4, 9)
+    resnet_width: int = 64
+    image_size: tuple[int, int] = (224, 224)
+    num_groups: int = 32
+    patch_size: int = 1
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
+        if len(self.resnet_layers) != 3:
+            raise ValueError(
+                f"resnet_layers={tuple(self.resnet_layers)}: the hybrid encoder "
+                "needs exactly 3 ResNet stages (skips at 1/4, 1/8, tokens at 1/16).")
+        size = VIT_SIZES[self.vit_size]
+        width = self.resnet_width
+        x = images.astype(self.dtype)
+        x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
+                    name="conv_root")(x)
+        x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype,
+                                 name="gn_root")(x))
+        skips = [x]  # 1/2
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for s, num_units in enumerate(self.resnet_layers):
+            x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1,
+                            self.num_groups, self.dtype, name=f"block{s + 1}")(x)
+            if s < len(self.resnet_layers) - 1:
+                skips.append(x)  # 1/4, 1/8
+        p = self.patch_size
+        x = nn.Conv(size["hidden_size"], (p, p), (p, p), padding="VALID",
+                    dtype=self.dtype, name="embedding")(x)
+        b, h, w, d = x.shape
+        stem_stride = 16 * p
+        pos_grid = (self.image_size[0] // stem_stride,
+                    self.image_size[1] // stem_stride)
+        tokens = ViTEncoder(size["num_layers"], size["num_heads"], size["mlp_dim"],
+                            pos_grid, self.dropout_rate,
+                            self.attention_dropout_rate, self.dtype,
+                            name="Transformer")(x.reshape(b, h * w, d), (h, w),
+                                                train=train)
+        return EncoderFeatures(tokens.reshape(b, h, w, d), tuple(skips))

@@ -1,0 +1,91 @@
+"""TransUNet: Hybrid-ViT encoder + UNet decoder + output head (DDeP Sec. 2).
+
+The top-level parameter collections are `encoder`, `decoder` and `head`, so
+that the stages can hand over, freeze and drop them by name: stage 2 freezes
+`encoder` and trains `decoder` + a 3-channel `head`; stage 3 keeps `encoder`
+and `decoder` and replaces `head` with a `num_classes` one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddep_jax.models.hybrid_vit import EncoderFeatures, HybridViT
+from ddep_jax.models.unet_decoder import DECODER_WIDTHS_1X, UNetDecoder
+
+
+class TransUNet(nn.Module):
+    """Encoder-decoder with a per-pixel output head.
+
+    Attributes:
+      encoder_kwargs: keyword arguments of `HybridViT` (vit_size,
+        resnet_layers, resnet_width, image_size, num_groups, ...).
+      decoder_multiplier: 1, 2 or 3 (the paper's 1x / 2x / 3x decoders).
+      decoder_widths: explicit 5 block widths; overrides the multiplier (small
+        decoders for tests and CPU runs).
+      num_outputs: channels of the head (3 for denoising, classes later).
+      decoder_num_groups: GroupNorm groups in the decoder.
+      noise_conditioning: condition the decoder's norms on sigma (Sec. 4.4).
+
+    Methods (images: float [B, H, W, 3] in [-1, 1], H, W multiples of 16):
+      encode(images, train) -> EncoderFeatures
+      decode(features, noise_level, train) -> float32 [B, H, W, num_outputs]
+      __call__(images, noise_level, train) == decode(encode(images), ...)
+    """
+
+    encoder_kwargs: Mapping[str, Any]
+    decoder_multiplier: int = 1
+    decoder_widths: tuple[int, ...] | None = None
+    num_outputs: int = 3
+    decoder_num_groups: int = 32
+    noise_conditioning: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.encoder = HybridViT(**dict(self.encoder_kwargs), dtype=self.dtype)
+        self.decoder = UNetDecoder(
+            widths=self.decoder_widths or tuple(
+                w * self.decoder_multiplier for w in DECODER_WIDTHS_1X),
+            num_groups=self.decoder_num_groups,
+            noise_conditioning=self.noise_conditioning, dtype=self.dtype)
+        self.head = nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype)
+
+    def encode(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
+        return self.encoder(images, train=train)
+
+    def decode(self, features: EncoderFeatures,
+               noise_level: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+        del train  # the decoder has no dropout or batch statistics
+        x = self.decoder(features, noise_level)
+        return self.head(x).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, noise_level: jax.Array | None = None, *,
+                 train: bool = False) -> jax.Array:
+        return self.decode(self.encode(images, train=train), noise_level, train=train)
+
+
+def build_model(model_config) -> TransUNet:
+    """Builds the TransUNet named by a `config.model` ConfigDict."""
+    enc = model_config.encoder
+    return TransUNet(
+        encoder_kwargs=dict(
+            vit_size=enc.vit_size,
+            resnet_layers=tuple(enc.resnet_layers),
+            resnet_width=enc.resnet_width,
+            image_size=tuple(enc.image_size),
+            num_groups=enc.num_groups,
+            dropout_rate=enc.dropout_rate,
+        ),
+        decoder_multiplier=model_config.decoder_multiplier,
+        decoder_widths=(tuple(model_config.decoder_widths)
+                        if model_config.decoder_widths else None),
+        num_outputs=model_config.num_outputs,
+        decoder_num_groups=model_config.decoder_num_groups,
+        noise_conditioning=model_config.noise_conditioning,
+        dtype=jnp.dtype(model_config.dtype),
+    )

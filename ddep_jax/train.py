@@ -1,0 +1,300 @@
+"""Stage 2: decoder denoising pretraining (DDeP, Brempong et al. 2022, Sec. 4).
+
+`train_and_evaluate(config, workdir)` is the whole job and can be called from
+a test or a notebook. Sections: mesh -> model and optimizer shapes -> init or
+resume (Orbax) -> input pipeline (grain) -> jitted, sharded, donated train
+step -> loop with logging, image grids and checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddep_jax import checkpointing, config_lib, optim, visualize, writers
+from ddep_jax.data import pipeline
+from ddep_jax.models.transunet import build_model
+from ddep_jax.objectives import denoising
+
+
+# ----------------------------------------------------------------------------
+# Pieces a test can call on their own.
+# ----------------------------------------------------------------------------
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """1-D device mesh with a 'data' axis over all (or the first n) devices."""
+    devices = jax.devices()[: num_devices or jax.device_count()]
+    return jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def make_source(data_config):
+    """The random-access image source named by `config.data`."""
+    if data_config.source == "embedded":
+        from ddep_jax.data.embedded import EmbeddedImages
+
+        return EmbeddedImages()
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    return load_data_source(data_config.name, data_config.split,
+                            data_config.data_dir or None)
+
+
+def to_float_images(images_uint8: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 in [-1, 1] (the ViT input convention)."""
+    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def corrupt(config, images: jax.Array, key: jax.Array):
+    """Draws sigma and eps and forms the noisy input (Eq. 1 or Eq. 5).
+
+    Returns (x, eps, sigma [B], noisy), all float32.
+    """
+    d = config.denoising
+    k_sigma, k_eps = jax.random.split(key)
+    x = to_float_images(images)
+    sigma = denoising.sample_sigma(k_sigma, x.shape[0], d.sigma,
+                                   tuple(d.sigma_range) or None)
+    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    return x, eps, sigma, denoising.add_noise(x, eps, sigma, d.noise_type)
+
+
+def make_train_step(config, model, tx, schedule):
+    """The DDeP / DeP update: state, uint8 images [B, H, W, 3], key -> state, metrics.
+
+    With 'encoder' frozen, the encoder runs in inference mode outside the
+    differentiated function, so no gradient (and no backward pass) is computed
+    for it; `optax.partition` gives it `set_to_zero` updates.
+    """
+    frozen = tuple(config.frozen)
+    target = config.denoising.target
+
+    def step_fn(state, images, base_key):
+        params = state["params"]
+        key = jax.random.fold_in(base_key, state["step"])
+        k_noise, k_dropout = jax.random.split(key)
+        x, eps, sigma, noisy = corrupt(config, images, k_noise)
+        noise_level = sigma if config.model.noise_conditioning else None
+        trainable = {k: v for k, v in params.items() if k not in frozen}
+        fixed = {k: v for k, v in params.items() if k in frozen}
+
+        if "encoder" in frozen:
+            features = model.apply({"params": fixed}, noisy, train=False,
+                                   method=model.encode)
+
+            def forward(p):
+                return model.apply({"params": {**fixed, **p}}, features, noise_level,
+                                   method=model.decode)
+        else:
+            def forward(p):
+                return model.apply({"params": {**fixed, **p}}, noisy, noise_level,
+                                   train=True, rngs={"dropout": k_dropout})
+
+        def loss_fn(p):
+            return denoising.denoising_loss(forward(p), x, eps, target)
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        # Frozen leaves get zero "gradients" that set_to_zero ignores.
+        grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {"loss": loss, "learning_rate": schedule(state["step"]),
+                   "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_denoise_fn(config, model):
+    """(params, uint8 images, key) -> (clean, noisy, denoised) float32 [B, H, W, 3]."""
+    d = config.denoising
+
+    def denoise(params, images, key):
+        x, _, sigma, noisy = corrupt(config, images, key)
+        noise_level = sigma if config.model.noise_conditioning else None
+        prediction = model.apply({"params": params}, noisy, noise_level)
+        if d.target == "x":
+            return x, noisy, prediction
+        return x, noisy, denoising.estimate_clean(noisy, prediction, sigma,
+                                                  d.noise_type)
+
+    return denoise
+
+
+def total_steps(config, num_examples: int) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
+
+
+def create_train_state(config, model, tx, mesh, key):
+    """Shape-first init: returns (abstract state, state shardings, init fn)."""
+    h, w = config.model.encoder.image_size
+    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+    dummy_sigma = jnp.ones((1,), jnp.float32) if config.model.noise_conditioning else None
+
+    def init(key):
+        params = model.init(key, dummy, dummy_sigma)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init, key)
+    replicated = NamedSharding(mesh, P())
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    return abstract, shardings, jax.jit(init, out_shardings=shardings)
+
+
+# ----------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_step: int | None = None) -> dict:
+    """Runs (or resumes) DDeP pretraining in `workdir`.
+
+    `stop_after_step` ends this call early (with a checkpoint) as a killed or
+    preempted run would; calling again on the same workdir continues exactly.
+
+    Writes: config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/
+    (params, optimizer state, step, data-iterator state), images/*.png.
+
+    Returns:
+      {'step': final step, 'loss': last logged loss, 'history': [(step, loss)]}.
+
+    Raises:
+      ValueError: invalid config (before compiling), naming the key.
+      FileNotFoundError: dataset not prepared (names the preparation command).
+      FloatingPointError: non-finite loss, naming the step; checkpoints written
+        before it are kept.
+    """
+    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+    config_lib.validate(config, num_devices, jax.process_count())
+    mesh = make_mesh(num_devices)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    source = make_source(config.data)
+    num_steps = total_steps(config, len(source))
+    model = build_model(config.model)
+    schedule = optim.make_schedule(config_lib.learning_rate(config), num_steps,
+                                   config.optimizer.warmup_steps)
+    h, w = config.model.encoder.image_size
+    abstract_params = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)),
+        jnp.ones((1,)) if config.model.noise_conditioning else None)["params"]
+    o = config.optimizer
+    tx, _ = optim.make_optimizer(abstract_params, config.frozen, schedule, b1=o.b1,
+                                 b2=o.b2, weight_decay=o.weight_decay,
+                                 grad_clip_norm=o.grad_clip_norm)
+
+    init_key, train_key, image_key = jax.random.split(jax.random.key(config.seed), 3)
+    abstract, state_sharding, init_fn = create_train_state(config, model, tx, mesh,
+                                                           init_key)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    local_batch = config.batch_size // jax.process_count()
+    dataset = pipeline.make_train_dataset(
+        source, image_size=(h, w), batch_size=local_batch, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        area_range=config.data.crop_area_range,
+        aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
+        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    data_iter = iter(dataset)
+
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    restored_step = manager.latest_step()
+    if restored_step is not None:
+        abstract_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, state_sharding)
+        state = checkpointing.restore(manager, restored_step, abstract_sharded,
+                                      data_iter)
+        logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
+    else:
+        state = init_fn(init_key)
+
+    train_step = jax.jit(make_train_step(config, model, tx, schedule),
+                         in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, replicated),
+                         donate_argnums=(0,))
+    denoise = jax.jit(make_denoise_fn(config, model))
+    writer = writers.MetricWriter(workdir)
+    start = int(jax.device_get(state["step"]))
+    history, pending = [], []
+    last_good_save = restored_step
+    t0, s0 = time.perf_counter(), start
+
+    def flush_pending():
+        """Fetches queued metrics; raises on the first non-finite loss."""
+        fetched = jax.device_get([(s, m) for s, m in pending])
+        pending.clear()
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"non-finite loss ({m['loss']}) at step {s}: stopping. The last "
+                    f"good checkpoint is step {last_good_save} in "
+                    f"{manager.directory} (resume from it, e.g. with a lower "
+                    f"optimizer.learning_rate or optimizer.grad_clip_norm).")
+        return fetched
+
+    last_step = min(num_steps, stop_after_step or num_steps)
+    for step in range(start + 1, last_step + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = next(data_iter)["image"]
+            images = jax.make_array_from_process_local_data(batch_sharding, batch)
+            state, metrics = train_step(state, images, train_key)
+        pending.append((step, metrics))
+
+        if step % config.log_every == 0 or step == last_step:
+            fetched = flush_pending()
+            s, m = fetched[-1]
+            history.extend((si, float(mi["loss"])) for si, mi in fetched)
+            rate = (step - s0) / (time.perf_counter() - t0)
+            writer.write_scalars(s, {**m, "steps_per_sec": rate})
+            eta = (num_steps - step) / max(rate, 1e-9)
+            logging.info("step %d/%d | loss %.4f | lr %.3g | %.2f steps/s | ETA %s",
+                         step, num_steps, m["loss"], m["learning_rate"], rate,
+                         time.strftime("%H:%M:%S", time.gmtime(eta)))
+            t0, s0 = time.perf_counter(), step
+
+        if is_main and (step % config.image_grid_every == 0 or step == num_steps):
+            n = min(config.image_grid_size, images.shape[0])
+            clean, noisy, denoised = jax.device_get(denoise(
+                state["params"], images[:n], jax.random.fold_in(image_key, step)))
+            os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+            visualize.save_image_grid(
+                os.path.join(workdir, "images", f"denoise_{step:08d}.png"),
+                [clean, noisy, denoised])
+
+        if step % config.checkpoint_every == 0 or step == last_step:
+            flush_pending()  # never save parameters that produced a NaN
+            checkpointing.save(manager, step, state, data_iter)
+            last_good_save = step
+
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    final_loss = history[-1][1] if history else float("nan")
+    if is_main:
+        with open(os.path.join(workdir, "loss_history.json"), "w") as f:
+            json.dump(history, f)
+    return {"step": last_step, "loss": final_loss, "history": history,
+            "state": state}

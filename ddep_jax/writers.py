@@ -1,0 +1,41 @@
+"""Metric output: JSONL + TensorBoard event files, written by process 0 only.
+
+TensorBoard events are written with tensorboardX, so training needs no
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+
+class MetricWriter:
+    """Appends {'step': s, **scalars} lines to WORKDIR/metrics.jsonl and the same
+    scalars to TensorBoard events under WORKDIR/tensorboard. No-op on hosts
+    other than process 0."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.active:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()

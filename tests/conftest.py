@@ -1,0 +1,52 @@
+"""Test set-up: 8 simulated CPU devices (set before JAX initialises) and
+shared tiny configs."""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_config(**overrides):
+    """A DDeP config small enough for a unit test on 2 CPU cores."""
+    from ddep_jax.config_lib import ddep_config
+
+    c = ddep_config()
+    c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=8,
+                           image_size=(32, 32), num_groups=4)
+    c.model.decoder_widths = (32, 16, 16, 8, 8)
+    c.model.decoder_num_groups = 4
+    c.data.source = "embedded"
+    c.data.num_threads = 1
+    c.data.prefetch = 1
+    c.batch_size = 8
+    c.total_steps = 4
+    c.optimizer.learning_rate = 1e-3
+    c.mesh.data = 1
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.image_grid_every = 1000
+    c.image_grid_size = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture
+def camvid_dir():
+    path = SHARED_DATA / "camvid"
+    if not (path / "train" / "images").is_dir():
+        pytest.skip(f"CamVid not found at {path}: put the shared data beside the repo "
+                    "(../shared/data/camvid) to run real-data tests.")
+    return path

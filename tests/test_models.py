@@ -1,0 +1,123 @@
+"""Shapes and parameter layout of the Hybrid-ViT, the UNet decoder and TransUNet."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddep_jax.models import hybrid_vit
+from ddep_jax.models.transunet import TransUNet, build_model
+from ddep_jax.optim import path_str
+
+TINY_ENCODER = dict(vit_size="mu", resnet_layers=(1, 2, 1), resnet_width=8,
+                    image_size=(32, 48), num_groups=4)
+
+
+def test_encoder_feature_shapes():
+    enc = hybrid_vit.HybridViT(**TINY_ENCODER)
+    x = jnp.zeros((2, 32, 48, 3))
+    feats = jax.eval_shape(lambda: enc.apply(enc.init(jax.random.key(0), x), x))
+    assert feats.tokens.shape == (2, 2, 3, 32)  # 1/16, hidden 32
+    assert [s.shape for s in feats.skips] == [(2, 16, 24, 8), (2, 8, 12, 32),
+                                             (2, 4, 6, 64)]  # 1/2, 1/4, 1/8
+
+
+def test_paper_encoder_layout_matches_r50_vit_b16():
+    """R50+ViT-B/16 at 224: skips 64/256/512 ch at 1/2, 1/4, 1/8, tokens 768 at 1/16,
+    and the upstream parameter names and shapes."""
+    enc = hybrid_vit.HybridViT(vit_size="B")
+    x = jnp.zeros((1, 224, 224, 3))
+    variables = jax.eval_shape(enc.init, jax.random.key(0), x)
+    feats = jax.eval_shape(enc.apply, variables, x)
+    assert feats.tokens.shape == (1, 14, 14, 768)
+    assert [s.shape[-1] for s in feats.skips] == [64, 256, 512]
+    shapes = {path_str(p): a.shape for p, a in
+              jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+    assert shapes["conv_root/kernel"] == (7, 7, 3, 64)
+    assert shapes["block3/unit9/conv3/kernel"] == (1, 1, 256, 1024)
+    assert shapes["block2/unit1/conv_proj/kernel"] == (1, 1, 256, 512)
+    assert shapes["embedding/kernel"] == (1, 1, 1024, 768)
+    assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 196, 768)
+    attn = "Transformer/encoderblock_11/MultiHeadDotProductAttention_0"
+    assert shapes[f"{attn}/query/kernel"] == (768, 12, 64)
+    assert shapes[f"{attn}/out/kernel"] == (12, 64, 768)
+    assert shapes["Transformer/encoderblock_11/MlpBlock_0/Dense_0/kernel"] == (768, 3072)
+    assert not any(k.startswith("block4") for k in shapes)
+    n_params = sum(np.prod(s) for s in shapes.values())
+    assert 97e6 < n_params < 99e6  # public R50+ViT-B/16 without its head: ~98M
+
+
+@pytest.mark.parametrize("multiplier,first,last", [(1, 1024, 64), (2, 2048, 128),
+                                                    (3, 3072, 192)])
+def test_decoder_widths_follow_multiplier(multiplier, first, last):
+    model = TransUNet(TINY_ENCODER, decoder_multiplier=multiplier)
+    x = jnp.zeros((1, 32, 48, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert set(params) == {"encoder", "decoder", "head"}
+    assert params["decoder"]["block0"]["conv2"]["conv"]["kernel"].shape[-1] == first
+    assert params["decoder"]["block4"]["conv2"]["conv"]["kernel"].shape[-1] == last
+
+
+@pytest.mark.parametrize("conditioning", [False, True])
+def test_transunet_output_shape_and_dtype(conditioning):
+    model = TransUNet(TINY_ENCODER, decoder_widths=(16, 16, 8, 8, 8),
+                      decoder_num_groups=4, num_outputs=5,
+                      noise_conditioning=conditioning)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 48, 3))
+    sigma = jnp.array([0.1, 0.5]) if conditioning else None
+    variables = model.init(jax.random.key(0), x, sigma)
+    out = model.apply(variables, x, sigma)
+    chex.assert_shape(out, (2, 32, 48, 5))
+    chex.assert_type(out, jnp.float32)
+    chex.assert_tree_all_finite(out)
+    # encode/decode split equals the full call.
+    feats = model.apply(variables, x, method=model.encode)
+    chex.assert_trees_all_close(model.apply(variables, feats, sigma,
+                                            method=model.decode), out)
+
+
+def test_noise_conditioning_starts_as_identity_and_uses_sigma():
+    model = TransUNet(TINY_ENCODER, decoder_widths=(16, 16, 8, 8, 8),
+                      decoder_num_groups=4, noise_conditioning=True)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 48, 3))
+    variables = model.init(jax.random.key(0), x, jnp.ones(2))
+    a = model.apply(variables, x, jnp.array([0.1, 0.1]))
+    b = model.apply(variables, x, jnp.array([0.9, 0.9]))
+    chex.assert_trees_all_close(a, b)  # FiLM initialised to zero
+    bumped = jax.tree.map(lambda v: v + 0.1, variables)
+    a = model.apply(bumped, x, jnp.array([0.1, 0.1]))
+    b = model.apply(bumped, x, jnp.array([0.9, 0.9]))
+    assert not np.allclose(a, b)
+    with pytest.raises(ValueError, match="noise_level"):
+        model.apply(variables, x, None)
+
+
+def test_other_input_size_resamples_position_embedding():
+    model = TransUNet(TINY_ENCODER, decoder_widths=(16, 16, 8, 8, 8),
+                      decoder_num_groups=4)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)))
+    out = model.apply(variables, jnp.zeros((1, 64, 64, 3)))
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_pos_embedding_resize_identity_and_shape():
+    pos = jax.random.normal(jax.random.key(0), (1, 6, 4))
+    assert hybrid_vit.resize_pos_embedding(pos, (2, 3), (2, 3)) is pos
+    assert hybrid_vit.resize_pos_embedding(pos, (2, 3), (4, 5)).shape == (1, 20, 4)
+
+
+def test_weight_standardize_formula():
+    w = np.random.RandomState(0).randn(3, 3, 4, 5).astype(np.float32) * 3 + 1
+    got = np.asarray(hybrid_vit.weight_standardize(jnp.asarray(w)))
+    mean = w.reshape(-1, 5).mean(0)
+    std = w.reshape(-1, 5).std(0)
+    np.testing.assert_allclose(got, (w - mean) / (std + 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_build_model_from_config():
+    from conftest import tiny_config
+
+    model = build_model(tiny_config().model)
+    out = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert set(out["params"]) == {"encoder", "decoder", "head"}
