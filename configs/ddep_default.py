@@ -3,7 +3,7 @@
 The README's first command; needs no dataset preparation and no network:
   python -m ddep_jax.main --config=configs/ddep_default.py --workdir=workdirs/default
 
-A small R(1,1,1)+ViT-mu hybrid and a narrow decoder, 64x64 crops, frozen
+A small R(1,1,1)+ViT-mu hybrid (root width 64 as in R50) and a narrow decoder, 64x64 crops, frozen
 (randomly initialised) encoder, scaled noise with sigma = 0.22 (Eq. 5), eps
 target (Eq. 6).
 """
@@ -14,8 +14,8 @@ from ddep_jax.config_lib import ddep_config
 def get_config(arg=None):
     del arg
     c = ddep_config()
-    c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=16,
-                           image_size=(64, 64), num_groups=8)
+    c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=64,
+                           image_size=(64, 64), num_groups=16)
     c.model.decoder_widths = (128, 64, 64, 32, 32)
     c.model.decoder_num_groups = 8
     c.data.source = "embedded"

@@ -113,7 +113,7 @@ def make_train_step(config, model, tx, schedule):
             "opt_state": opt_state,
         }
         metrics = {"loss": loss, "learning_rate": schedule(state["step"]),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return step_fn

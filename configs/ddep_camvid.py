@@ -1,0 +1,39 @@
+"""DDeP on CamVid's training images (labels unused), sized for a 2-core CPU.
+
+Prepare the dataset once (reads ../shared/data/camvid, no TensorFlow needed):
+  python -m ddep_jax.data.prepare --dataset=camvid --manual_dir=../shared/data/camvid
+then
+  python -m ddep_jax.main --config=configs/ddep_camvid.py --workdir=workdirs/ddep_camvid
+
+Small hybrid encoder (R(1,1,1) with the R50 root width 64 + ViT-nano), frozen;
+a narrow decoder; 96x96 inception crops; scaled noise, sigma 0.22 (Eq. 5).
+`:paper` switches to the R50+ViT-B/16 encoder and the 1x decoder at 224x224.
+"""
+
+from ddep_jax.config_lib import ddep_config, parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, paper=False, steps=400)
+    c = ddep_config()
+    c.data.source = "tfds"
+    c.data.name = "camvid"
+    c.data.split = "train"
+    c.data.crop_area_range = (0.1, 1.0)
+    c.data.num_threads = 2
+    if arg.paper:
+        c.batch_size = 64
+        c.num_epochs = 100.0
+    else:
+        c.model.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1),
+                               resnet_width=64, image_size=(96, 96), num_groups=16)
+        c.model.decoder_widths = (128, 96, 64, 64, 64)
+        c.model.decoder_num_groups = 16
+        c.batch_size = 16
+        c.total_steps = arg.steps
+        c.optimizer.learning_rate = 1e-3
+        c.optimizer.warmup_steps = 20
+        c.log_every = 20
+        c.checkpoint_every = 100
+        c.image_grid_every = 100
+    return c

@@ -1,0 +1,37 @@
+"""The paper's DDeP run: R50+ViT-B/16 encoder frozen, 1x decoder, ImageNet-21k.
+
+DDeP Sec. 5.1: batch 512, 100 epochs, 224x224, Adam with cosine decay, lr 6e-5
+(1x and 3x decoders) or 1e-4 (2x), scaled additive noise with sigma = 0.22
+(Eq. 5, Fig. 5), eps target (Eq. 6).
+
+Prepare the data once (docs/DATASETS.md), then:
+  python -m ddep_jax.main --config=configs/ddep_imagenet21k.py --workdir=DIR
+Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
+  :vit=L (R50+ViT-L/16), :dep (DeP, encoder trained too),
+  :runlocal (tiny sizes to smoke-test the config on a laptop).
+"""
+
+from ddep_jax.config_lib import ddep_config, parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False)
+    c = ddep_config()
+    c.model.encoder.vit_size = arg.vit
+    c.model.decoder_multiplier = arg.decoder
+    c.data.source = "tfds"
+    c.data.name = "imagenet21k"
+    c.data.split = "train"
+    c.batch_size = 512
+    c.num_epochs = 100.0
+    c.frozen = () if arg.dep else ("encoder",)
+    if arg.runlocal:
+        c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1),
+                               image_size=(64, 64), num_groups=16)
+        c.model.decoder_widths = (64, 64, 32, 32, 32)
+        c.model.decoder_num_groups = 8
+        c.batch_size = 8
+        c.total_steps = 20
+        c.log_every = 5
+        c.data.num_threads = 2
+    return c

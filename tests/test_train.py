@@ -1,0 +1,193 @@
+"""The DDeP trainer: frozen encoder, exact resume, device-count invariance,
+bad input, and the entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+from ddep_jax import config_lib, optim, train
+from ddep_jax.models.transunet import build_model
+
+
+def _setup(config, mesh_devices=1):
+    model = build_model(config.model)
+    schedule = optim.make_schedule(1e-3, 10)
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 32, 32, 3)))["params"]
+    tx, _ = optim.make_optimizer(params, config.frozen, schedule)
+    mesh = train.make_mesh(mesh_devices)
+    _, _, init = train.create_train_state(config, model, tx, mesh, jax.random.key(0))
+    return init(jax.random.key(0)), jax.jit(train.make_train_step(config, model, tx,
+                                                                  schedule))
+
+
+def _images(step, n=8):
+    return jax.random.randint(jax.random.key(100 + step), (n, 32, 32, 3), 0, 256,
+                              jnp.int32).astype(jnp.uint8)
+
+
+def test_ddep_steps_keep_encoder_bit_identical_and_train_decoder():
+    state, step_fn = _setup(tiny_config())
+    before = jax.device_get(state["params"])
+    for i in range(3):
+        state, metrics = step_fn(state, _images(i), jax.random.key(1))
+    after = jax.device_get(state["params"])
+    chex.assert_trees_all_equal(after["encoder"], before["encoder"])
+    for name in ("decoder", "head"):
+        changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                               after[name], before[name])
+        assert all(jax.tree.leaves(changed)), f"some {name} leaves did not train"
+    # set_to_zero keeps no Adam moments for the frozen encoder.
+    labels = optim.param_labels(before, optim.freeze_rules(("encoder",)))
+    assert set(jax.tree.leaves(labels["encoder"])) == {optim.FROZEN}
+    assert np.isfinite(metrics["loss"])
+
+
+def test_dep_trains_encoder_too():
+    state, step_fn = _setup(tiny_config(frozen=()))
+    before = jax.device_get(state["params"]["encoder"])
+    state, _ = step_fn(state, _images(0), jax.random.key(1))
+    after = jax.device_get(state["params"]["encoder"])
+    assert not np.array_equal(before["conv_root"]["kernel"], after["conv_root"]["kernel"])
+
+
+def test_frozen_step_computes_no_encoder_gradient():
+    """The frozen step's HLO must not contain the encoder's backward convolutions:
+    it has fewer convolutions than the DeP step that trains the encoder."""
+    counts = {}
+    for frozen in [("encoder",), ()]:
+        state, step_fn = _setup(tiny_config(frozen=frozen))
+        hlo = step_fn.lower(state, _images(0), jax.random.key(1)).compile().as_text()
+        counts[frozen] = hlo.count("convolution(")
+    assert counts[("encoder",)] < counts[()]
+
+
+def test_unlisted_parameter_is_rejected():
+    params = {"encoder": {"w": 1}, "decoder": {"w": 1}, "extra": {"w": 1}}
+    with pytest.raises(ValueError, match="extra/w"):
+        optim.param_labels(params, optim.freeze_rules(("encoder",)))
+
+
+def _leaves_equal(a, b):
+    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+def test_restart_continues_bit_for_bit(tmp_path):
+    config = tiny_config(total_steps=6, checkpoint_every=3)
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    first = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_step=3)
+    assert first["step"] == 3
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[:1] == ["3"]
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert [s for s, _ in resumed["history"]] == [4, 5, 6]
+    # Same data order and noise: the losses of steps 4-6 agree bit for bit.
+    assert resumed["history"] == straight["history"][3:]
+    _leaves_equal(resumed["state"]["params"], straight["state"]["params"])
+    _leaves_equal(resumed["state"]["opt_state"], straight["state"]["opt_state"])
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    assert jax.device_count() == 8
+    one = train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path / "one"))
+    eight = train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.data": 8}),
+                                     str(tmp_path / "eight"))
+    np.testing.assert_allclose([l for _, l in eight["history"]],
+                               [l for _, l in one["history"]], rtol=1e-5)
+    # Adam normalises each update, so a gradient that is ~0 can flip sign
+    # between summation orders; two steps move a parameter by at most 2 * lr.
+    chex.assert_trees_all_close(jax.device_get(eight["state"]["params"]),
+                                jax.device_get(one["state"]["params"]),
+                                rtol=0, atol=2 * 1e-3 + 1e-6)
+    sharding = jax.tree.leaves(eight["state"]["params"])[0].sharding
+    assert len(sharding.device_set) == 8
+
+
+def test_outputs_written(tmp_path):
+    train.train_and_evaluate(tiny_config(total_steps=2, image_grid_every=2),
+                             str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["denoising"]["sigma"] == 0.22
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert {"step", "loss", "learning_rate", "steps_per_sec"} <= set(json.loads(lines[-1]))
+    assert (tmp_path / "images" / "denoise_00000002.png").is_file()
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("denoising.sigma", -0.1, r"config.denoising.sigma=-0.1 is invalid"),
+    ("batch_size", 12, r"config.batch_size=12 is invalid: must be divisible by the 8"),
+    ("denoising.noise_type", "pink", r"config.denoising.noise_type"),
+    ("model.encoder.image_size", (30, 30), r"config.model.encoder.image_size"),
+    ("frozen", ("decoder",), r"config.frozen"),
+])
+def test_invalid_values_rejected_before_compiling(tmp_path, key, value, message):
+    config = tiny_config(**{key: value, "mesh.data": -1})
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_key_rejected():
+    config = tiny_config()
+    with config.unlocked():
+        config.denoising.sigmaa = 0.3
+    with pytest.raises(ValueError, match="config.denoising.sigmaa is not a known key"):
+        config_lib.validate(config, 1)
+
+
+def test_unknown_override_on_command_line_names_key(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+         f"--workdir={tmp_path}", "--config.denoising.sigmaa=0.3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "sigmaa" in out.stderr
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(total_steps=6, checkpoint_every=1)
+    config.optimizer.learning_rate = 1e30  # the first update blows the decoder up
+    with pytest.raises(FloatingPointError, match=r"at step 2\b") as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "step 1" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def test_missing_dataset_names_builder_and_prepare_command(tmp_path):
+    config = tiny_config(**{"data.source": "tfds", "data.name": "camvid",
+                            "data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(FileNotFoundError, match=r"camvid.*ddep_jax.data.prepare"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_main_entry_point_runs_default_config(tmp_path):
+    """The README's first command, shortened: a checkpoint and an image grid."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+         f"--workdir={tmp_path}", "--config.total_steps=2", "--config.log_every=1",
+         "--config.model.encoder.resnet_width=16"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2/2 | loss" in out.stderr
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert (tmp_path / "images" / "denoise_00000002.png").is_file()
+
+
+def test_ddep_on_real_camvid_images(tmp_path, camvid_dir):
+    """A few DDeP steps reading CamVid's images through TFDS and grain."""
+    from ddep_jax.data import prepare
+
+    prepare.prepare("camvid", camvid_dir, str(tmp_path / "tfds"))
+    config = tiny_config(**{"data.source": "tfds", "data.name": "camvid",
+                            "data.data_dir": str(tmp_path / "tfds"),
+                            "total_steps": 2})
+    result = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert result["step"] == 2 and np.isfinite(result["loss"])
