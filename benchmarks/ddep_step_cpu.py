@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from ddep_jax import config_lib, optim, train
+from ddep_jax.sharding import make_mesh
 from ddep_jax.models.transunet import build_model
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -49,7 +50,7 @@ def main(_):
     params = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, 224, 224, 3)))["params"]
     tx, _ = optim.make_optimizer(params, config.frozen, schedule)
-    mesh = train.make_mesh(1)
+    mesh = make_mesh(1)
     _, _, init = train.create_train_state(config, model, tx, mesh, jax.random.key(0))
     state = init(jax.random.key(0))
     n_params = sum(np.prod(p.shape) for p in jax.tree.leaves(params))

@@ -93,7 +93,8 @@ def ddep_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all
-    c.mesh.param_sharding = "replicated"
+    c.mesh.param_sharding = "replicated"  # or 'fsdp' (params + Adam state sharded)
+    c.mesh.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
 
     c.log_every = 50
     c.checkpoint_every = 1000
@@ -172,8 +173,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
              config.data.source, "'tfds' or 'embedded'")
     lo, hi = config.data.crop_area_range
     _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi), "need 0 < low <= high <= 1")
-    _require(config.mesh.param_sharding in ("replicated",), "mesh.param_sharding",
-             config.mesh.param_sharding, "only 'replicated' is implemented")
+    from ddep_jax.sharding import PARAM_SHARDING_MODES
+
+    _require(config.mesh.param_sharding in PARAM_SHARDING_MODES, "mesh.param_sharding",
+             config.mesh.param_sharding, f"expected one of {PARAM_SHARDING_MODES}")
     import jax
 
     _require(config.mesh.data == -1 or 1 <= config.mesh.data <= jax.device_count(),

@@ -8,7 +8,6 @@ step -> loop with logging, image grids and checkpoints.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddep_jax import checkpointing, config_lib, optim, visualize, writers
+from ddep_jax.sharding import make_mesh, state_shardings
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import build_model
 from ddep_jax.objectives import denoising
@@ -31,13 +31,6 @@ from ddep_jax.objectives import denoising
 # ----------------------------------------------------------------------------
 # Pieces a test can call on their own.
 # ----------------------------------------------------------------------------
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """1-D device mesh with a 'data' axis over all (or the first n) devices."""
-    devices = jax.devices()[: num_devices or jax.device_count()]
-    return jax.make_mesh((len(devices),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
 def make_source(data_config):
     """The random-access image source named by `config.data`."""
     if data_config.source == "embedded":
@@ -153,8 +146,8 @@ def create_train_state(config, model, tx, mesh, key):
                 "opt_state": tx.init(params)}
 
     abstract = jax.eval_shape(init, key)
-    replicated = NamedSharding(mesh, P())
-    shardings = jax.tree.map(lambda _: replicated, abstract)
+    shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                config.mesh.fsdp_min_size)
     return abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 

@@ -115,6 +115,15 @@ def test_weight_standardize_formula():
     np.testing.assert_allclose(got, (w - mean) / (std + 1e-5), rtol=1e-5, atol=1e-5)
 
 
+def test_upsample2x_equals_jax_image_resize():
+    from ddep_jax.models.unet_decoder import upsample2x_bilinear
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
+    np.testing.assert_allclose(upsample2x_bilinear(x),
+                               jax.image.resize(x, (2, 10, 14, 3), "bilinear"),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_build_model_from_config():
     from conftest import tiny_config
 

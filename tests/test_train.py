@@ -15,6 +15,7 @@ from conftest import REPO, tiny_config
 
 from ddep_jax import config_lib, optim, train
 from ddep_jax.models.transunet import build_model
+from ddep_jax.sharding import make_mesh
 
 
 def _setup(config, mesh_devices=1):
@@ -23,7 +24,7 @@ def _setup(config, mesh_devices=1):
     params = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, 32, 32, 3)))["params"]
     tx, _ = optim.make_optimizer(params, config.frozen, schedule)
-    mesh = train.make_mesh(mesh_devices)
+    mesh = make_mesh(mesh_devices)
     _, _, init = train.create_train_state(config, model, tx, mesh, jax.random.key(0))
     return init(jax.random.key(0)), jax.jit(train.make_train_step(config, model, tx,
                                                                   schedule))
@@ -60,14 +61,16 @@ def test_dep_trains_encoder_too():
 
 
 def test_frozen_step_computes_no_encoder_gradient():
-    """The frozen step's HLO must not contain the encoder's backward convolutions:
-    it has fewer convolutions than the DeP step that trains the encoder."""
+    """Autodiff emits no encoder backward pass for the frozen step: its program
+    has the encoder's forward convolutions only, the DeP step's has more."""
     counts = {}
     for frozen in [("encoder",), ()]:
         state, step_fn = _setup(tiny_config(frozen=frozen))
-        hlo = step_fn.lower(state, _images(0), jax.random.key(1)).compile().as_text()
-        counts[frozen] = hlo.count("convolution(")
-    assert counts[("encoder",)] < counts[()]
+        text = step_fn.lower(state, _images(0), jax.random.key(1)).as_text()
+        counts[frozen] = text.count("stablehlo.convolution")
+    # Encoder: root + 3 units x 3 convs + 3 projections + patch embedding = 14
+    # forward convs; the DeP step adds their input and kernel gradients.
+    assert counts[()] - counts[("encoder",)] >= 14
 
 
 def test_unlisted_parameter_is_rejected():
@@ -94,20 +97,36 @@ def test_restart_continues_bit_for_bit(tmp_path):
     _leaves_equal(resumed["state"]["opt_state"], straight["state"]["opt_state"])
 
 
-def test_eight_devices_match_one_device(tmp_path):
+def test_eight_devices_and_fsdp_match_one_device(tmp_path):
+    """Same loss on 1 and 8 devices (replicated and fully sharded state)."""
     assert jax.device_count() == 8
     one = train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path / "one"))
-    eight = train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.data": 8}),
-                                     str(tmp_path / "eight"))
-    np.testing.assert_allclose([l for _, l in eight["history"]],
-                               [l for _, l in one["history"]], rtol=1e-5)
-    # Adam normalises each update, so a gradient that is ~0 can flip sign
-    # between summation orders; two steps move a parameter by at most 2 * lr.
-    chex.assert_trees_all_close(jax.device_get(eight["state"]["params"]),
-                                jax.device_get(one["state"]["params"]),
-                                rtol=0, atol=2 * 1e-3 + 1e-6)
-    sharding = jax.tree.leaves(eight["state"]["params"])[0].sharding
-    assert len(sharding.device_set) == 8
+    eight = tiny_config(total_steps=2, **{"mesh.data": 8})
+    replicated = train.train_and_evaluate(eight, str(tmp_path / "eight"))
+    eight.mesh.param_sharding = "fsdp"
+    eight.mesh.fsdp_min_size = 1024
+    fsdp = train.train_and_evaluate(eight, str(tmp_path / "fsdp"))
+    for run in (replicated, fsdp):
+        np.testing.assert_allclose([l for _, l in run["history"]],
+                                   [l for _, l in one["history"]], rtol=1e-5)
+        # Adam normalises each update, so a gradient that is ~0 can flip sign
+        # between summation orders; two steps move a parameter by at most 2 * lr.
+        chex.assert_trees_all_close(jax.device_get(run["state"]["params"]),
+                                    jax.device_get(one["state"]["params"]),
+                                    rtol=0, atol=2 * 1e-3 + 1e-6)
+    assert len(jax.tree.leaves(replicated["state"]["params"])[0].sharding.device_set) == 8
+
+    leaves = jax.tree.leaves(fsdp["state"]["params"])
+    largest = max(leaves, key=lambda a: a.size)
+    assert "data" in largest.sharding.spec
+    dim = list(largest.sharding.spec).index("data")
+    assert largest.addressable_shards[0].data.shape[dim] == largest.shape[dim] // 8
+    # Adam's moments of that parameter are sharded the same way.
+    twins = [m for m in jax.tree.leaves(fsdp["state"]["opt_state"])
+             if m.shape == largest.shape]
+    assert twins and all(m.sharding.spec == largest.sharding.spec for m in twins)
+    small = min(leaves, key=lambda a: a.size)
+    assert small.sharding.spec == jax.sharding.PartitionSpec()
 
 
 def test_outputs_written(tmp_path):
@@ -164,7 +183,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
 def test_missing_dataset_names_builder_and_prepare_command(tmp_path):
     config = tiny_config(**{"data.source": "tfds", "data.name": "camvid",
                             "data.data_dir": str(tmp_path / "tfds")})
-    with pytest.raises(FileNotFoundError, match=r"camvid.*ddep_jax.data.prepare"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)camvid.*ddep_jax.data.prepare --dataset=camvid"):
         train.train_and_evaluate(config, str(tmp_path / "work"))
 
 

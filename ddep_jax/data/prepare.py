@@ -29,8 +29,8 @@ from ddep_jax.data import builders
 from ddep_jax.data.tfds_sources import default_data_dir
 
 DATASETS = {
-    'camvid': builders.camvid.Camvid,
-    'imagenet21k': builders.imagenet21k.Imagenet21k,
+    "camvid": builders.camvid.Camvid,
+    "imagenet21k": builders.imagenet21k.Imagenet21k,
 }
 """Datasets this CLI prepares: TFDS name -> builder class."""
 
@@ -40,51 +40,50 @@ def prepare(
     manual_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
 ) -> tfds.core.DatasetBuilder:
-  """Builds ``dataset`` from ``manual_dir`` into ``data_dir`` (array_record).
+    """Builds ``dataset`` from ``manual_dir`` into ``data_dir`` (array_record).
 
-  Args:
-    dataset: one of ``DATASETS`` (``'camvid'``, ``'imagenet21k'``).
-    manual_dir: directory with the manually downloaded files (layouts in each
-      builder's ``MANUAL_DOWNLOAD_INSTRUCTIONS`` and docs/DATASETS.md).
-    data_dir: TFDS data directory; ``None`` means ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``.
+    Args:
+      dataset: one of ``DATASETS`` (``'camvid'``, ``'imagenet21k'``).
+      manual_dir: directory with the manually downloaded files (layouts in each
+        builder's ``MANUAL_DOWNLOAD_INSTRUCTIONS`` and docs/DATASETS.md).
+      data_dir: TFDS data directory; ``None`` means ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``.
 
-  Returns:
-    The prepared builder (``builder.info.splits[...].num_examples``,
-    ``builder.data_dir``).
+    Returns:
+      The prepared builder (``builder.info.splits[...].num_examples``,
+      ``builder.data_dir``).
 
-  Raises:
-    ValueError: unknown ``dataset``; or invalid source files (raised by the
-      builder, naming the offending file).
-    FileNotFoundError: ``manual_dir`` does not exist or does not hold the
-      expected files (the message includes the download instructions).
-  """
-  if dataset not in DATASETS:
-    raise ValueError(
-        f'Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}.'
+    Raises:
+      ValueError: unknown ``dataset``; or invalid source files (raised by the
+        builder, naming the offending file).
+      FileNotFoundError: ``manual_dir`` does not exist or does not hold the
+        expected files (the message includes the download instructions).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}."
+        )
+    manual_dir = os.path.abspath(os.path.expanduser(os.fspath(manual_dir)))
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+        problem = "is empty" if os.path.isdir(manual_dir) else "is not a directory"
+        raise FileNotFoundError(
+            f"--manual_dir={manual_dir!r} {problem}. {dataset} must be "
+            "downloaded manually:\n"
+            + textwrap.dedent(DATASETS[dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
+        )
+    data_dir = os.path.abspath(
+        os.path.expanduser(
+            os.fspath(data_dir) if data_dir is not None else default_data_dir()
+        )
     )
-  manual_dir = os.path.abspath(os.path.expanduser(os.fspath(manual_dir)))
-  if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-    problem = 'is empty' if os.path.isdir(manual_dir) else 'is not a directory'
-    raise FileNotFoundError(
-        f'--manual_dir={manual_dir!r} {problem}. {dataset} must be '
-        'downloaded manually:\n'
-        + textwrap.dedent(DATASETS[dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
+    builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir,
+        try_download_gcs=False,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
     )
-  data_dir = os.path.abspath(
-      os.path.expanduser(
-          os.fspath(data_dir) if data_dir is not None else default_data_dir()
-      )
-  )
-  builder = tfds.builder(dataset, data_dir=data_dir,
-                         file_format='array_record')
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=manual_dir,
-      try_download_gcs=False,
-      compute_stats=tfds.download.ComputeStatsMode.SKIP,
-  )
-  builder.download_and_prepare(download_config=download_config)
-  return builder
+    builder.download_and_prepare(download_config=download_config)
+    return builder
 
 
 _DATASET = None
@@ -93,38 +92,40 @@ _DATA_DIR = None
 
 
 def _define_flags() -> None:
-  # Defined only when run as a script, so importing this module (tests,
-  # notebooks, the trainer) does not add global absl flags.
-  global _DATASET, _MANUAL_DIR, _DATA_DIR
-  _DATASET = flags.DEFINE_enum(
-      'dataset', None, sorted(DATASETS), 'Dataset to prepare.', required=True
-  )
-  _MANUAL_DIR = flags.DEFINE_string(
-      'manual_dir', None, 'Directory with the manually downloaded files.',
-      required=True,
-  )
-  _DATA_DIR = flags.DEFINE_string(
-      'data_dir', None,
-      'TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).',
-  )
+    # Defined only when run as a script, so importing this module (tests,
+    # notebooks, the trainer) does not add global absl flags.
+    global _DATASET, _MANUAL_DIR, _DATA_DIR
+    _DATASET = flags.DEFINE_enum(
+        "dataset", None, sorted(DATASETS), "Dataset to prepare.", required=True
+    )
+    _MANUAL_DIR = flags.DEFINE_string(
+        "manual_dir",
+        None,
+        "Directory with the manually downloaded files.",
+        required=True,
+    )
+    _DATA_DIR = flags.DEFINE_string(
+        "data_dir",
+        None,
+        "TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+    )
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)
-  except FileNotFoundError as e:
-    raise SystemExit(f'error: {e}') from None
-  sizes = ', '.join(
-      f'{name}={split.num_examples}'
-      for name, split in sorted(builder.info.splits.items())
-  )
-  logging.info('Prepared %s at %s (%s).', builder.name, builder.data_dir, sizes)
-  print(f'Prepared {builder.name} {builder.version} at {builder.data_dir}: '
-        f'{sizes}')
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    sizes = ", ".join(
+        f"{name}={split.num_examples}"
+        for name, split in sorted(builder.info.splits.items())
+    )
+    logging.info("Prepared %s at %s (%s).", builder.name, builder.data_dir, sizes)
+    print(f"Prepared {builder.name} {builder.version} at {builder.data_dir}: {sizes}")
 
 
-if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -32,172 +32,170 @@ import tensorflow_datasets as tfds
 
 
 def default_data_dir() -> str:
-  """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
-  return os.path.expanduser(
-      os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-  )
+    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
+    return os.path.expanduser(
+        os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    )
 
 
 def _register_builders() -> None:
-  # Importing the package registers `camvid` and `imagenet21k` with TFDS.
-  import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
+    # Importing the package registers `camvid` and `imagenet21k` with TFDS.
+    import ddep_jax.data.builders  # noqa: F401  (registration side effect)
 
 
 def prepare_command(name: str, data_dir: str) -> str:
-  """The shell command that prepares dataset ``name`` into ``data_dir``."""
-  return (
-      f'python -m ddep_jax.data.prepare --dataset={name} '
-      f'--manual_dir=<DIR> --data_dir={data_dir}'
-  )
+    """The shell command that prepares dataset ``name`` into ``data_dir``."""
+    return (
+        f"python -m ddep_jax.data.prepare --dataset={name} "
+        f"--manual_dir=<DIR> --data_dir={data_dir}"
+    )
 
 
 def _base_name(name: str) -> str:
-  """``'camvid:1.0.0'`` or ``'camvid/config'`` -> ``'camvid'``."""
-  return name.split(':', 1)[0].split('/', 1)[0]
+    """``'camvid:1.0.0'`` or ``'camvid/config'`` -> ``'camvid'``."""
+    return name.split(":", 1)[0].split("/", 1)[0]
 
 
 def _open(name: str, split: str, data_dir: str):
-  """Opens the TFDS array_record source; FileNotFoundError if unprepared."""
-  _register_builders()
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f'TFDS dataset {builder.name!r} (builder {type(builder).__module__}.'
-        f'{type(builder).__name__}, version {builder.version}) is not '
-        f'prepared in data_dir={data_dir!r} (looked for {builder.data_dir}). '
-        'Prepare it with:\n  '
-        + prepare_command(_base_name(name), data_dir)
-        + '\n(see docs/DATASETS.md for where to get <DIR>).'
+    """Opens the TFDS array_record source; FileNotFoundError if unprepared."""
+    _register_builders()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS dataset {builder.name!r} (builder {type(builder).__module__}."
+            f"{type(builder).__name__}, version {builder.version}) is not "
+            f"prepared in data_dir={data_dir!r} (looked for {builder.data_dir}). "
+            "Prepare it with:\n  "
+            + prepare_command(_base_name(name), data_dir)
+            + "\n(see docs/DATASETS.md for where to get <DIR>)."
+        )
+    return tfds.data_source(
+        name, split=split, data_dir=data_dir, download=False, try_gcs=False
     )
-  return tfds.data_source(
-      name, split=split, data_dir=data_dir, download=False, try_gcs=False
-  )
 
 
 class TfdsDataSource:
-  """Random-access view of one split of a prepared TFDS dataset.
+    """Random-access view of one split of a prepared TFDS dataset.
 
-  ``len(source)`` is the number of records and ``source[i]`` (``0 <= i <
-  len``, negative indices count from the end) is the decoded record, a
-  ``dict`` of NumPy values (see the module docstring for each dataset's keys,
-  shapes and dtypes).
+    ``len(source)`` is the number of records and ``source[i]`` (``0 <= i <
+    len``, negative indices count from the end) is the decoded record, a
+    ``dict`` of NumPy values (see the module docstring for each dataset's keys,
+    shapes and dtypes).
 
-  Pickling keeps only ``(name, split, data_dir)``; the underlying
-  ArrayRecord reader is reopened lazily after unpickling, so instances can be
-  sent to grain worker processes.
+    Pickling keeps only ``(name, split, data_dir)``; the underlying
+    ArrayRecord reader is reopened lazily after unpickling, so instances can be
+    sent to grain worker processes.
 
-  Raises (from ``__getitem__``):
-    IndexError: index out of range.
-    ValueError: the record cannot be decoded (e.g. a truncated JPEG); the
-      message names the dataset, split, record index and, when the record's
-      non-image fields are readable, its ``file_name``.
-  """
+    Raises (from ``__getitem__``):
+      IndexError: index out of range.
+      ValueError: the record cannot be decoded (e.g. a truncated JPEG); the
+        message names the dataset, split, record index and, when the record's
+        non-image fields are readable, its ``file_name``.
+    """
 
-  def __init__(self, name: str, split: str, data_dir: str, _source=None):
-    self.name = name
-    self.split = split
-    self.data_dir = data_dir
-    self._source = _source
+    def __init__(self, name: str, split: str, data_dir: str, _source=None):
+        self.name = name
+        self.split = split
+        self.data_dir = data_dir
+        self._source = _source
 
-  @property
-  def tfds_source(self):
-    """The wrapped ``tfds`` ``ArrayRecordDataSource`` (opened on demand)."""
-    if self._source is None:
-      self._source = _open(self.name, self.split, self.data_dir)
-    return self._source
+    @property
+    def tfds_source(self):
+        """The wrapped ``tfds`` ``ArrayRecordDataSource`` (opened on demand)."""
+        if self._source is None:
+            self._source = _open(self.name, self.split, self.data_dir)
+        return self._source
 
-  @property
-  def dataset_info(self) -> tfds.core.DatasetInfo:
-    """TFDS ``DatasetInfo`` (features, class names, split sizes)."""
-    return self.tfds_source.dataset_info
+    @property
+    def dataset_info(self) -> tfds.core.DatasetInfo:
+        """TFDS ``DatasetInfo`` (features, class names, split sizes)."""
+        return self.tfds_source.dataset_info
 
-  def __len__(self) -> int:
-    return len(self.tfds_source)
+    def __len__(self) -> int:
+        return len(self.tfds_source)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    source = self.tfds_source
-    index = operator.index(index)
-    length = len(source)
-    if index < 0:
-      index += length
-    if not 0 <= index < length:
-      raise IndexError(
-          f'Record index {index} out of range for {self.name}/{self.split} '
-          f'({length} records).'
-      )
-    record = source.data_source[index]  # Raw serialized bytes.
-    features = source.dataset_info.features
-    try:
-      return features.deserialize_example_np(record, decoders=source.decoders)
-    except Exception as e:  # pylint: disable=broad-except
-      file_name = _readable_file_name(features, record)
-      where = f' (file_name={file_name!r})' if file_name is not None else ''
-      raise ValueError(
-          f'Cannot decode record {index} of dataset {self.name!r}, split '
-          f'{self.split!r}{where} in {self.data_dir}: '
-          f'{type(e).__name__}: {e}'
-      ) from e
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source = self.tfds_source
+        index = operator.index(index)
+        length = len(source)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError(
+                f"Record index {index} out of range for {self.name}/{self.split} "
+                f"({length} records)."
+            )
+        record = source.data_source[index]  # Raw serialized bytes.
+        features = source.dataset_info.features
+        try:
+            return features.deserialize_example_np(record, decoders=source.decoders)
+        except Exception as e:  # pylint: disable=broad-except
+            file_name = _readable_file_name(features, record)
+            where = f" (file_name={file_name!r})" if file_name is not None else ""
+            raise ValueError(
+                f"Cannot decode record {index} of dataset {self.name!r}, split "
+                f"{self.split!r}{where} in {self.data_dir}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
-  def __iter__(self):
-    for i in range(len(self)):
-      yield self[i]
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {'name': self.name, 'split': self.split, 'data_dir': self.data_dir}
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
 
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(**state)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
-  def __repr__(self) -> str:
-    return (
-        f'TfdsDataSource(name={self.name!r}, split={self.split!r}, '
-        f'data_dir={self.data_dir!r})'
-    )
+    def __repr__(self) -> str:
+        return (
+            f"TfdsDataSource(name={self.name!r}, split={self.split!r}, "
+            f"data_dir={self.data_dir!r})"
+        )
 
 
 def _readable_file_name(features, record: bytes) -> str | None:
-  """``file_name`` of a record whose images fail to decode, if readable."""
-  if 'file_name' not in features:
-    return None
-  skip = {
-      key: tfds.decode.SkipDecoding()
-      for key, feature in features.items()
-      if isinstance(feature, tfds.features.Image)
-  }
-  try:
-    value = features.deserialize_example_np(record, decoders=skip)['file_name']
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(
-      value)
+    """``file_name`` of a record whose images fail to decode, if readable."""
+    if "file_name" not in features:
+        return None
+    skip = {
+        key: tfds.decode.SkipDecoding()
+        for key, feature in features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
+    try:
+        value = features.deserialize_example_np(record, decoders=skip)["file_name"]
+    except Exception:  # pylint: disable=broad-except
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def load_data_source(
     name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> TfdsDataSource:
-  """Opens split ``split`` of the prepared TFDS dataset ``name``.
+    """Opens split ``split`` of the prepared TFDS dataset ``name``.
 
-  Args:
-    name: TFDS name, e.g. ``'camvid'`` or ``'imagenet21k'`` (``ddep_jax``
-      builders are registered on import), optionally with a version
-      (``'camvid:1.0.0'``).
-    split: e.g. ``'train'``, ``'validation'``, ``'test'`` (TFDS slicing such
-      as ``'train[:10%]'`` works too).
-    data_dir: TFDS data directory; ``None`` means ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``.
+    Args:
+      name: TFDS name, e.g. ``'camvid'`` or ``'imagenet21k'`` (``ddep_jax``
+        builders are registered on import), optionally with a version
+        (``'camvid:1.0.0'``).
+      split: e.g. ``'train'``, ``'validation'``, ``'test'`` (TFDS slicing such
+        as ``'train[:10%]'`` works too).
+      data_dir: TFDS data directory; ``None`` means ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``.
 
-  Returns:
-    A ``TfdsDataSource`` (``__len__``/``__getitem__``, picklable) yielding
-    ``dict`` records as described in the module docstring.
+    Returns:
+      A ``TfdsDataSource`` (``__len__``/``__getitem__``, picklable) yielding
+      ``dict`` records as described in the module docstring.
 
-  Raises:
-    FileNotFoundError: the dataset is not prepared in ``data_dir``; the message
-      names the builder, the data_dir and the preparation command
-      ``python -m ddep_jax.data.prepare --dataset=<name> --manual_dir=<DIR>
-      --data_dir=<data_dir>``.
-  """
-  data_dir = os.path.abspath(
-      os.fspath(data_dir) if data_dir is not None else default_data_dir()
-  )
-  return TfdsDataSource(name, split, data_dir,
-                        _source=_open(name, split, data_dir))
+    Raises:
+      FileNotFoundError: the dataset is not prepared in ``data_dir``; the message
+        names the builder, the data_dir and the preparation command
+        ``python -m ddep_jax.data.prepare --dataset=<name> --manual_dir=<DIR>
+        --data_dir=<data_dir>``.
+    """
+    data_dir = os.path.abspath(
+        os.fspath(data_dir) if data_dir is not None else default_data_dir()
+    )
+    return TfdsDataSource(name, split, data_dir, _source=_open(name, split, data_dir))

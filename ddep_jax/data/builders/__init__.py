@@ -7,4 +7,4 @@ Registered names: ``camvid`` (:mod:`ddep_jax.data.builders.camvid`) and
 from ddep_jax.data.builders import camvid
 from ddep_jax.data.builders import imagenet21k
 
-__all__ = ['camvid', 'imagenet21k']
+__all__ = ["camvid", "imagenet21k"]

