@@ -124,6 +124,49 @@ def test_upsample2x_equals_jax_image_resize():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((2, 9, 7, 5), (3, 3, 5, 4), (1, 1)),   # fast path
+    ((2, 8, 6, 5), (1, 1, 5, 4), (1, 1)),   # fast path, 1x1
+    ((2, 9, 7, 5), (3, 3, 5, 4), (2, 2)),   # falls back to lax
+])
+def test_fast_conv_matches_lax_values_and_gradients(shape, kernel, strides):
+    from jax import lax
+
+    from ddep_jax.models.fast_conv import conv_general_dilated
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    pad = [(kernel[0] // 2,) * 2, (kernel[1] // 2,) * 2]
+    dn = lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, pad,
+                                                 dimension_numbers=dn)))
+
+    np.testing.assert_allclose(
+        conv_general_dilated(x, w, strides, pad, dimension_numbers=dn),
+        lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=dn),
+        rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss(conv_general_dilated), (0, 1))(x, w)
+    want = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_conv_is_used_on_cpu_and_can_be_disabled():
+    from ddep_jax.models import fast_conv
+
+    x, w = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
+    dn = ("NHWC", "HWIO", "NHWC")
+    def jaxpr():  # a new function each time: traces are cached per function
+        return str(jax.make_jaxpr(lambda x, w: fast_conv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w))
+
+    assert "custom_vjp_call" in jaxpr()
+    with fast_conv.disabled():
+        assert "custom_vjp_call" not in jaxpr()
+
+
 def test_build_model_from_config():
     from conftest import tiny_config
 

@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddep_jax.models import fast_conv
+
 # ViT widths by name (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT / AugReg).
 # 'mu' and 'nano' are tiny sizes for tests and CPU smoke runs.
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -61,7 +63,13 @@ def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 class StdConv(nn.Conv):
-    """Conv whose stored `kernel` is raw and standardised on every use (BiT)."""
+    """Conv whose stored `kernel` is raw and standardised on every use (BiT).
+
+    Stride-1 convolutions use `fast_conv` (same values, faster kernel gradient
+    on CPU) for DeP, where the encoder trains.
+    """
+
+    conv_general_dilated: Any = fast_conv.conv_general_dilated
 
     def param(self, name, *args, **kwargs):
         value = super().param(name, *args, **kwargs)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddep_jax.models.fast_conv import conv_general_dilated
 from ddep_jax.models.hybrid_vit import EncoderFeatures, HybridViT
 from ddep_jax.models.unet_decoder import DECODER_WIDTHS_1X, UNetDecoder
 
@@ -52,7 +53,8 @@ class TransUNet(nn.Module):
                 w * self.decoder_multiplier for w in DECODER_WIDTHS_1X),
             num_groups=self.decoder_num_groups,
             noise_conditioning=self.noise_conditioning, dtype=self.dtype)
-        self.head = nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype)
+        self.head = nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype,
+                            conv_general_dilated=conv_general_dilated)
 
     def encode(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
         return self.encoder(images, train=train)

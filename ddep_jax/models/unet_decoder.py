@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddep_jax.models.fast_conv import conv_general_dilated
 from ddep_jax.models.hybrid_vit import EncoderFeatures
 
 DECODER_WIDTHS_1X: tuple[int, ...] = (1024, 512, 256, 128, 64)
@@ -78,7 +79,7 @@ class ConvNormReLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
         x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
-                    name="conv")(x)
+                    conv_general_dilated=conv_general_dilated, name="conv")(x)
         x = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         if cond is not None:
             film = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros,

@@ -1,0 +1,109 @@
+"""Stride-1 'SAME' convolution whose kernel gradient is computed as GEMMs.
+
+Why: XLA's CPU backend lowers the kernel-gradient convolution of a
+high-resolution, low-channel layer (the decoder's 1/2 and full-resolution
+blocks: 112x112 and 224x224 maps, 64-128 channels) at about 10 GFLOP/s on
+2 cores, ten times slower than the forward convolution; those layers then
+dominate the DDeP step. Here the kernel gradient is one matmul per kernel
+tap,
+
+    dW[i, j] = sum_{b, h, w} x_pad[b, h + i, w + j, :]^T  dy[b, h, w, :],
+
+which runs at matmul speed, and the input gradient is the forward
+convolution of dy with the spatially flipped, in/out-transposed kernel. The
+function is the same as `lax.conv_general_dilated` (tests compare values and
+gradients); any other configuration (strides, dilation, groups, even kernels,
+other layouts) falls through to `lax.conv_general_dilated`.
+
+Only the CPU backend takes this path: on GPU and TPU the vendor libraries
+kernel-gradient convolutions are the fast choice.
+
+Usage: `nn.Conv(..., conv_general_dilated=conv_general_dilated)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Traces inside this context use plain `lax.conv_general_dilated`.
+
+    For FLOP counting: XLA's cost analysis counts the body of the kernel-
+    gradient loop once, not once per kernel tap.
+    """
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin], w: [kh, kw, Cin, Cout] (odd kh, kw) -> [B, H, W, Cout]."""
+    return _conv(x, w)
+
+
+def _conv_same_fwd(x, w):
+    return _conv(x, w), (x, w)
+
+
+def _conv_same_bwd(residuals, dy):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    _, h, wd, _ = x.shape
+    dx = _conv(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3))
+    x_pad = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+
+    def tap(offset):
+        # One shifted view of x at a time (a loop, so only one is ever live).
+        shifted = lax.dynamic_slice(x_pad, (0, offset[0], offset[1], 0), x.shape)
+        return jnp.einsum("bhwc,bhwd->cd", shifted, dy,
+                          preferred_element_type=jnp.float32)
+
+    offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
+    dw = lax.map(tap, offsets).reshape(w.shape).astype(w.dtype)
+    return dx.astype(x.dtype), dw
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """Drop-in for `lax.conv_general_dilated`, fast-pathing stride-1 SAME convs."""
+    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
+    same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    fast = (_enabled and jax.default_backend() == "cpu" and lhs.ndim == 4 and kh % 2 == 1 and kw % 2 == 1
+            and tuple(window_strides) == (1, 1)
+            and (padding == "SAME" or [tuple(p) for p in padding] == same)
+            and all(d in (None, 1) for d in (lhs_dilation or [None]))
+            and all(d in (None, 1) for d in (rhs_dilation or [None]))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                           dimension_numbers) == nhwc
+            and feature_group_count == 1 and batch_group_count == 1
+            and precision is None and preferred_element_type is None)
+    if fast:
+        return conv_same(lhs, rhs)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
