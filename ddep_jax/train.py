@@ -128,6 +128,23 @@ def make_denoise_fn(config, model):
     return denoise
 
 
+def write_config(config, workdir: str) -> None:
+    """Writes WORKDIR/config.json; a different earlier one (a resumed run with
+    other overrides) is kept as config.<n>.json rather than overwritten."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        os.rename(path, os.path.join(workdir, f"config.{n}.json"))
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def total_steps(config, num_examples: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -165,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (params, optimizer state, step, data-iterator state), images/*.png.
 
     Returns:
-      {'step': final step, 'loss': last logged loss, 'history': [(step, loss)]}.
+      {'step': last step run, 'loss': last logged loss, 'history': [(step,
+      loss)] of this call, 'state': the final train state (sharded arrays)}.
 
     Raises:
       ValueError: invalid config (before compiling), naming the key.
@@ -179,8 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        write_config(config, workdir)
 
     source = make_source(config.data)
     num_steps = total_steps(config, len(source))

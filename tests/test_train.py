@@ -129,6 +129,15 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
     assert small.sharding.spec == jax.sharding.PartitionSpec()
 
 
+def test_config_json_kept_when_a_resume_changes_it(tmp_path):
+    train.write_config(tiny_config(), str(tmp_path))
+    train.write_config(tiny_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    train.write_config(tiny_config(seed=3), str(tmp_path))
+    assert json.loads((tmp_path / "config.1.json").read_text())["seed"] == 0
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 3
+
+
 def test_outputs_written(tmp_path):
     train.train_and_evaluate(tiny_config(total_steps=2, image_grid_every=2),
                              str(tmp_path))
