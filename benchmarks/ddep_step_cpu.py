@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ddep_jax import config_lib, optim, train
+from ddep_jax import config_lib, train
 from ddep_jax.sharding import make_mesh
 from ddep_jax.models import fast_conv
-from ddep_jax.models.transunet import build_model
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
@@ -46,15 +45,10 @@ def main(_):
     config.batch_size = _BATCH.value
     config.model.dtype = _DTYPE.value
     config.mesh.data = 1
-    model = build_model(config.model)
-    schedule = optim.make_schedule(6e-5, 1000)
-    params = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, 224, 224, 3)))["params"]
-    tx, _ = optim.make_optimizer(params, config.frozen, schedule)
-    mesh = make_mesh(1)
-    _, _, init = train.create_train_state(config, model, tx, mesh, jax.random.key(0))
+    model, tx, schedule, abstract, _, init = train.build_training(
+        config, 1000, make_mesh(1), jax.random.key(0))  # lr: the paper's 6e-5
     state = init(jax.random.key(0))
-    n_params = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+    n_params = sum(np.prod(p.shape) for p in jax.tree.leaves(abstract["params"]))
     images = jnp.asarray(np.random.RandomState(0).randint(
         0, 256, (_BATCH.value, 224, 224, 3)), jnp.uint8)
     key = jax.random.key(1)

@@ -182,6 +182,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _require(config.mesh.data == -1 or 1 <= config.mesh.data <= jax.device_count(),
              "mesh.data", config.mesh.data,
              f"-1 (all) or 1..{jax.device_count()} devices")
+    _require(config.mesh.fsdp_min_size > 0, "mesh.fsdp_min_size",
+             config.mesh.fsdp_min_size, "must be > 0")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints",
                 "image_grid_every"):
         _require(config[key] > 0, key, config[key], "must be > 0")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ddep_jax import checkpointing, config_lib, optim, visualize, writers
 from ddep_jax.sharding import make_mesh, state_shardings
 from ddep_jax.data import pipeline
-from ddep_jax.models.transunet import build_model
+from ddep_jax.models.transunet import TransUNet, build_model
 from ddep_jax.objectives import denoising
 
 
@@ -151,11 +152,32 @@ def total_steps(config, num_examples: int) -> int:
     return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
 
 
-def create_train_state(config, model, tx, mesh, key):
-    """Shape-first init: returns (abstract state, state shardings, init fn)."""
+class Training(NamedTuple):
+    """What a stage-2 run is built from (see `build_training`)."""
+
+    model: TransUNet
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: dict  # jax.ShapeDtypeStruct leaves
+    state_sharding: dict  # NamedSharding leaves
+    init: Callable[[jax.Array], dict]  # key -> sharded initial state
+
+
+def build_training(config, num_steps: int, mesh, key) -> Training:
+    """Model, schedule, optimizer (frozen collections from the config) and the
+    shape-first train state {'step', 'params', 'opt_state'}: its shapes, its
+    shardings on `mesh`, and a jitted init that creates it in place."""
+    model = build_model(config.model)
+    schedule = optim.make_schedule(config_lib.learning_rate(config), num_steps,
+                                   config.optimizer.warmup_steps)
     h, w = config.model.encoder.image_size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
     dummy_sigma = jnp.ones((1,), jnp.float32) if config.model.noise_conditioning else None
+    params = jax.eval_shape(model.init, key, dummy, dummy_sigma)["params"]
+    o = config.optimizer
+    tx, _ = optim.make_optimizer(params, config.frozen, schedule, b1=o.b1, b2=o.b2,
+                                 weight_decay=o.weight_decay,
+                                 grad_clip_norm=o.grad_clip_norm)
 
     def init(key):
         params = model.init(key, dummy, dummy_sigma)["params"]
@@ -165,7 +187,8 @@ def create_train_state(config, model, tx, mesh, key):
     abstract = jax.eval_shape(init, key)
     shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
                                 config.mesh.fsdp_min_size)
-    return abstract, shardings, jax.jit(init, out_shardings=shardings)
+    return Training(model, tx, schedule, abstract, shardings,
+                    jax.jit(init, out_shardings=shardings))
 
 
 # ----------------------------------------------------------------------------
@@ -201,21 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     source = make_source(config.data)
     num_steps = total_steps(config, len(source))
-    model = build_model(config.model)
-    schedule = optim.make_schedule(config_lib.learning_rate(config), num_steps,
-                                   config.optimizer.warmup_steps)
-    h, w = config.model.encoder.image_size
-    abstract_params = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)),
-        jnp.ones((1,)) if config.model.noise_conditioning else None)["params"]
-    o = config.optimizer
-    tx, _ = optim.make_optimizer(abstract_params, config.frozen, schedule, b1=o.b1,
-                                 b2=o.b2, weight_decay=o.weight_decay,
-                                 grad_clip_norm=o.grad_clip_norm)
-
     init_key, train_key, image_key = jax.random.split(jax.random.key(config.seed), 3)
-    abstract, state_sharding, init_fn = create_train_state(config, model, tx, mesh,
-                                                           init_key)
+    model, tx, schedule, abstract, state_sharding, init_fn = build_training(
+        config, num_steps, mesh, init_key)
+    h, w = config.model.encoder.image_size
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 

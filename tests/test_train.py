@@ -14,20 +14,13 @@ import pytest
 from conftest import REPO, tiny_config
 
 from ddep_jax import config_lib, optim, train
-from ddep_jax.models.transunet import build_model
 from ddep_jax.sharding import make_mesh
 
 
 def _setup(config, mesh_devices=1):
-    model = build_model(config.model)
-    schedule = optim.make_schedule(1e-3, 10)
-    params = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, 32, 32, 3)))["params"]
-    tx, _ = optim.make_optimizer(params, config.frozen, schedule)
-    mesh = make_mesh(mesh_devices)
-    _, _, init = train.create_train_state(config, model, tx, mesh, jax.random.key(0))
-    return init(jax.random.key(0)), jax.jit(train.make_train_step(config, model, tx,
-                                                                  schedule))
+    t = train.build_training(config, 10, make_mesh(mesh_devices), jax.random.key(0))
+    return t.init(jax.random.key(0)), jax.jit(train.make_train_step(
+        config, t.model, t.tx, t.schedule))
 
 
 def _images(step, n=8):
