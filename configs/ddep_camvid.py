@@ -10,7 +10,7 @@ a narrow decoder; 96x96 inception crops; scaled noise, sigma 0.22 (Eq. 5).
 `:paper` switches to the R50+ViT-B/16 encoder and the 1x decoder at 224x224.
 """
 
-from ddep_jax.config_lib import ddep_config, parse_arg
+from ddep_jax.config_lib import cpu_camvid_model, ddep_config, parse_arg
 
 
 def get_config(arg=None):
@@ -25,10 +25,7 @@ def get_config(arg=None):
         c.batch_size = 64
         c.num_epochs = 100.0
     else:
-        c.model.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1),
-                               resnet_width=64, image_size=(96, 96), num_groups=16)
-        c.model.decoder_widths = (128, 96, 64, 64, 64)
-        c.model.decoder_num_groups = 16
+        cpu_camvid_model(c.model)
         c.batch_size = 16
         c.total_steps = arg.steps
         c.optimizer.learning_rate = 1e-3

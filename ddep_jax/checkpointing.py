@@ -40,3 +40,146 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         state=ocp.args.StandardRestore(abstract_state),
         data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored["state"]
+
+
+# ----------------------------------------------------------------------------
+# Reading parameter collections of another run (stage hand-over).
+# ----------------------------------------------------------------------------
+def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
+    """Finds the Orbax `state` item that `path` names.
+
+    Args:
+      path: a run's workdir (holding ``checkpoints/<step>/state``), one
+        ``checkpoints/<step>`` folder, or an Orbax PyTree folder itself (e.g. a
+        converted encoder).
+      step: which step of a workdir; -1 = the latest.
+
+    Returns:
+      (absolute state folder, step); step is -1 when the folder does not say.
+
+    Raises:
+      FileNotFoundError: nothing checkpoint-like at `path`, or `step` absent;
+        the message lists what was looked for and the steps that exist.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist.")
+    ckpt_root = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_root):
+        steps = sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit() and
+                       os.path.isdir(os.path.join(ckpt_root, d, "state")))
+        if not steps:
+            raise FileNotFoundError(f"{ckpt_root} holds no finished checkpoint "
+                                    "(no <step>/state folder).")
+        chosen = steps[-1] if step < 0 else step
+        if chosen not in steps:
+            raise FileNotFoundError(f"step {step} is not among the checkpoints of "
+                                    f"{ckpt_root}: {steps}.")
+        return os.path.join(ckpt_root, str(chosen), "state"), chosen
+    if os.path.isdir(os.path.join(path, "state")):
+        base = os.path.basename(path)
+        return os.path.join(path, "state"), int(base) if base.isdigit() else -1
+    if any(os.path.exists(os.path.join(path, f)) for f in ("_METADATA", "manifest.ocdbt")):
+        parent = os.path.basename(os.path.dirname(path))
+        return path, int(parent) if parent.isdigit() else -1
+    raise FileNotFoundError(
+        f"no checkpoint at {path!r}: expected a workdir with checkpoints/<step>/"
+        "state, a checkpoints/<step> folder, or an Orbax state folder (with "
+        "_METADATA).")
+
+
+def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    import jax
+
+    from ddep_jax.optim import path_str
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): (tuple(v.shape), str(v.dtype)) for p, v in flat}
+
+
+def compare_trees(expected, found, prefix: str = "") -> list[str]:
+    """Path/shape/dtype differences between two trees of arrays or shape structs.
+
+    Returns:
+      One line per problem: ``missing <path> ...``, ``unexpected <path>``,
+      ``shape <path>: checkpoint ... vs model ...``, ``dtype <path>: ...``;
+      empty if they match exactly.
+    """
+    want, have = _flat_shapes(expected), _flat_shapes(found)
+    problems = []
+    for k in sorted(want.keys() - have.keys()):
+        problems.append(f"missing {prefix}{k} (model {want[k][0]} {want[k][1]})")
+    for k in sorted(have.keys() - want.keys()):
+        problems.append(f"unexpected {prefix}{k} (checkpoint {have[k][0]} {have[k][1]})")
+    for k in sorted(want.keys() & have.keys()):
+        if want[k][0] != have[k][0]:
+            problems.append(f"shape {prefix}{k}: checkpoint {have[k][0]} vs model "
+                            f"{want[k][0]}")
+        elif want[k][1] != have[k][1]:
+            problems.append(f"dtype {prefix}{k}: checkpoint {have[k][1]} vs model "
+                            f"{want[k][1]}")
+    return problems
+
+
+def restore_collections(path: str, collections, abstract_params: dict,
+                        param_shardings: dict, step: int = -1) -> tuple[dict, dict]:
+    """Reads top-level parameter collections (e.g. 'encoder', 'decoder') of
+    another run's checkpoint, exactly: nothing is padded, cut or skipped.
+
+    Only the named collections are read from disk (Orbax partial restore),
+    straight into the target shardings.
+
+    Args:
+      path: see `resolve_state_dir`.
+      collections: names under ``params`` to read.
+      abstract_params: the model's params (ShapeDtypeStruct leaves).
+      param_shardings: matching NamedSharding leaves.
+      step: workdir step; -1 = latest.
+
+    Returns:
+      (``{collection: params}``, provenance ``{'checkpoint', 'step',
+      'collections', 'num_arrays', 'num_params'}``).
+
+    Raises:
+      FileNotFoundError: no checkpoint at `path`.
+      ValueError: the checkpoint lacks a collection, or any leaf differs in
+        path, shape or dtype; the message lists every mismatch.
+    """
+    import jax
+
+    state_dir, found_step = resolve_state_dir(path, step)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata
+    params_meta = tree.get("params") if hasattr(tree, "get") else None
+    if params_meta is None:
+        raise ValueError(f"checkpoint {state_dir} has no 'params' entry (top-level "
+                         f"keys: {sorted(tree.keys())}); is it a ddep_jax state?")
+    problems = []
+    for name in collections:
+        if name not in params_meta:
+            problems.append(f"missing collection params/{name} (checkpoint has "
+                            f"{sorted(params_meta.keys())})")
+            continue
+        problems += compare_trees(abstract_params[name], params_meta[name],
+                                  prefix=f"{name}/")
+    if problems:
+        raise ValueError(
+            f"checkpoint {state_dir} does not match the model in {len(problems)} "
+            "place(s) (check that model.* equals the config that wrote it):\n  "
+            + "\n  ".join(problems))
+    target = {"params": {
+        name: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params[name], param_shardings[name])
+        for name in collections}}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), target)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    params = restored["params"]
+    leaves = jax.tree.leaves(params)
+    provenance = {"checkpoint": state_dir, "step": found_step,
+                  "collections": list(collections), "num_arrays": len(leaves),
+                  "num_params": int(sum(x.size for x in leaves))}
+    return params, provenance

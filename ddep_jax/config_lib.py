@@ -1,7 +1,8 @@
-"""The stage-2 (DDeP) config schema, its defaults and its validation.
+"""Config schemas of the stages (DDeP, fine-tuning), defaults and validation.
 
-Every config file under `configs/` starts from `ddep_config()` and overrides
-values; the schema (the set of keys) is fixed here, the ConfigDict is locked,
+Every config file under `configs/` starts from `ddep_config()` (stage 2) or
+`finetune_config()` (stage 3) and overrides values; `config.stage` tells the
+entry point which job to run; the schema (the set of keys) is fixed here, the ConfigDict is locked,
 so a misspelt `--config.a.b=v` override fails with the key's name, and
 `validate` rejects bad values before anything is compiled.
 """
@@ -42,21 +43,57 @@ def parse_arg(arg: str | None, **defaults):
     return out
 
 
+def model_config() -> ml_collections.ConfigDict:
+    """TransUNet defaults: R50+ViT-B/16 encoder and the 1x decoder (Sec. 2)."""
+    m = ml_collections.ConfigDict()
+    m.encoder = ml_collections.ConfigDict(dict(
+        vit_size="B", resnet_layers=(3, 4, 9), resnet_width=64,
+        image_size=(224, 224), num_groups=32, dropout_rate=0.0))
+    m.decoder_multiplier = 1
+    m.decoder_widths = ()  # empty: 1x widths times the multiplier
+    m.decoder_num_groups = 32
+    m.num_outputs = 3
+    m.noise_conditioning = False
+    m.dtype = "float32"
+    return m
+
+
+def cpu_camvid_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU-sized TransUNet of the CamVid configs (stage 2 and 3 must match
+    to hand weights over): R(1,1,1) hybrid with the R50 root width 64 +
+    ViT-nano, a narrow 5-block decoder. Updates `m` in place and returns it."""
+    m.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1), resnet_width=64,
+                     image_size=(96, 96), num_groups=16)
+    m.decoder_widths = (128, 96, 64, 64, 64)
+    m.decoder_num_groups = 16
+    return m
+
+
+def optimizer_config(learning_rate: float = 0.0) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.learning_rate = learning_rate
+    o.warmup_steps = 0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.weight_decay = 0.0  # > 0: AdamW (decoupled, scaled by the learning rate)
+    o.grad_clip_norm = 0.0  # 0: no clipping
+    return o
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1  # devices on the data axis; -1 = all
+    m.param_sharding = "replicated"  # or 'fsdp' (params + Adam state sharded)
+    m.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+    return m
+
+
 def ddep_config() -> ml_collections.ConfigDict:
     """Defaults: the paper's DDeP run (R50+ViT-B/16, 1x decoder, Sec. 5.1)."""
     c = ml_collections.ConfigDict()
+    c.stage = "ddep"
     c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.encoder = ml_collections.ConfigDict(dict(
-        vit_size="B", resnet_layers=(3, 4, 9), resnet_width=64,
-        image_size=(224, 224), num_groups=32, dropout_rate=0.0))
-    c.model.decoder_multiplier = 1
-    c.model.decoder_widths = ()  # empty: 1x widths times the multiplier
-    c.model.decoder_num_groups = 32
-    c.model.num_outputs = 3
-    c.model.noise_conditioning = False
-    c.model.dtype = "float32"
+    c.model = model_config()
 
     # Denoising objective (Sec. 3-4).
     c.denoising = ml_collections.ConfigDict()
@@ -83,18 +120,8 @@ def ddep_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100.0
     c.total_steps = 0  # > 0 overrides num_epochs
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 0.0  # 0: the paper's value for the decoder width
-    c.optimizer.warmup_steps = 0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data axis; -1 = all
-    c.mesh.param_sharding = "replicated"  # or 'fsdp' (params + Adam state sharded)
-    c.mesh.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+    c.optimizer = optimizer_config()
+    c.mesh = mesh_config()
 
     c.log_every = 50
     c.checkpoint_every = 1000
@@ -119,29 +146,7 @@ def _require(ok: bool, key: str, value, what: str):
         raise ValueError(f"config.{key}={value!r} is invalid: {what}.")
 
 
-def validate(config, num_devices: int, num_processes: int = 1) -> None:
-    """Rejects unknown keys and invalid values, naming the key.
-
-    Args:
-      config: a stage-2 ConfigDict.
-      num_devices: global device count on the data axis.
-      num_processes: host count.
-
-    Raises:
-      ValueError: the first problem found, as 'config.<key>=<value> is invalid:
-        <why>' or 'config.<key> is not a known key'.
-    """
-    _check_keys(config, ddep_config())
-    d, m, o = config.denoising, config.model, config.optimizer
-    _require(d.noise_type in NOISE_TYPES, "denoising.noise_type", d.noise_type,
-             f"expected one of {NOISE_TYPES}")
-    _require(d.target in TARGETS, "denoising.target", d.target,
-             f"expected one of {TARGETS}")
-    _require(d.sigma >= 0, "denoising.sigma", d.sigma, "must be >= 0")
-    if d.sigma_range:
-        low_high = tuple(d.sigma_range)
-        _require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
-                 "denoising.sigma_range", low_high, "need (low, high) with 0 <= low < high")
+def _validate_model(m) -> None:
     _require(m.decoder_multiplier in (1, 2, 3), "model.decoder_multiplier",
              m.decoder_multiplier, "the paper's decoders are 1x, 2x or 3x")
     _require(not m.decoder_widths or len(m.decoder_widths) == 5,
@@ -156,9 +161,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
              m.encoder.vit_size, f"expected one of {sorted(VIT_SIZES)}")
     _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
              "float32 or bfloat16")
-    _require(set(config.frozen) <= set(COLLECTIONS) and "head" not in config.frozen
-             and "decoder" not in config.frozen, "frozen", tuple(config.frozen),
-             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
+
+
+def _validate_run(config, num_devices: int, num_processes: int,
+                  periodic: tuple[str, ...]) -> None:
+    """Checks shared by the stages: batch, steps, optimizer, mesh, periods."""
+    o = config.optimizer
     _require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
     _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
              f"must be divisible by the {num_devices} devices on the data axis")
@@ -169,10 +177,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _require(o.learning_rate >= 0, "optimizer.learning_rate", o.learning_rate,
              "must be >= 0 (0 picks the paper's value)")
     _require(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, ">= 0")
-    _require(config.data.source in ("tfds", "embedded"), "data.source",
-             config.data.source, "'tfds' or 'embedded'")
-    lo, hi = config.data.crop_area_range
-    _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi), "need 0 < low <= high <= 1")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
     from ddep_jax.sharding import PARAM_SHARDING_MODES
 
     _require(config.mesh.param_sharding in PARAM_SHARDING_MODES, "mesh.param_sharding",
@@ -184,9 +189,44 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
              f"-1 (all) or 1..{jax.device_count()} devices")
     _require(config.mesh.fsdp_min_size > 0, "mesh.fsdp_min_size",
              config.mesh.fsdp_min_size, "must be > 0")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints",
-                "image_grid_every"):
+    for key in periodic:
         _require(config[key] > 0, key, config[key], "must be > 0")
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a stage-2 config, naming the key.
+
+    Args:
+      config: a stage-2 ConfigDict.
+      num_devices: global device count on the data axis.
+      num_processes: host count.
+
+    Raises:
+      ValueError: the first problem found, as 'config.<key>=<value> is invalid:
+        <why>' or 'config.<key> is not a known key'.
+    """
+    _check_keys(config, ddep_config())
+    d = config.denoising
+    _require(d.noise_type in NOISE_TYPES, "denoising.noise_type", d.noise_type,
+             f"expected one of {NOISE_TYPES}")
+    _require(d.target in TARGETS, "denoising.target", d.target,
+             f"expected one of {TARGETS}")
+    _require(d.sigma >= 0, "denoising.sigma", d.sigma, "must be >= 0")
+    if d.sigma_range:
+        low_high = tuple(d.sigma_range)
+        _require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
+                 "denoising.sigma_range", low_high, "need (low, high) with 0 <= low < high")
+    _validate_model(config.model)
+    _require(set(config.frozen) <= set(COLLECTIONS) and "head" not in config.frozen
+             and "decoder" not in config.frozen, "frozen", tuple(config.frozen),
+             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
+    _require(config.data.source in ("tfds", "embedded"), "data.source",
+             config.data.source, "'tfds' or 'embedded'")
+    lo, hi = config.data.crop_area_range
+    _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi), "need 0 < low <= high <= 1")
+    _validate_run(config, num_devices, num_processes,
+                  ("log_every", "checkpoint_every", "keep_checkpoints",
+                   "image_grid_every"))
 
 
 def learning_rate(config) -> float:
@@ -194,3 +234,106 @@ def learning_rate(config) -> float:
     if config.optimizer.learning_rate > 0:
         return config.optimizer.learning_rate
     return PAPER_LEARNING_RATE[config.model.decoder_multiplier]
+
+
+INIT_MODES = ("scratch", "encoder", "pretrained")
+"""Stage-3 initialisations (the paper's rows): no pretraining; encoder from a
+checkpoint with a random decoder ("Supervised"); encoder and decoder from a
+stage-2 DDeP/DeP checkpoint."""
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+    """Stage-3 defaults: fine-tune the whole TransUNet (DDeP Sec. 5.1)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "finetune"
+    c.seed = 0
+    c.model = model_config()
+    c.model.num_outputs = 0  # 0: the dataset's number of classes
+
+    # Where the initial weights come from (INIT_MODES). `checkpoint` is a
+    # stage-1/2/3 workdir, one of its checkpoints/<step> folders, or an Orbax
+    # state folder; `step` -1 means the latest. The head is always new.
+    c.init = ml_collections.ConfigDict()
+    c.init.mode = "scratch"
+    c.init.checkpoint = ""
+    c.init.step = -1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "camvid"  # a name in ddep_jax.data.seg_datasets
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_split = "train"
+    c.data.label_fraction = "100%"  # '1%', '1/30', '0.25', or a count '100'
+    c.data.subset_seed = -1  # -1: same as `seed`
+    c.data.crop_size = (512, 512)
+    c.data.scale_range = (0.5, 2.0)  # random scale (times base_scale)
+    c.data.base_scale = 1.0  # resize every image by this first (train and eval)
+    c.data.flip = True
+    c.data.num_threads = 8
+    c.data.prefetch = 4
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
+    c.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # 'multiscale' (x base_scale)
+    c.eval.flip = False  # 'whole': also average with the flipped image
+    c.eval.window = (1024, 1024)  # 'sliding' / 'cityscapes' (x base_scale)
+    c.eval.stride = 0  # 'sliding': 0 = the window size
+    c.eval.split = "validation"  # evaluated every `every_steps` and at the end
+    c.eval.final_splits = ("test",)  # evaluated once at the end
+    c.eval.every_steps = 0  # 0: only at the end
+    c.eval.max_images = 0  # periodic evaluation on the first N images; 0 = all
+    c.eval.num_visualize = 4  # colourised PNGs of the first N final-eval images
+
+    c.batch_size = 16
+    c.num_epochs = 0.0
+    c.total_steps = 10000  # > 0 overrides num_epochs
+
+    c.optimizer = optimizer_config(learning_rate=1e-4)
+    c.optimizer.weight_decay = 1e-4
+    c.mesh = mesh_config()
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    return c
+
+
+def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a stage-3 config.
+
+    Raises:
+      ValueError: 'config.<key>=<value> is invalid: <why>' or 'config.<key> is
+        not a known key'.
+    """
+    _check_keys(config, finetune_config())
+    _validate_model(config.model)
+    _require(config.model.num_outputs >= 0, "model.num_outputs",
+             config.model.num_outputs, ">= 0 (0 = the dataset's classes)")
+    i = config.init
+    _require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
+    _require(i.mode == "scratch" or bool(i.checkpoint), "init.checkpoint",
+             i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
+    from ddep_jax.data import label_fractions, seg_datasets
+
+    _require(config.data.name in seg_datasets.names(), "data.name", config.data.name,
+             f"expected one of {seg_datasets.names()}")
+    try:
+        label_fractions.parse_amount(config.data.label_fraction)
+    except ValueError as e:
+        _require(False, "data.label_fraction", config.data.label_fraction, str(e))
+    crop = tuple(config.data.crop_size)
+    _require(len(crop) == 2 and all(c > 0 and c % 16 == 0 for c in crop),
+             "data.crop_size", crop, "need (H, W), multiples of 16")
+    lo, hi = config.data.scale_range
+    _require(0 < lo <= hi, "data.scale_range", (lo, hi), "need 0 < low <= high")
+    _require(config.data.base_scale > 0, "data.base_scale", config.data.base_scale,
+             "must be > 0")
+    from ddep_jax.evaluation.inference import EVAL_MODES
+
+    _require(config.eval.mode in EVAL_MODES, "eval.mode", config.eval.mode,
+             f"expected one of {EVAL_MODES}")
+    _require(len(config.eval.scales) > 0 and all(s > 0 for s in config.eval.scales),
+             "eval.scales", tuple(config.eval.scales), "need positive scales")
+    _require(config.eval.every_steps >= 0, "eval.every_steps",
+             config.eval.every_steps, ">= 0")
+    _validate_run(config, num_devices, num_processes,
+                  ("log_every", "checkpoint_every", "keep_checkpoints"))

@@ -1,5 +1,8 @@
 """Entry point: python -m ddep_jax.main --config=configs/<stage>.py[:args] --workdir=DIR.
 
+`config.stage` picks the job: 'ddep' (stage 2, `ddep_jax.train`) or
+'finetune' (stage 3, `ddep_jax.finetune`).
+
 Any config value can be overridden with --config.a.b=value.
 """
 
@@ -28,7 +31,20 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    stage = config.get("stage", "ddep")
+    if stage == "ddep":
+        result = train.train_and_evaluate(config, _WORKDIR.value)
+    elif stage == "finetune":
+        from ddep_jax import finetune
+
+        result = finetune.finetune_and_evaluate(config, _WORKDIR.value)
+        for split, report in result["eval"].items():
+            logging.info("%s mIoU %.4f (pixel accuracy %.4f)", split, report["miou"],
+                         report["pixel_accuracy"])
+    else:
+        raise app.UsageError(f"config.stage={stage!r} is unknown; expected 'ddep' "
+                             "(stage 2) or 'finetune' (stage 3).")
     logging.info("Done: step %d, loss %.4f, workdir %s", result["step"],
                  result["loss"], _WORKDIR.value)
 

@@ -138,6 +138,14 @@ class TfdsDataSource:
                 f"{type(e).__name__}: {e}"
             ) from e
 
+    def record_name(self, index: int) -> str:
+        """The record's ``file_name`` without decoding its images (``'#index'``
+        when the dataset has no such feature)."""
+        source = self.tfds_source
+        name = _readable_file_name(source.dataset_info.features,
+                                   source.data_source[operator.index(index)])
+        return name if name is not None else f"#{index}"
+
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]

@@ -1,0 +1,113 @@
+"""Evaluating a segmentation model on a dataset split (global mIoU).
+
+Every image of the split (or of this host's share of it) is segmented at its
+original resolution with the configured protocol (`inference.predict`), the
+argmax is compared with the label in one confusion matrix over all pixels,
+and the matrices of all hosts are summed before the metrics are computed
+(DDeP Sec. 5.1: mean IoU over classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddep_jax import visualize
+from ddep_jax.data.seg_datasets import SegDatasetSpec
+from ddep_jax.evaluation import inference, metrics
+
+
+def to_model_input(image_uint8: np.ndarray) -> jax.Array:
+    """uint8 [..., 3] -> float32 in [-1, 1] (the encoder's input convention)."""
+    return jnp.asarray(image_uint8, jnp.float32) / 127.5 - 1.0
+
+
+def make_logits_fn(model, params) -> Callable[[jax.Array], jax.Array]:
+    """float32 [N, h, w, 3] -> logits float32 [N, h, w, C], jitted (cached per
+    input shape); the encoder runs in inference mode."""
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    return lambda images: apply(params, images)
+
+
+def protocol(eval_config, base_scale: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """(mode, keyword arguments of `inference.predict`) from `config.eval`.
+
+    `base_scale` (config.data.base_scale) multiplies the scales and windows,
+    so a model trained on images resized by it is evaluated at that size; the
+    probabilities are always resized back to the label resolution.
+    """
+    mode = eval_config.mode
+    if mode == "whole":
+        return mode, {"scale": base_scale, "flip": bool(eval_config.flip)}
+    if mode == "multiscale":
+        return mode, {"scales": tuple(s * base_scale for s in eval_config.scales),
+                      "flip": True}
+    window = tuple(max(16, int(round(w * base_scale))) for w in eval_config.window)
+    kw: dict[str, Any] = {"window": window, "flip": True}
+    if mode == "sliding" and eval_config.stride:
+        kw["stride"] = tuple([max(1, int(round(eval_config.stride * base_scale)))] * 2)
+    if base_scale != 1.0:
+        kw["scale"] = base_scale
+    return mode, kw
+
+
+def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
+             kwargs: dict[str, Any], *, max_images: int = 0,
+             visualize_dir: str | None = None, num_visualize: int = 0,
+             process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
+    """Segments a split and returns its metrics.
+
+    Args:
+      logits_fn: see `make_logits_fn`.
+      source: `SegmentationSource` of the split (``{'image', 'label'}``).
+      spec: the dataset's spec (classes, palette).
+      mode, kwargs: the protocol (see `protocol`).
+      max_images: evaluate the first N images only (0 = all).
+      visualize_dir: where to write image | prediction | ground truth |
+        overlay PNGs of the first `num_visualize` images (host 0 only).
+      process_index, process_count: this host takes every process_count-th
+        image; the confusion matrices of all hosts are summed.
+
+    Returns:
+      `metrics.segmentation_metrics` of the global confusion matrix, plus
+      'num_images'.
+    """
+    n = len(source) if max_images <= 0 else min(max_images, len(source))
+    total = None
+    palette = spec.palette()
+    for i in range(process_index, n, process_count):
+        example = source[i]
+        image, label = example["image"], example["label"]
+        probs = inference.predict(logits_fn, to_model_input(image),
+                                  spec.num_classes, mode, **kwargs)
+        prediction = jnp.argmax(probs, axis=-1)
+        cm = metrics.confusion_matrix(jnp.asarray(label), prediction,
+                                      spec.num_classes)
+        total = metrics.accumulate(total, cm)
+        if visualize_dir and process_index == 0 and i < num_visualize:
+            os.makedirs(visualize_dir, exist_ok=True)
+            visualize.save_segmentation_panel(
+                os.path.join(visualize_dir, f"{i:05d}.png"), image,
+                np.asarray(prediction, np.uint8), label, palette)
+    if total is None:
+        total = np.zeros((spec.num_classes, spec.num_classes), np.int64)
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    result = metrics.segmentation_metrics(total, spec.class_names)
+    result["num_images"] = n
+    return result
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Writes a JSON report atomically (no half-written file on a kill)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,357 @@
+"""Stage 3: semantic-segmentation fine-tuning and evaluation (DDeP Sec. 5.1).
+
+`finetune_and_evaluate(config, workdir)` is the whole job: labelled subset ->
+model with a `num_classes` head -> initial weights (scratch, an encoder
+checkpoint, or a stage-2 encoder + decoder) -> jitted, sharded, donated step
+(pixel-wise softmax cross-entropy ignoring void) -> periodic and final
+evaluation (global mIoU) -> Orbax checkpoints; a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddep_jax import checkpointing, config_lib, optim, writers
+from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
+from ddep_jax.evaluation import evaluator
+from ddep_jax.models.transunet import build_model
+from ddep_jax.sharding import make_mesh, state_shardings
+from ddep_jax.train import total_steps, write_config
+
+INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
+                    "pretrained": ("encoder", "decoder")}
+"""Collections each `init.mode` reads from its checkpoint; the head is new."""
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array,
+                      ignore_label: int = seg_datasets.IGNORE_LABEL):
+    """Pixel-wise softmax cross-entropy, mean over non-void pixels.
+
+    Args:
+      logits: float [B, H, W, C].
+      labels: int [B, H, W], class ids or `ignore_label`.
+
+    Returns:
+      (loss scalar float32, number of counted pixels int32).
+    """
+    valid = labels != ignore_label
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), safe)
+    count = valid.sum()
+    return jnp.sum(ce * valid) / jnp.maximum(count, 1), count
+
+
+def model_config_for(config, num_classes: int) -> ml_collections.ConfigDict:
+    """`config.model` with `num_outputs` set to the dataset's classes if 0."""
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    if not m.num_outputs:
+        m.num_outputs = num_classes
+    return m
+
+
+def build_finetuning(config, num_classes: int, num_steps: int, mesh, key):
+    """Model, optimizer (everything trained: Adam(W) + warm-up + cosine) and
+    the shape-first train state {'step', 'params', 'opt_state'} with its
+    shardings. Returns (model, tx, schedule, abstract_state, state_sharding,
+    jitted init)."""
+    model = build_model(model_config_for(config, num_classes))
+    schedule = optim.make_schedule(config.optimizer.learning_rate, num_steps,
+                                   config.optimizer.warmup_steps)
+    h, w = config.model.encoder.image_size
+    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+    params = jax.eval_shape(model.init, key, dummy)["params"]
+    o = config.optimizer
+    tx, _ = optim.make_optimizer(params, (), schedule, b1=o.b1, b2=o.b2,
+                                 weight_decay=o.weight_decay,
+                                 grad_clip_norm=o.grad_clip_norm)
+
+    def init(key):
+        params = model.init(key, dummy)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init, key)
+    shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                config.mesh.fsdp_min_size)
+    return (model, tx, schedule, abstract, shardings,
+            jax.jit(init, out_shardings=shardings))
+
+
+def make_finetune_step(model, tx, schedule):
+    """state, uint8 images [B, H, W, 3], uint8 labels [B, H, W], key -> state,
+    metrics {'loss', 'pixel_accuracy', 'learning_rate', 'grad_norm'}."""
+
+    def step_fn(state, images, labels, base_key):
+        params = state["params"]
+        k_dropout = jax.random.fold_in(base_key, state["step"])
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        labels = labels.astype(jnp.int32)
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True,
+                                 rngs={"dropout": k_dropout})
+            loss, count = segmentation_loss(logits, labels)
+            correct = jnp.sum((jnp.argmax(logits, -1) == labels)
+                              & (labels != seg_datasets.IGNORE_LABEL))
+            return loss, (correct, count)
+
+        (loss, (correct, count)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1,
+                     "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": loss,
+                   "pixel_accuracy": correct / jnp.maximum(count, 1),
+                   "learning_rate": schedule(state["step"]),
+                   "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
+
+    return step_fn
+
+
+def record_names(records, spec, indices) -> list[str] | None:
+    """File names of the chosen records (None if the source cannot say)."""
+    name_of = getattr(records, "record_name", None)
+    if name_of is None:
+        return None
+    return [name_of(int(i)) for i in indices]
+
+
+def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
+    """Chooses (or, on resume, re-derives and checks) the labelled subset and
+    writes WORKDIR/labelled_subset.json.
+
+    Raises:
+      ValueError: the workdir already holds a different subset (a resumed run
+        whose label fraction or seed changed): use a new workdir.
+    """
+    seed = config.data.subset_seed if config.data.subset_seed >= 0 else config.seed
+    indices = label_fractions.select_subset(len(records), config.data.label_fraction,
+                                            seed)
+    path = os.path.join(workdir, "labelled_subset.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old["indices"] != indices.tolist() or old["num_examples"] != len(records):
+            raise ValueError(
+                f"{path} records a different labelled subset ({old['num_labelled']} "
+                f"of {old['num_examples']}, fraction {old['label_fraction']!r}, seed "
+                f"{old['seed']}) than config.data.label_fraction="
+                f"{config.data.label_fraction!r} with seed {seed} gives: fine-tune "
+                "into a new workdir.")
+        return indices
+    if jax.process_index() == 0:
+        label_fractions.write_subset(
+            path, dataset=spec.name, split=config.data.train_split,
+            amount=config.data.label_fraction, seed=seed, num_examples=len(records),
+            indices=indices, ids=record_names(records, spec, indices))
+    return indices
+
+
+def open_split(config, spec, split: str):
+    """The TFDS records of a split (split names go through `spec.splits`)."""
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    return load_data_source(spec.tfds_name, spec.splits.get(split, split),
+                            config.data.data_dir or None)
+
+
+def initial_state(config, workdir, init_fn, key, tx, abstract, state_sharding):
+    """A fresh train state with the collections of `config.init` restored, and
+    its provenance written to WORKDIR/init.json."""
+    state = init_fn(key)
+    collections = INIT_COLLECTIONS[config.init.mode]
+    provenance: dict[str, Any] = {"mode": config.init.mode, "collections": []}
+    if collections:
+        restored, provenance_ckpt = checkpointing.restore_collections(
+            config.init.checkpoint, collections, abstract["params"],
+            state_sharding["params"], config.init.step)
+        provenance.update(provenance_ckpt)
+        source_init = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            provenance_ckpt["checkpoint"]))), "init.json")
+        if os.path.exists(source_init):  # the chain of hand-overs
+            with open(source_init) as f:
+                provenance["source_init"] = json.load(f)
+        params = {**state["params"], **restored}
+        opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])
+        state = {"step": state["step"], "params": params, "opt_state": opt_init(params)}
+    provenance["new"] = sorted(set(state["params"]) - set(collections))
+    if jax.process_index() == 0:
+        evaluator.write_report(os.path.join(workdir, "init.json"), provenance)
+    logging.info("Initialised %s from %s.", collections or "everything",
+                 provenance.get("checkpoint", "scratch"))
+    return state
+
+
+def run_evaluation(config, spec, model, params, split: str, workdir: str, step: int,
+                   *, max_images: int = 0, num_visualize: int = 0) -> dict:
+    """Evaluates `params` on `split`, writes WORKDIR/eval/<split>_<step>.json
+    (and prediction PNGs) and returns the report."""
+    records = open_split(config, spec, split)
+    source = seg_pipeline.SegmentationSource(records, spec, split=split)
+    mode, kwargs = evaluator.protocol(config.eval, config.data.base_scale)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    result = evaluator.evaluate(
+        evaluator.make_logits_fn(model, params), source, spec, mode, kwargs,
+        max_images=max_images,
+        visualize_dir=os.path.join(out_dir, f"{split}_{step:08d}"),
+        num_visualize=num_visualize, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    report = {"dataset": spec.name, "split": split, "step": step, "mode": mode,
+              "protocol": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in kwargs.items()},
+              "seconds": round(time.perf_counter() - t0, 1), **result}
+    if jax.process_index() == 0:
+        evaluator.write_report(os.path.join(out_dir, f"{split}_{step:08d}.json"),
+                               report)
+    logging.info("eval %s step %d: mIoU %.4f, pixel acc %.4f (%d images, %s, "
+                 "%.0fs)", split, step, result["miou"], result["pixel_accuracy"],
+                 result["num_images"], mode, report["seconds"])
+    return report
+
+
+def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                          stop_after_step: int | None = None) -> dict:
+    """Runs (or resumes) stage-3 fine-tuning in `workdir`, then evaluates.
+
+    Writes: config.json, labelled_subset.json, init.json (where the initial
+    weights came from: checkpoint path and step), metrics.jsonl,
+    tensorboard/, checkpoints/<step>/, eval/<split>_<step>.json (+ PNGs).
+
+    Returns:
+      {'step', 'loss', 'history', 'state', 'eval': {split: report}}.
+
+    Raises:
+      ValueError: invalid config (naming the key), a checkpoint that does not
+        match the model (listing every mismatch), an invalid label in the data
+        (naming the record and value), or a workdir with another labelled
+        subset.
+      FileNotFoundError: dataset not prepared or checkpoint not found.
+      FloatingPointError: non-finite loss (naming the step).
+    """
+    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+    config_lib.validate_finetune(config, num_devices, jax.process_count())
+    mesh = make_mesh(num_devices)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(config, workdir)
+
+    spec = seg_datasets.get_spec(config.data.name)
+    records = open_split(config, spec, config.data.train_split)
+    indices = labelled_subset(config, spec, records, workdir)
+    train_source = seg_pipeline.SegmentationSource(
+        records, spec, indices, split=config.data.train_split)
+    num_steps = total_steps(config, len(train_source))
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    model, tx, schedule, abstract, state_sharding, init_fn = build_finetuning(
+        config, spec.num_classes, num_steps, mesh, init_key)
+
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    dataset = seg_pipeline.make_seg_train_dataset(
+        train_source, crop_size=tuple(config.data.crop_size),
+        batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+        scale_range=tuple(config.data.scale_range),
+        base_scale=config.data.base_scale, flip=config.data.flip,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    data_iter = iter(dataset)
+
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    restored_step = manager.latest_step()
+    if restored_step is not None:
+        abstract_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, state_sharding)
+        state = checkpointing.restore(manager, restored_step, abstract_sharded,
+                                      data_iter)
+        logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
+    else:
+        state = initial_state(config, workdir, init_fn, init_key, tx, abstract,
+                              state_sharding)
+
+    train_step = jax.jit(make_finetune_step(model, tx, schedule),
+                         in_shardings=(state_sharding, batch_sharding, batch_sharding,
+                                       replicated),
+                         out_shardings=(state_sharding, replicated),
+                         donate_argnums=(0,))
+    writer = writers.MetricWriter(workdir)
+    start = int(jax.device_get(state["step"]))
+    history, pending = [], []
+    t0, s0 = time.perf_counter(), start
+    last_step = min(num_steps, stop_after_step or num_steps)
+    logging.info("Fine-tuning %s on %d labelled %s images (%s), steps %d..%d of %d.",
+                 spec.name, len(train_source), config.data.train_split,
+                 config.data.label_fraction, start + 1, last_step, num_steps)
+
+    def flush_pending():
+        fetched = jax.device_get(pending)
+        pending.clear()
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"non-finite loss ({m['loss']}) at step {s}; the last good "
+                    f"checkpoint is step {manager.latest_step()} in "
+                    f"{manager.directory}.")
+        return fetched
+
+    for step in range(start + 1, last_step + 1):
+        batch = next(data_iter)
+        images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
+        labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
+        state, metrics = train_step(state, images, labels, train_key)
+        pending.append((step, metrics))
+        if step % config.log_every == 0 or step == last_step:
+            fetched = flush_pending()
+            s, m = fetched[-1]
+            history.extend((si, float(mi["loss"])) for si, mi in fetched)
+            rate = (step - s0) / (time.perf_counter() - t0)
+            writer.write_scalars(s, {**m, "steps_per_sec": rate})
+            logging.info("step %d/%d | loss %.4f | pixel acc %.3f | lr %.3g | "
+                         "%.2f steps/s", step, num_steps, m["loss"],
+                         m["pixel_accuracy"], m["learning_rate"], rate)
+            t0, s0 = time.perf_counter(), step
+        if step % config.checkpoint_every == 0 or step == last_step:
+            flush_pending()
+            checkpointing.save(manager, step, state, data_iter)
+        if (config.eval.every_steps and step % config.eval.every_steps == 0
+                and step != num_steps):
+            report = run_evaluation(config, spec, model, state["params"],
+                                    config.eval.split, workdir, step,
+                                    max_images=config.eval.max_images)
+            writer.write_scalars(step, {f"{config.eval.split}/miou": report["miou"],
+                                        f"{config.eval.split}/pixel_accuracy":
+                                            report["pixel_accuracy"]})
+            t0, s0 = time.perf_counter(), step
+
+    manager.wait_until_finished()
+    manager.close()
+    reports = {}
+    if last_step == num_steps:
+        splits = {}  # one evaluation per distinct TFDS split
+        for split in [config.eval.split, *config.eval.final_splits]:
+            splits.setdefault(spec.splits.get(split, split), split)
+        for split in splits.values():
+            reports[split] = run_evaluation(
+                config, spec, model, state["params"], split, workdir, num_steps,
+                num_visualize=config.eval.num_visualize)
+            writer.write_scalars(num_steps, {f"{split}/miou": reports[split]["miou"]})
+    writer.close()
+    return {"step": last_step, "loss": history[-1][1] if history else float("nan"),
+            "history": history, "state": state, "eval": reports}
