@@ -31,6 +31,9 @@ from ddep_jax.data.tfds_sources import default_data_dir
 DATASETS = {
     "camvid": builders.camvid.Camvid,
     "imagenet21k": builders.imagenet21k.Imagenet21k,
+    "cityscapes_seg": builders.cityscapes.CityscapesSeg,
+    "ade20k": builders.ade20k.Ade20k,
+    "pascal_context": builders.pascal_context.PascalContext,
 }
 """Datasets this CLI prepares: TFDS name -> builder class."""
 
