@@ -50,3 +50,52 @@ def camvid_dir():
         pytest.skip(f"CamVid not found at {path}: put the shared data beside the repo "
                     "(../shared/data/camvid) to run real-data tests.")
     return path
+
+
+@pytest.fixture(scope="session")
+def camvid_tfds(tmp_path_factory):
+    """TFDS data_dir with CamVid prepared from ../shared/data/camvid (once per
+    session); skips when the shared data is absent."""
+    path = SHARED_DATA / "camvid"
+    if not (path / "train" / "images").is_dir():
+        pytest.skip(f"CamVid not found at {path}: put the shared data beside the repo "
+                    "(../shared/data/camvid) to run real-data tests.")
+    from ddep_jax.data import prepare
+
+    data_dir = tmp_path_factory.mktemp("tfds_camvid_shared")
+    prepare.prepare("camvid", path, data_dir)
+    return str(data_dir)
+
+
+def tiny_finetune_config(**overrides):
+    """A stage-3 CamVid config with the `tiny_config` model (so a tiny DDeP
+    checkpoint hands over), small crops and a quarter-size evaluation."""
+    from ddep_jax.config_lib import finetune_config
+
+    c = finetune_config()
+    ref = tiny_config()
+    c.model.update(ref.model.to_dict())
+    c.model.num_outputs = 0
+    c.data.name = "camvid"
+    c.data.crop_size = (32, 32)
+    c.data.base_scale = 0.25
+    c.data.scale_range = (0.75, 1.25)
+    c.data.num_threads = 1
+    c.data.prefetch = 1
+    c.data.label_fraction = "1/30"
+    c.eval.split = "validation"
+    c.eval.final_splits = ()
+    c.eval.num_visualize = 2
+    c.batch_size = 8
+    c.total_steps = 2
+    c.optimizer.learning_rate = 1e-3
+    c.mesh.data = 1
+    c.log_every = 1
+    c.checkpoint_every = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

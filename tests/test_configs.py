@@ -7,12 +7,17 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-from ddep_jax import config_lib
+from ddep_jax import config_lib, finetune
+from ddep_jax.data import seg_datasets
 from ddep_jax.models.transunet import build_model
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal"],
-        "ddep_camvid.py": [None, "paper"]}
+        "ddep_camvid.py": [None, "paper"],
+        "finetune_camvid.py": [None, "paper", "init=pretrained,ckpt=x,fraction=1/30"],
+        "finetune_cityscapes.py": ["ckpt=x", "decoder=2,fraction=1/8,ckpt=x"],
+        "finetune_ade20k.py": ["ckpt=x", "init=scratch,decoder=1,fraction=1%"],
+        "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"]}
 
 
 def _load(path):
@@ -27,8 +32,13 @@ def _load(path):
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_config_builds(path, arg):
     config = _load(path).get_config(arg)
-    config_lib.validate(config, num_devices=1)
-    model = build_model(config.model)
+    if config.stage == "finetune":
+        config_lib.validate_finetune(config, num_devices=1)
+        num_classes = seg_datasets.get_spec(config.data.name).num_classes
+        model = build_model(finetune.model_config_for(config, num_classes))
+    else:
+        config_lib.validate(config, num_devices=1)
+        model = build_model(config.model)
     h, w = config.model.encoder.image_size
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
     assert set(params["params"]) == {"encoder", "decoder", "head"}
@@ -46,3 +56,22 @@ def test_paper_config_values():
 def test_unknown_config_argument():
     with pytest.raises(ValueError, match="'decodr' is unknown"):
         _load(REPO / "configs" / "ddep_imagenet21k.py").get_config("decodr=2")
+
+
+def test_camvid_stages_share_the_model():
+    """Stage-2 checkpoints of ddep_camvid.py hand over to finetune_camvid.py."""
+    ddep = _load(REPO / "configs" / "ddep_camvid.py").get_config(None)
+    ft = _load(REPO / "configs" / "finetune_camvid.py").get_config(None)
+    a, b = ddep.model.to_dict(), ft.model.to_dict()
+    a.pop("num_outputs"), b.pop("num_outputs")
+    assert a == b
+
+
+def test_paper_finetune_protocols():
+    city = _load(REPO / "configs" / "finetune_cityscapes.py").get_config("ckpt=x")
+    assert tuple(city.data.crop_size) == (1024, 1024) and city.eval.mode == "cityscapes"
+    for name in ("finetune_ade20k.py", "finetune_pascal_context.py"):
+        c = _load(REPO / "configs" / name).get_config("ckpt=x")
+        assert tuple(c.data.crop_size) == (512, 512) and c.eval.mode == "multiscale"
+        assert tuple(c.eval.scales) == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+        assert c.model.decoder_multiplier == 3

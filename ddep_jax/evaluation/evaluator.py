@@ -35,11 +35,12 @@ def make_logits_fn(model, params) -> Callable[[jax.Array], jax.Array]:
 
 
 def protocol(eval_config, base_scale: float = 1.0) -> tuple[str, dict[str, Any]]:
-    """(mode, keyword arguments of `inference.predict`) from `config.eval`.
+    """(mode, keyword arguments of `predict_at_base_scale`) from `config.eval`.
 
-    `base_scale` (config.data.base_scale) multiplies the scales and windows,
-    so a model trained on images resized by it is evaluated at that size; the
-    probabilities are always resized back to the label resolution.
+    `base_scale` (config.data.base_scale) is the resize applied to every image
+    in training; evaluation runs at that size too (for 'multiscale' the
+    scales are multiplied by it) and the probabilities are always resized
+    back to the label resolution.
     """
     mode = eval_config.mode
     if mode == "whole":
@@ -47,13 +48,25 @@ def protocol(eval_config, base_scale: float = 1.0) -> tuple[str, dict[str, Any]]
     if mode == "multiscale":
         return mode, {"scales": tuple(s * base_scale for s in eval_config.scales),
                       "flip": True}
-    window = tuple(max(16, int(round(w * base_scale))) for w in eval_config.window)
-    kw: dict[str, Any] = {"window": window, "flip": True}
-    if mode == "sliding" and eval_config.stride:
-        kw["stride"] = tuple([max(1, int(round(eval_config.stride * base_scale)))] * 2)
-    if base_scale != 1.0:
-        kw["scale"] = base_scale
+    kw: dict[str, Any] = {"flip": True, "base_scale": base_scale}
+    if mode == "sliding":
+        kw["window"] = tuple(int(w) for w in eval_config.window)
+        if eval_config.stride:
+            kw["stride"] = int(eval_config.stride)
     return mode, kw
+
+
+def predict_at_base_scale(logits_fn, image: jax.Array, num_classes: int, mode: str,
+                          base_scale: float = 1.0, **kwargs) -> jax.Array:
+    """`inference.predict`, on the image resized by `base_scale` first (for
+    the window-based modes), probabilities resized back: float32 [H, W, C]."""
+    if base_scale == 1.0:
+        return inference.predict(logits_fn, image, num_classes, mode, **kwargs)
+    h, w = image.shape[:2]
+    size = (max(1, round(h * base_scale)), max(1, round(w * base_scale)))
+    small = jax.image.resize(image, (*size, 3), "bilinear")
+    probs = inference.predict(logits_fn, small, num_classes, mode, **kwargs)
+    return jax.image.resize(probs, (h, w, num_classes), "bilinear")
 
 
 def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
@@ -83,8 +96,8 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
     for i in range(process_index, n, process_count):
         example = source[i]
         image, label = example["image"], example["label"]
-        probs = inference.predict(logits_fn, to_model_input(image),
-                                  spec.num_classes, mode, **kwargs)
+        probs = predict_at_base_scale(logits_fn, to_model_input(image),
+                                      spec.num_classes, mode, **kwargs)
         prediction = jnp.argmax(probs, axis=-1)
         cm = metrics.confusion_matrix(jnp.asarray(label), prediction,
                                       spec.num_classes)

@@ -1,0 +1,173 @@
+"""Stage 3: loss, checkpoint hand-over (exact, or a listed mismatch), config
+errors, and fine-tuning + evaluation + resume on real CamVid."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config, tiny_finetune_config
+
+from ddep_jax import config_lib, finetune, train
+from ddep_jax.sharding import make_mesh
+
+
+def test_segmentation_loss_ignores_void_and_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(2, 5, 6))
+    labels[0, :2] = 255
+    loss, count = finetune.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels))
+    valid = labels != 255
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None],
+                                   -1)[..., 0][valid].mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert int(count) == valid.sum()
+
+
+@pytest.fixture(scope="module")
+def ddep_workdir(tmp_path_factory):
+    """A 2-step stage-2 run of the tiny model (its checkpoint is the input)."""
+    workdir = str(tmp_path_factory.mktemp("ddep"))
+    train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+    return workdir
+
+
+def _init(config, workdir, num_classes=11):
+    mesh = make_mesh(1)
+    key = jax.random.key(config.seed)
+    model, tx, _, abstract, sharding, init_fn = finetune.build_finetuning(
+        config, num_classes, 10, mesh, key)
+    state = finetune.initial_state(config, workdir, init_fn, key, tx, abstract,
+                                   sharding)
+    return jax.device_get(state["params"]), jax.device_get(init_fn(key)["params"])
+
+
+def _saved_params(ddep_workdir):
+    from ddep_jax.checkpointing import resolve_state_dir
+    import orbax.checkpoint as ocp
+
+    state_dir, step = resolve_state_dir(ddep_workdir)
+    assert step == 2
+    return ocp.PyTreeCheckpointer().restore(state_dir)["params"]
+
+
+@pytest.mark.parametrize("mode", ["pretrained", "encoder"])
+def test_restore_copies_collections_exactly_and_reinitialises_head(
+        tmp_path, ddep_workdir, mode):
+    config = tiny_finetune_config(**{"init.mode": mode,
+                                     "init.checkpoint": ddep_workdir})
+    params, fresh = _init(config, str(tmp_path))
+    saved = _saved_params(ddep_workdir)
+    chex.assert_trees_all_equal(params["encoder"], saved["encoder"])
+    if mode == "pretrained":
+        chex.assert_trees_all_equal(params["decoder"], saved["decoder"])
+    else:
+        chex.assert_trees_all_equal(params["decoder"], fresh["decoder"])
+    # A new 11-class head, as a fresh init makes it (the denoising head had 3).
+    assert params["head"]["kernel"].shape[-1] == 11
+    assert saved["head"]["kernel"].shape[-1] == 3
+    chex.assert_trees_all_equal(params["head"], fresh["head"])
+    record = json.loads((tmp_path / "init.json").read_text())
+    assert record["step"] == 2 and record["mode"] == mode
+    assert record["checkpoint"].startswith(ddep_workdir)
+    assert record["new"] == (["decoder", "head"] if mode == "encoder" else ["head"])
+
+
+def test_checkpoint_of_another_architecture_lists_mismatches(tmp_path, ddep_workdir):
+    config = tiny_finetune_config(**{"init.mode": "pretrained",
+                                     "init.checkpoint": ddep_workdir,
+                                     "model.decoder_widths": (32, 16, 16, 8, 4),
+                                     "model.encoder.vit_size": "Ti"})
+    with pytest.raises(ValueError) as e:
+        _init(config, str(tmp_path))
+    message = str(e.value)
+    assert "does not match the model" in message
+    assert "shape decoder/block4/" in message  # last decoder block: 8 -> 4 channels
+    assert "shape encoder/Transformer/" in message  # ViT-mu -> Ti width
+    assert not (tmp_path / "init.json").exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    config = tiny_finetune_config(**{"init.mode": "encoder",
+                                     "init.checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        _init(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("init.mode", "imagenet", "init.mode"),
+    ("init.mode", "pretrained", "needs a checkpoint"),
+    ("data.label_fraction", "150%", "data.label_fraction"),
+    ("data.name", "kitti", "data.name"),
+    ("eval.mode", "tiles", "eval.mode"),
+    ("data.crop_size", (30, 32), "data.crop_size"),
+])
+def test_invalid_finetune_config_named(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        finetune.finetune_and_evaluate(tiny_finetune_config(**{key: value}),
+                                       str(tmp_path))
+
+
+def test_finetune_and_evaluate_on_real_camvid_resumes(tmp_path, camvid_tfds,
+                                                      ddep_workdir):
+    workdir = str(tmp_path / "ft")
+    config = tiny_finetune_config(**{"data.data_dir": camvid_tfds,
+                                     "init.mode": "pretrained",
+                                     "init.checkpoint": ddep_workdir})
+    first = finetune.finetune_and_evaluate(config, workdir, stop_after_step=1)
+    assert first["step"] == 1 and first["eval"] == {}
+    result = finetune.finetune_and_evaluate(config, workdir)
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+
+    subset = json.load(open(os.path.join(workdir, "labelled_subset.json")))
+    assert subset["num_examples"] == 367 and subset["num_labelled"] == 13
+    assert len(subset["ids"]) == 13 and all(i.endswith(".jpg") for i in subset["ids"])
+    report = result["eval"]["validation"]
+    saved = json.load(open(os.path.join(workdir, "eval", "validation_00000002.json")))
+    assert saved["miou"] == report["miou"] and 0.0 <= report["miou"] <= 1.0
+    assert report["num_images"] == 101 and len(report["per_class_iou"]) == 11
+    assert report["num_pixels"] > 0.9 * 101 * 360 * 480  # every labelled pixel
+    assert len(os.listdir(os.path.join(workdir, "eval", "validation_00000002"))) == 2
+
+    # Another label fraction in the same workdir is refused; nothing is lost.
+    other = tiny_finetune_config(**{"data.data_dir": camvid_tfds,
+                                    "data.label_fraction": "10%", "total_steps": 3})
+    with pytest.raises(ValueError, match="different labelled subset"):
+        finetune.finetune_and_evaluate(other, workdir)
+    assert json.load(open(os.path.join(workdir, "labelled_subset.json"))) == subset
+
+
+def test_main_runs_finetune_stage(tmp_path, camvid_tfds):
+    """The single entry point dispatches on config.stage (subprocess: flags)."""
+    cmd = [sys.executable, "-m", "ddep_jax.main",
+           "--config=configs/finetune_camvid.py:steps=1,fraction=8",
+           f"--workdir={tmp_path}", f"--config.data.data_dir={camvid_tfds}",
+           "--config.model.encoder.vit_size=mu",
+           "--config.model.encoder.resnet_width=8",
+           "--config.model.encoder.num_groups=4",
+           "--config.model.decoder_widths=(16,16,8,8,8)",
+           "--config.model.decoder_num_groups=4",
+           "--config.data.crop_size=(32,32)", "--config.data.base_scale=0.125",
+           "--config.eval.split=validation", "--config.eval.final_splits=()",
+           "--config.eval.num_visualize=0"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "validation mIoU" in out.stderr
+    assert (tmp_path / "eval" / "validation_00000001.json").exists()
+
+
+def test_stage3_config_keys_checked():
+    c = tiny_finetune_config()
+    c.unlock()
+    c.frozen = ("encoder",)
+    with pytest.raises(ValueError, match="config.frozen is not a known key"):
+        config_lib.validate_finetune(c, 1)
