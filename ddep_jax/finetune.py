@@ -355,3 +355,35 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
     return {"step": last_step, "loss": history[-1][1] if history else float("nan"),
             "history": history, "state": state, "eval": reports}
+
+
+def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
+    """A fine-tuned model and its parameters, from a stage-3 workdir.
+
+    Returns:
+      {'config', 'spec', 'model', 'params', 'step', 'checkpoint'}.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in `workdir`.
+      ValueError: not a stage-3 workdir, or its checkpoint does not match the
+        config's model (every mismatch listed).
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --workdir must be a fine-tuning "
+                                "workdir written by python -m ddep_jax.main.")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("stage") != "finetune":
+        raise ValueError(f"{path} is a config.stage={config.get('stage')!r} run; "
+                         "evaluate/predict need a fine-tuning ('finetune') workdir.")
+    spec = seg_datasets.get_spec(config.data.name)
+    model = build_model(model_config_for(config, spec.num_classes))
+    h, w = config.model.encoder.image_size
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jnp.zeros((1, h, w, 3), jnp.float32))["params"]
+    shardings = state_shardings(abstract, make_mesh(1), "replicated", 1)
+    params, provenance = checkpointing.restore_collections(
+        workdir, ("encoder", "decoder", "head"), abstract, shardings, step)
+    return {"config": config, "spec": spec, "model": model, "params": params,
+            "step": provenance["step"], "checkpoint": provenance["checkpoint"]}

@@ -115,16 +115,23 @@ def test_invalid_finetune_config_named(tmp_path, key, value, message):
                                        str(tmp_path))
 
 
-def test_finetune_and_evaluate_on_real_camvid_resumes(tmp_path, camvid_tfds,
-                                                      ddep_workdir):
-    workdir = str(tmp_path / "ft")
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, camvid_tfds, ddep_workdir):
+    """Tiny fine-tuning on real CamVid from the DDeP checkpoint, killed after
+    step 1 and resumed: (workdir, first call's result, second call's result)."""
+    workdir = str(tmp_path_factory.mktemp("ft"))
     config = tiny_finetune_config(**{"data.data_dir": camvid_tfds,
                                      "init.mode": "pretrained",
                                      "init.checkpoint": ddep_workdir})
     first = finetune.finetune_and_evaluate(config, workdir, stop_after_step=1)
+    return workdir, first, finetune.finetune_and_evaluate(config, workdir)
+
+
+def test_finetune_and_evaluate_on_real_camvid_resumes(finetuned, camvid_tfds):
+    workdir, first, result = finetuned
     assert first["step"] == 1 and first["eval"] == {}
-    result = finetune.finetune_and_evaluate(config, workdir)
     assert result["step"] == 2 and np.isfinite(result["loss"])
+    assert [s for s, _ in result["history"]] == [2]  # resumed, not restarted
 
     subset = json.load(open(os.path.join(workdir, "labelled_subset.json")))
     assert subset["num_examples"] == 367 and subset["num_labelled"] == 13
@@ -171,3 +178,39 @@ def test_stage3_config_keys_checked():
     c.frozen = ("encoder",)
     with pytest.raises(ValueError, match="config.frozen is not a known key"):
         config_lib.validate_finetune(c, 1)
+
+
+def test_predict_folder_of_own_images(finetuned, tmp_path):
+    from PIL import Image
+
+    from ddep_jax import predict
+
+    workdir = finetuned[0]
+    images = tmp_path / "images"
+    images.mkdir()
+    camvid = REPO.parent / "shared/data/camvid/test/images"
+    Image.open(sorted(camvid.iterdir())[0]).resize((201, 97)).save(images / "odd.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    failed = predict.segment_folder(workdir, str(images), str(out))
+    assert list(failed) == [str(images / "broken.jpg")]
+    labels = np.asarray(Image.open(out / "odd_labels.png"))
+    assert labels.shape == (97, 201) and labels.max() < 11
+    assert np.asarray(Image.open(out / "odd_overlay.png")).shape == (97, 201, 3)
+
+
+def test_standalone_multiscale_evaluation(finetuned, camvid_tfds):
+    from ddep_jax.data import seg_pipeline
+    from ddep_jax.evaluation import evaluator
+
+    run = finetune.load_finetuned(finetuned[0])
+    assert run["step"] == 2
+    run["config"].eval.mode = "multiscale"
+    run["config"].eval.scales = (0.75, 1.25)
+    mode, kwargs = evaluator.protocol(run["config"].eval, 0.25)
+    assert kwargs == {"scales": (0.1875, 0.3125), "flip": True}
+    source = seg_pipeline.SegmentationSource(
+        finetune.open_split(run["config"], run["spec"], "test"), run["spec"])
+    result = evaluator.evaluate(evaluator.make_logits_fn(run["model"], run["params"]),
+                                source, run["spec"], mode, kwargs, max_images=2)
+    assert result["num_images"] == 2 and result["num_pixels"] > 0.9 * 2 * 360 * 480
