@@ -56,7 +56,7 @@ def np_softmax(z):
 def resize(x, hw):
     x = np.asarray(x, np.float32)
     return np.asarray(jax.image.resize(x, tuple(hw) + x.shape[2:], "bilinear",
-                                       antialias=False))
+                                       antialias=True))
 
 
 def image(h, w, seed=1):

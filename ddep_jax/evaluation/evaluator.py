@@ -64,7 +64,7 @@ def predict_at_base_scale(logits_fn, image: jax.Array, num_classes: int, mode: s
         return inference.predict(logits_fn, image, num_classes, mode, **kwargs)
     h, w = image.shape[:2]
     size = (max(1, round(h * base_scale)), max(1, round(w * base_scale)))
-    small = jax.image.resize(image, (*size, 3), "bilinear")
+    small = jax.image.resize(image, (*size, 3), "bilinear")  # antialiased, as PIL
     probs = inference.predict(logits_fn, small, num_classes, mode, **kwargs)
     return jax.image.resize(probs, (h, w, num_classes), "bilinear")
 

@@ -21,8 +21,8 @@ times.
 
 All protocols average class *probabilities* (softmax of the logits), not
 logits, over flips, scales and overlapping windows. Resizing is bilinear
-(``jax.image.resize``, half-pixel centres, ``antialias=False`` as in
-``tf.image.resize`` / OpenCV); probabilities are resized back to the original
+(``jax.image.resize``, half-pixel centres, antialiased when shrinking, like
+the PIL bilinear resize of the training pipeline); probabilities are resized back to the original
 image resolution before averaging. Each function returns float32
 ``[H, W, C]`` probabilities of ONE image; take ``argmax(-1)`` for the labels.
 """
@@ -96,11 +96,12 @@ def _scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 def _resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of the two spatial axes of [..., H, W, K] (no antialias)."""
+    """Bilinear resize of the two spatial axes of [..., H, W, K]; antialiased
+    when shrinking (as PIL's bilinear resize in training), exact when growing."""
     if tuple(x.shape[-3:-1]) == tuple(size):
         return x
     return jax.image.resize(x, x.shape[:-3] + tuple(size) + x.shape[-1:],
-                            method="bilinear", antialias=False)
+                            method="bilinear", antialias=True)
 
 
 def _check_image(image: Any) -> jax.Array:
