@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.data.label_fraction = arg.fraction
     c.data.crop_size = (512, 512)
     c.eval.mode = "multiscale"
+    c.eval.size_multiple = 128  # images of many sizes: fewer compilations
     c.eval.split = "validation"
     c.eval.final_splits = ()
     c.eval.every_steps = 5000

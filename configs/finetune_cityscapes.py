@@ -26,7 +26,6 @@ def get_config(arg=None):
     c.data.label_fraction = arg.fraction
     c.data.crop_size = (1024, 1024)
     c.eval.mode = "cityscapes"
-    c.eval.window = (1024, 1024)
     c.eval.split = "validation"
     c.eval.final_splits = ()
     c.eval.every_steps = 5000

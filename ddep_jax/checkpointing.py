@@ -78,10 +78,18 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
         return os.path.join(ckpt_root, str(chosen), "state"), chosen
     if os.path.isdir(os.path.join(path, "state")):
         base = os.path.basename(path)
-        return os.path.join(path, "state"), int(base) if base.isdigit() else -1
-    if any(os.path.exists(os.path.join(path, f)) for f in ("_METADATA", "manifest.ocdbt")):
+        state_dir, found = os.path.join(path, "state"), int(base) if base.isdigit() else -1
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("_METADATA", "manifest.ocdbt")):
         parent = os.path.basename(os.path.dirname(path))
-        return path, int(parent) if parent.isdigit() else -1
+        state_dir, found = path, int(parent) if parent.isdigit() else -1
+    else:
+        state_dir = None
+    if state_dir is not None:
+        if step >= 0 and step != found:
+            raise FileNotFoundError(
+                f"{path} is the checkpoint of step {found}, not the requested step "
+                f"{step}: name the workdir (or its checkpoints/{step}) instead.")
+        return state_dir, found
     raise FileNotFoundError(
         f"no checkpoint at {path!r}: expected a workdir with checkpoints/<step>/"
         "state, a checkpoints/<step> folder, or an Orbax state folder (with "

@@ -275,8 +275,11 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
     c.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # 'multiscale' (x base_scale)
     c.eval.flip = False  # 'whole': also average with the flipped image
-    c.eval.window = (1024, 1024)  # 'sliding' / 'cityscapes' (x base_scale)
+    c.eval.window = (1024, 1024)  # 'sliding' (pixels of the base_scale'd image)
     c.eval.stride = 0  # 'sliding': 0 = the window size
+    # Model inputs are padded to multiples of this: 16 is the ViT patch grid;
+    # coarser (e.g. 128) means fewer compilations on datasets of many sizes.
+    c.eval.size_multiple = 16
     c.eval.split = "validation"  # evaluated every `every_steps` and at the end
     c.eval.final_splits = ("test",)  # evaluated once at the end
     c.eval.every_steps = 0  # 0: only at the end
@@ -306,8 +309,8 @@ def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
     """
     _check_keys(config, finetune_config())
     _validate_model(config.model)
-    _require(config.model.num_outputs >= 0, "model.num_outputs",
-             config.model.num_outputs, ">= 0 (0 = the dataset's classes)")
+    _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+             config.optimizer.learning_rate, "must be > 0 for fine-tuning")
     i = config.init
     _require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
     _require(i.mode == "scratch" or bool(i.checkpoint), "init.checkpoint",
@@ -316,6 +319,15 @@ def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
 
     _require(config.data.name in seg_datasets.names(), "data.name", config.data.name,
              f"expected one of {seg_datasets.names()}")
+    spec = seg_datasets.get_spec(config.data.name)
+    _require(config.model.num_outputs in (0, spec.num_classes), "model.num_outputs",
+             config.model.num_outputs,
+             f"{spec.name} has {spec.num_classes} classes (0 = that number)")
+    for key, split in [("data.train_split", config.data.train_split),
+                       ("eval.split", config.eval.split),
+                       *[("eval.final_splits", s) for s in config.eval.final_splits]]:
+        _require(split in spec.splits, key, split,
+                 f"{spec.name} splits are {sorted(spec.splits)}")
     try:
         label_fractions.parse_amount(config.data.label_fraction)
     except ValueError as e:
@@ -333,7 +345,13 @@ def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
              f"expected one of {EVAL_MODES}")
     _require(len(config.eval.scales) > 0 and all(s > 0 for s in config.eval.scales),
              "eval.scales", tuple(config.eval.scales), "need positive scales")
-    _require(config.eval.every_steps >= 0, "eval.every_steps",
-             config.eval.every_steps, ">= 0")
+    window = tuple(config.eval.window)
+    _require(len(window) == 2 and min(window) > 0, "eval.window", window,
+             "need (H, W) > 0")
+    for key in ("every_steps", "stride", "max_images", "num_visualize"):
+        _require(config.eval[key] >= 0, f"eval.{key}", config.eval[key], ">= 0")
+    _require(config.eval.size_multiple > 0 and config.eval.size_multiple % 16 == 0,
+             "eval.size_multiple", config.eval.size_multiple,
+             "a positive multiple of 16 (the patch grid)")
     _validate_run(config, num_devices, num_processes,
                   ("log_every", "checkpoint_every", "keep_checkpoints"))

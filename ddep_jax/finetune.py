@@ -125,9 +125,9 @@ def make_finetune_step(model, tx, schedule):
 def record_names(records, spec, indices) -> list[str] | None:
     """File names of the chosen records (None if the source cannot say)."""
     name_of = getattr(records, "record_name", None)
-    if name_of is None:
+    if name_of is None or not spec.id_key:
         return None
-    return [name_of(int(i)) for i in indices]
+    return [name_of(int(i), spec.id_key) for i in indices]
 
 
 def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
@@ -145,10 +145,12 @@ def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old["indices"] != indices.tolist() or old["num_examples"] != len(records):
+        if (old["indices"] != indices.tolist() or old["num_examples"] != len(records)
+                or old["dataset"] != spec.name
+                or old["split"] != config.data.train_split):
             raise ValueError(
                 f"{path} records a different labelled subset ({old['num_labelled']} "
-                f"of {old['num_examples']}, fraction {old['label_fraction']!r}, seed "
+                f"of {old['num_examples']} {old['dataset']} {old['split']}, fraction {old['label_fraction']!r}, seed "
                 f"{old['seed']}) than config.data.label_fraction="
                 f"{config.data.label_fraction!r} with seed {seed} gives: fine-tune "
                 "into a new workdir.")
@@ -196,6 +198,18 @@ def initial_state(config, workdir, init_fn, key, tx, abstract, state_sharding):
     return state
 
 
+def host_local_params(params):
+    """Parameters every host can run on its own devices: unchanged on one host;
+    on several, gathered (FSDP shards included) and placed on a local device,
+    because each host segments different images."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_put(gathered, jax.local_devices()[0])
+
+
 def run_evaluation(config, spec, model, params, split: str, workdir: str, step: int,
                    *, max_images: int = 0, num_visualize: int = 0) -> dict:
     """Evaluates `params` on `split`, writes WORKDIR/eval/<split>_<step>.json
@@ -207,8 +221,8 @@ def run_evaluation(config, spec, model, params, split: str, workdir: str, step: 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     result = evaluator.evaluate(
-        evaluator.make_logits_fn(model, params), source, spec, mode, kwargs,
-        max_images=max_images,
+        evaluator.make_logits_fn(model, host_local_params(params)), source, spec,
+        mode, kwargs, max_images=max_images,
         visualize_dir=os.path.join(out_dir, f"{split}_{step:08d}"),
         num_visualize=num_visualize, process_index=jax.process_index(),
         process_count=jax.process_count())

@@ -12,6 +12,10 @@ written per image to OUT:
 * ``<stem>_mask.png``: the ids in the dataset's palette, RGB [H, W, 3];
 * ``<stem>_overlay.png``: the palette blended over the image (alpha 0.5).
 
+(``<stem>_<ext>_...`` where two files share a stem, e.g. ``a.jpg``, ``a.png``.)
+Memory grows with the image area (times the largest scale in 'multiscale'
+mode): for very large photos use ``--mode=sliding`` or resize them first.
+
 A file that cannot be read as an image is reported by name at the end (exit
 status 1); the other images are still segmented and nothing written is lost.
 """
@@ -66,7 +70,9 @@ def segment_folder(workdir: str, images: str, output_dir: str, *,
     palette = spec.palette()
     os.makedirs(output_dir, exist_ok=True)
     failed = {}
-    for path in list_images(images):
+    paths = list_images(images)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for path in paths:
         try:
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
@@ -78,7 +84,10 @@ def segment_folder(workdir: str, images: str, output_dir: str, *,
             logits_fn, evaluator.to_model_input(image), spec.num_classes,
             protocol_mode, **kwargs)
         labels = np.asarray(jnp.argmax(probs, -1), np.uint8)
-        stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+        base, ext = os.path.splitext(os.path.basename(path))
+        if stems.count(base) > 1:  # a.jpg and a.png: keep both
+            base = f"{base}_{ext[1:].lower()}"
+        stem = os.path.join(output_dir, base)
         colour = visualize.colorize(labels, palette)
         Image.fromarray(labels).save(stem + "_labels.png")
         Image.fromarray(colour).save(stem + "_mask.png")

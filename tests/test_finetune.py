@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config, tiny_finetune_config
 
-from ddep_jax import config_lib, finetune, train
-from ddep_jax.sharding import make_mesh
+from ddep_jax import checkpointing, config_lib, finetune, train
+from ddep_jax.sharding import make_mesh, state_shardings
 
 
 def test_segmentation_loss_ignores_void_and_matches_numpy():
@@ -39,66 +39,76 @@ def ddep_workdir(tmp_path_factory):
     return workdir
 
 
-def _init(config, workdir, num_classes=11):
-    mesh = make_mesh(1)
-    key = jax.random.key(config.seed)
-    model, tx, _, abstract, sharding, init_fn = finetune.build_finetuning(
-        config, num_classes, 10, mesh, key)
-    state = finetune.initial_state(config, workdir, init_fn, key, tx, abstract,
-                                   sharding)
-    return jax.device_get(state["params"]), jax.device_get(init_fn(key)["params"])
-
-
 def _saved_params(ddep_workdir):
-    from ddep_jax.checkpointing import resolve_state_dir
     import orbax.checkpoint as ocp
+
+    from ddep_jax.checkpointing import resolve_state_dir
 
     state_dir, step = resolve_state_dir(ddep_workdir)
     assert step == 2
     return ocp.PyTreeCheckpointer().restore(state_dir)["params"]
 
 
-@pytest.mark.parametrize("mode", ["pretrained", "encoder"])
 def test_restore_copies_collections_exactly_and_reinitialises_head(
-        tmp_path, ddep_workdir, mode):
-    config = tiny_finetune_config(**{"init.mode": mode,
-                                     "init.checkpoint": ddep_workdir})
-    params, fresh = _init(config, str(tmp_path))
+        tmp_path, ddep_workdir):
+    """The trainer's `initial_state` for init.mode pretrained / encoder."""
+    config = tiny_finetune_config()
+    key = jax.random.key(config.seed)
+    model, tx, _, abstract, sharding, init_fn = finetune.build_finetuning(
+        config, 11, 10, make_mesh(1), key)
+    fresh = jax.device_get(init_fn(key)["params"])
     saved = _saved_params(ddep_workdir)
-    chex.assert_trees_all_equal(params["encoder"], saved["encoder"])
-    if mode == "pretrained":
-        chex.assert_trees_all_equal(params["decoder"], saved["decoder"])
-    else:
-        chex.assert_trees_all_equal(params["decoder"], fresh["decoder"])
-    # A new 11-class head, as a fresh init makes it (the denoising head had 3).
-    assert params["head"]["kernel"].shape[-1] == 11
-    assert saved["head"]["kernel"].shape[-1] == 3
-    chex.assert_trees_all_equal(params["head"], fresh["head"])
-    record = json.loads((tmp_path / "init.json").read_text())
-    assert record["step"] == 2 and record["mode"] == mode
-    assert record["checkpoint"].startswith(ddep_workdir)
-    assert record["new"] == (["decoder", "head"] if mode == "encoder" else ["head"])
+    for mode in ("pretrained", "encoder"):
+        config.init.mode, config.init.checkpoint = mode, ddep_workdir
+        workdir = tmp_path / mode
+        workdir.mkdir()
+        state = finetune.initial_state(config, str(workdir), init_fn, key, tx,
+                                       abstract, sharding)
+        params = jax.device_get(state["params"])
+        chex.assert_trees_all_equal(params["encoder"], saved["encoder"])
+        chex.assert_trees_all_equal(
+            params["decoder"], saved["decoder"] if mode == "pretrained"
+            else fresh["decoder"])
+        # A new 11-class head, as a fresh init makes it (the denoising head had 3).
+        assert params["head"]["kernel"].shape[-1] == 11
+        assert saved["head"]["kernel"].shape[-1] == 3
+        chex.assert_trees_all_equal(params["head"], fresh["head"])
+        record = json.loads((workdir / "init.json").read_text())
+        assert record["step"] == 2 and record["mode"] == mode
+        assert record["checkpoint"].startswith(ddep_workdir)
+        assert record["new"] == (["decoder", "head"] if mode == "encoder"
+                                 else ["head"])
 
 
-def test_checkpoint_of_another_architecture_lists_mismatches(tmp_path, ddep_workdir):
-    config = tiny_finetune_config(**{"init.mode": "pretrained",
-                                     "init.checkpoint": ddep_workdir,
-                                     "model.decoder_widths": (32, 16, 16, 8, 4),
+def _abstract_params(config, num_classes=11):
+    model = finetune.build_model(finetune.model_config_for(config, num_classes))
+    h, w = config.model.encoder.image_size
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jnp.zeros((1, h, w, 3)))["params"]
+    return abstract, state_shardings(abstract, make_mesh(1), "replicated", 1)
+
+
+def test_checkpoint_of_another_architecture_lists_mismatches(ddep_workdir):
+    config = tiny_finetune_config(**{"model.decoder_widths": (32, 16, 16, 8, 4),
                                      "model.encoder.vit_size": "Ti"})
+    abstract, shardings = _abstract_params(config)
     with pytest.raises(ValueError) as e:
-        _init(config, str(tmp_path))
+        checkpointing.restore_collections(ddep_workdir, ("encoder", "decoder"),
+                                          abstract, shardings)
     message = str(e.value)
     assert "does not match the model" in message
     assert "shape decoder/block4/" in message  # last decoder block: 8 -> 4 channels
     assert "shape encoder/Transformer/" in message  # ViT-mu -> Ti width
-    assert not (tmp_path / "init.json").exists()
 
 
-def test_missing_checkpoint_is_named(tmp_path):
-    config = tiny_finetune_config(**{"init.mode": "encoder",
-                                     "init.checkpoint": str(tmp_path / "nope")})
+def test_missing_checkpoint_or_step_is_named(tmp_path, ddep_workdir):
+    abstract, shardings = _abstract_params(tiny_finetune_config())
     with pytest.raises(FileNotFoundError, match="nope"):
-        _init(config, str(tmp_path))
+        checkpointing.restore_collections(str(tmp_path / "nope"), ("encoder",),
+                                          abstract, shardings)
+    with pytest.raises(FileNotFoundError, match=r"step 7 is not among .*\[2\]"):
+        checkpointing.restore_collections(ddep_workdir, ("encoder",), abstract,
+                                          shardings, step=7)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -108,6 +118,9 @@ def test_missing_checkpoint_is_named(tmp_path):
     ("data.name", "kitti", "data.name"),
     ("eval.mode", "tiles", "eval.mode"),
     ("data.crop_size", (30, 32), "data.crop_size"),
+    ("model.num_outputs", 5, "camvid has 11 classes"),
+    ("eval.final_splits", ("val",), "eval.final_splits"),
+    ("optimizer.learning_rate", 0.0, "optimizer.learning_rate"),
 ])
 def test_invalid_finetune_config_named(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -151,25 +164,15 @@ def test_finetune_and_evaluate_on_real_camvid_resumes(finetuned, camvid_tfds):
     assert json.load(open(os.path.join(workdir, "labelled_subset.json"))) == subset
 
 
-def test_main_runs_finetune_stage(tmp_path, camvid_tfds):
-    """The single entry point dispatches on config.stage (subprocess: flags)."""
+def test_main_dispatches_to_finetune_stage(tmp_path):
+    """`python -m ddep_jax.main` runs stage 3 for a finetune config: its
+    validation (stage 3 only) rejects a bad init mode, naming the key."""
     cmd = [sys.executable, "-m", "ddep_jax.main",
-           "--config=configs/finetune_camvid.py:steps=1,fraction=8",
-           f"--workdir={tmp_path}", f"--config.data.data_dir={camvid_tfds}",
-           "--config.model.encoder.vit_size=mu",
-           "--config.model.encoder.resnet_width=8",
-           "--config.model.encoder.num_groups=4",
-           "--config.model.decoder_widths=(16,16,8,8,8)",
-           "--config.model.decoder_num_groups=4",
-           "--config.data.crop_size=(32,32)", "--config.data.base_scale=0.125",
-           "--config.eval.split=validation", "--config.eval.final_splits=()",
-           "--config.eval.num_visualize=0"]
-    env = {**os.environ, "XLA_FLAGS": ""}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "validation mIoU" in out.stderr
-    assert (tmp_path / "eval" / "validation_00000001.json").exists()
+           "--config=configs/finetune_camvid.py:steps=1",
+           f"--workdir={tmp_path}", "--config.init.mode=imagenet"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "config.init.mode='imagenet' is invalid" in out.stderr
 
 
 def test_stage3_config_keys_checked():
@@ -208,7 +211,7 @@ def test_standalone_multiscale_evaluation(finetuned, camvid_tfds):
     run["config"].eval.mode = "multiscale"
     run["config"].eval.scales = (0.75, 1.25)
     mode, kwargs = evaluator.protocol(run["config"].eval, 0.25)
-    assert kwargs == {"scales": (0.1875, 0.3125), "flip": True}
+    assert kwargs == {"scales": (0.1875, 0.3125), "flip": True, "size_multiple": 16}
     source = seg_pipeline.SegmentationSource(
         finetune.open_split(run["config"], run["spec"], "test"), run["spec"])
     result = evaluator.evaluate(evaluator.make_logits_fn(run["model"], run["params"]),

@@ -84,8 +84,8 @@ def test_crop_flip_and_padding_keep_image_and_mask_aligned():
         assert im.shape == (32, 32, 3) and lb.shape == (32, 32)
         valid = lb != 255
         np.testing.assert_array_equal(im[valid], PALETTE[lb[valid]])
-        # Padding (image is 24 high, crop 32): void label, zero image.
-        assert (~valid).sum() >= 8 * 32 and np.all(im[~valid] == 0)
+        # Padding (image is 24 high, crop 32): void label, mid-grey image.
+        assert (~valid).sum() >= 8 * 32 and np.all(im[~valid] == 128)
         flips += not np.array_equal(lb[:24, :], label[:, :32]) and not np.array_equal(
             lb[:24, :], label[:, 8:])
     assert 0 < flips < 20

@@ -71,6 +71,13 @@ class RandomCropFlip:
         return {"image": np.ascontiguousarray(out)}
 
 
+def augment_seed(seed: int, process_index: int) -> int:
+    """Augmentation seed of one host: grain seeds each element by this seed and
+    its position in the host's stream, so hosts need different seeds or the
+    k-th example of every host gets the same crop and flip."""
+    return int(np.random.SeedSequence([seed, 1, process_index]).generate_state(1)[0])
+
+
 def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
@@ -98,7 +105,7 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                          f"its batch of {batch_size}: lower batch_size or add data.")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip),
-                       seed=seed + 1)
+                       seed=augment_seed(seed, process_index))
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                 prefetch_buffer_size=prefetch))

@@ -41,8 +41,11 @@ class SegDatasetSpec:
       label_lut: ``None`` if stored labels are already ``0..C-1`` / 255; else
         an int array ``[K]`` mapping raw value ``v < K`` to ``lut[v]`` (a class
         id or 255). Raw values ``>= K`` are errors.
-      crop_size: the paper's fine-tuning crop (pixels, square).
-      eval_mode: default evaluation protocol (see `ddep_jax.evaluation`).
+      crop_size: the paper's fine-tuning crop (pixels, square); informational,
+        the configs under configs/ set `data.crop_size`.
+      eval_mode: the paper's evaluation protocol for the dataset
+        (`ddep_jax.evaluation.inference.EVAL_MODES`); informational, the
+        configs set `eval.mode`.
       id_key: record key naming the example (file name) for messages and the
         label-fraction listing; ``None`` if the records have none.
     """

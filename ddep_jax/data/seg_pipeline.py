@@ -17,6 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ddep_jax.data.pipeline import augment_seed
 from ddep_jax.data.seg_datasets import IGNORE_LABEL, SegDatasetSpec
 
 
@@ -74,8 +75,9 @@ class RandomScaleCropFlip:
 
     1. Scale both by ``base_scale * s``, ``s ~ U(scale_range)`` (image
        bilinear, mask nearest-neighbour).
-    2. If smaller than the crop, pad bottom/right: image with 0, mask with
-       void (255), so padding never counts in the loss.
+    2. If smaller than the crop, pad bottom/right: image with 128 (0.0 after
+       normalisation, as evaluation pads), mask with void (255), so padding
+       never counts in the loss.
     3. Crop ``crop_size`` at a uniformly random position.
     4. Flip both left-right with probability 1/2.
 
@@ -100,7 +102,7 @@ class RandomScaleCropFlip:
         h, w = image.shape[:2]
         if h < ch or w < cw:
             ph, pw = max(ch - h, 0), max(cw - w, 0)
-            image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+            image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=128)
             label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_LABEL)
             h, w = image.shape[:2]
         top = int(rng.integers(0, h - ch + 1))
@@ -141,7 +143,7 @@ def make_seg_train_dataset(source: SegmentationSource, *, crop_size,
                          "examples: use a larger label fraction or fewer hosts.")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(RandomScaleCropFlip(crop_size, scale_range, base_scale, flip),
-                       seed=seed + 1)
+                       seed=augment_seed(seed, process_index))
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                 prefetch_buffer_size=prefetch))

@@ -138,12 +138,12 @@ class TfdsDataSource:
                 f"{type(e).__name__}: {e}"
             ) from e
 
-    def record_name(self, index: int) -> str:
-        """The record's ``file_name`` without decoding its images (``'#index'``
-        when the dataset has no such feature)."""
+    def record_name(self, index: int, key: str = "file_name") -> str:
+        """The record's `key` feature (its file name or id) without decoding its
+        images (``'#index'`` when the dataset has no such feature)."""
         source = self.tfds_source
         name = _readable_file_name(source.dataset_info.features,
-                                   source.data_source[operator.index(index)])
+                                   source.data_source[operator.index(index)], key)
         return name if name is not None else f"#{index}"
 
     def __iter__(self):
@@ -163,9 +163,11 @@ class TfdsDataSource:
         )
 
 
-def _readable_file_name(features, record: bytes) -> str | None:
-    """``file_name`` of a record whose images fail to decode, if readable."""
-    if "file_name" not in features:
+def _readable_file_name(features, record: bytes,
+                        key: str = "file_name") -> str | None:
+    """Feature `key` (``file_name``) of a record, read without decoding its
+    images (which may be what failed); None if unreadable or absent."""
+    if key not in features:
         return None
     skip = {
         key: tfds.decode.SkipDecoding()
@@ -173,7 +175,7 @@ def _readable_file_name(features, record: bytes) -> str | None:
         if isinstance(feature, tfds.features.Image)
     }
     try:
-        value = features.deserialize_example_np(record, decoders=skip)["file_name"]
+        value = features.deserialize_example_np(record, decoders=skip)[key]
     except Exception:  # pylint: disable=broad-except
         return None
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,7 +1,8 @@
 """Evaluating a segmentation model on a dataset split (global mIoU).
 
-Every image of the split (or of this host's share of it) is segmented at its
-original resolution with the configured protocol (`inference.predict`), the
+Every image of the split (or of this host's share of it) is segmented with
+the configured protocol (at `base_scale` of its size, probabilities resized
+back to the label resolution) (`inference.predict`), the
 argmax is compared with the label in one confusion matrix over all pixels,
 and the matrices of all hosts are summed before the metrics are computed
 (DDeP Sec. 5.1: mean IoU over classes).
@@ -27,10 +28,20 @@ def to_model_input(image_uint8: np.ndarray) -> jax.Array:
     return jnp.asarray(image_uint8, jnp.float32) / 127.5 - 1.0
 
 
+_APPLY_CACHE: dict[int, tuple[Any, Callable]] = {}
+
+
 def make_logits_fn(model, params) -> Callable[[jax.Array], jax.Array]:
-    """float32 [N, h, w, 3] -> logits float32 [N, h, w, C], jitted (cached per
-    input shape); the encoder runs in inference mode."""
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    """float32 [N, h, w, 3] -> logits float32 [N, h, w, C]; the encoder runs in
+    inference mode. The jitted apply is made once per model object and takes
+    the parameters as an argument, so repeated evaluations (new params) reuse
+    its compilations (one per input shape)."""
+    entry = _APPLY_CACHE.get(id(model))
+    if entry is None or entry[0] is not model:
+        entry = (model, jax.jit(
+            lambda p, x: model.apply({"params": p}, x, train=False)))
+        _APPLY_CACHE[id(model)] = entry
+    apply = entry[1]
     return lambda images: apply(params, images)
 
 
@@ -43,12 +54,13 @@ def protocol(eval_config, base_scale: float = 1.0) -> tuple[str, dict[str, Any]]
     back to the label resolution.
     """
     mode = eval_config.mode
+    multiple = {"size_multiple": int(eval_config.size_multiple)}
     if mode == "whole":
-        return mode, {"scale": base_scale, "flip": bool(eval_config.flip)}
+        return mode, {"scale": base_scale, "flip": bool(eval_config.flip), **multiple}
     if mode == "multiscale":
         return mode, {"scales": tuple(s * base_scale for s in eval_config.scales),
-                      "flip": True}
-    kw: dict[str, Any] = {"flip": True, "base_scale": base_scale}
+                      "flip": True, **multiple}
+    kw: dict[str, Any] = {"flip": True, "base_scale": base_scale, **multiple}
     if mode == "sliding":
         kw["window"] = tuple(int(w) for w in eval_config.window)
         if eval_config.stride:
@@ -112,7 +124,11 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
     if process_count > 1:
         from jax.experimental import multihost_utils
 
-        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+        # Gathered as int32 pairs: without jax x64 an int64 array would be
+        # narrowed on the way through the devices.
+        pairs = np.ascontiguousarray(total, np.int64).view(np.int32)
+        gathered = np.asarray(multihost_utils.process_allgather(pairs))
+        total = np.ascontiguousarray(gathered).view(np.int64).sum(0)
     result = metrics.segmentation_metrics(total, spec.class_names)
     result["num_images"] = n
     return result
