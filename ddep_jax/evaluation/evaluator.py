@@ -10,6 +10,7 @@ and the matrices of all hosts are summed before the metrics are computed
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -81,6 +82,13 @@ def predict_at_base_scale(logits_fn, image: jax.Array, num_classes: int, mode: s
     return jax.image.resize(probs, (h, w, num_classes), "bilinear")
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _score(probs: jax.Array, label, num_classes: int):
+    """argmax labels int32 [H, W] and their confusion matrix int32 [C, C]."""
+    prediction = jnp.argmax(probs, axis=-1)
+    return prediction, metrics.confusion_matrix(label, prediction, num_classes)
+
+
 def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
              kwargs: dict[str, Any], *, max_images: int = 0,
              visualize_dir: str | None = None, num_visualize: int = 0,
@@ -110,9 +118,7 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
         image, label = example["image"], example["label"]
         probs = predict_at_base_scale(logits_fn, to_model_input(image),
                                       spec.num_classes, mode, **kwargs)
-        prediction = jnp.argmax(probs, axis=-1)
-        cm = metrics.confusion_matrix(jnp.asarray(label), prediction,
-                                      spec.num_classes)
+        prediction, cm = _score(probs, label, spec.num_classes)
         total = metrics.accumulate(total, cm)
         if visualize_dir and process_index == 0 and i < num_visualize:
             os.makedirs(visualize_dir, exist_ok=True)
