@@ -42,6 +42,29 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     return restored["state"]
 
 
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, state_sharding,
+                   data_iter):
+    """Resumes a run: the newest checkpoint of `manager` restored into
+    `state_sharding` (and `data_iter`'s position set), or (None, None) when the
+    workdir has none.
+
+    Returns:
+      (state, step) or (None, None).
+    """
+    import jax
+    from absl import logging
+
+    step = manager.latest_step()
+    if step is None:
+        return None, None
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_sharding)
+    state = restore(manager, step, abstract_sharded, data_iter)
+    logging.info("Resumed from %s at step %d.", manager.directory, step)
+    return state, step
+
+
 # ----------------------------------------------------------------------------
 # Reading parameter collections of another run (stage hand-over).
 # ----------------------------------------------------------------------------

@@ -300,6 +300,37 @@ def finetune_config() -> ml_collections.ConfigDict:
     return c
 
 
+def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
+                          eval_mode: str, decoder: int,
+                          size_multiple: int = 16) -> ml_collections.ConfigDict:
+    """The paper's fine-tuning protocol on `dataset` (Sec. 5.1): crops of
+    `crop`, evaluation `eval_mode` on the validation split, batch 16, Adam(W)
+    with lr and weight decay 1e-4 (the middle of the swept [1e-5, 3e-4]),
+    cosine decay. Config arguments: init, ckpt, fraction, seed, decoder,
+    steps."""
+    arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
+                    decoder=decoder, steps=40000)
+    c = finetune_config()
+    c.seed = arg.seed
+    c.init.mode = arg.init
+    c.init.checkpoint = arg.ckpt
+    c.model.decoder_multiplier = arg.decoder
+    c.data.name = dataset
+    c.data.label_fraction = arg.fraction
+    c.data.crop_size = (crop, crop)
+    c.eval.mode = eval_mode
+    c.eval.size_multiple = size_multiple
+    c.eval.split = "validation"
+    c.eval.final_splits = ()
+    c.eval.every_steps = 5000
+    c.batch_size = 16
+    c.total_steps = arg.steps
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.warmup_steps = 500
+    return c
+
+
 def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
     """Rejects unknown keys and invalid values of a stage-3 config.
 

@@ -241,15 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     data_iter = iter(dataset)
 
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    restored_step = manager.latest_step()
-    if restored_step is not None:
-        abstract_sharded = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, state_sharding)
-        state = checkpointing.restore(manager, restored_step, abstract_sharded,
-                                      data_iter)
-        logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
-    else:
+    state, restored_step = checkpointing.restore_latest(manager, abstract,
+                                                        state_sharding, data_iter)
+    if state is None:
         state = init_fn(init_key)
 
     train_step = jax.jit(make_train_step(config, model, tx, schedule),

@@ -14,6 +14,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def apply_overrides(config, overrides: dict):
+    """Sets dotted keys ('model.encoder.vit_size') of a ConfigDict in place."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 def tiny_config(**overrides):
     """A DDeP config small enough for a unit test on 2 CPU cores."""
     from ddep_jax.config_lib import ddep_config
@@ -34,13 +45,7 @@ def tiny_config(**overrides):
     c.checkpoint_every = 2
     c.image_grid_every = 1000
     c.image_grid_size = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 @pytest.fixture
@@ -92,10 +97,4 @@ def tiny_finetune_config(**overrides):
     c.mesh.data = 1
     c.log_every = 1
     c.checkpoint_every = 1
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
