@@ -75,6 +75,7 @@ def run_one(init: str, fraction: str, seed: int, ddep_workdir: str,
     config.data.data_dir = data_dir
     config.eval.split = "test"  # one evaluation, at the end, on the test split
     config.eval.final_splits = ()
+    config.eval.every_steps = 0
     t = time.perf_counter()
     result = finetune.finetune_and_evaluate(config, workdir)
     minutes = (time.perf_counter() - t) / 60
