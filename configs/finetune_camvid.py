@@ -58,4 +58,6 @@ def get_config(arg=None):
         c.log_every = 10
         c.checkpoint_every = 50
         c.eval.num_visualize = 4
+        c.eval.every_steps = 50  # validation mIoU on the first 25 images
+        c.eval.max_images = 25
     return c
