@@ -21,10 +21,9 @@ import os
 
 from absl import app, flags, logging
 
-from ddep_jax.data import seg_pipeline
-from ddep_jax.evaluation import evaluator, metrics
+from ddep_jax.evaluation import metrics
 from ddep_jax.evaluation.inference import EVAL_MODES
-from ddep_jax.finetune import load_finetuned, open_split
+from ddep_jax.finetune import load_finetuned, run_evaluation
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)
@@ -49,21 +48,13 @@ def main(argv):
         config.eval.mode = _MODE.value
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
-    records = open_split(config, spec, _SPLIT.value)
-    source = seg_pipeline.SegmentationSource(records, spec, split=_SPLIT.value)
-    mode, kwargs = evaluator.protocol(config.eval, config.data.base_scale)
     out_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval_standalone")
-    name = f"{_SPLIT.value}_{mode}_{run['step']:08d}"
-    os.makedirs(out_dir, exist_ok=True)
-    result = evaluator.evaluate(
-        evaluator.make_logits_fn(run["model"], run["params"]), source, spec, mode,
-        kwargs, visualize_dir=os.path.join(out_dir, name),
-        num_visualize=_NUM_VISUALIZE.value)
-    report = {"dataset": spec.name, "split": _SPLIT.value, "step": run["step"],
-              "checkpoint": run["checkpoint"], "mode": mode,
-              "protocol": {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in kwargs.items()}, **result}
-    evaluator.write_report(os.path.join(out_dir, name + ".json"), report)
+    name = f"{_SPLIT.value}_{config.eval.mode}_{run['step']:08d}"
+    result = run_evaluation(config, spec, run["model"], run["params"], _SPLIT.value,
+                            out_dir, run["step"], name=name,
+                            num_visualize=_NUM_VISUALIZE.value,
+                            extra={"checkpoint": run["checkpoint"]})
+    mode = result["mode"]
     print(metrics.format_table(result, spec.class_names))
     print(f"{spec.name} {_SPLIT.value} ({mode}, step {run['step']}): mIoU "
           f"{100 * result['miou']:.2f}%, pixel accuracy "

@@ -192,7 +192,7 @@ def initial_state(config, workdir, init_fn, key, tx, abstract, state_sharding):
         state = {"step": state["step"], "params": params, "opt_state": opt_init(params)}
     provenance["new"] = sorted(set(state["params"]) - set(collections))
     if jax.process_index() == 0:
-        evaluator.write_report(os.path.join(workdir, "init.json"), provenance)
+        writers.write_json(os.path.join(workdir, "init.json"), provenance)
     logging.info("Initialised %s from %s.", collections or "everything",
                  provenance.get("checkpoint", "scratch"))
     return state
@@ -210,29 +210,32 @@ def host_local_params(params):
     return jax.device_put(gathered, jax.local_devices()[0])
 
 
-def run_evaluation(config, spec, model, params, split: str, workdir: str, step: int,
-                   *, max_images: int = 0, num_visualize: int = 0) -> dict:
-    """Evaluates `params` on `split`, writes WORKDIR/eval/<split>_<step>.json
-    (and prediction PNGs) and returns the report."""
+def run_evaluation(config, spec, model, params, split: str, out_dir: str, step: int,
+                   *, name: str | None = None, max_images: int = 0,
+                   num_visualize: int = 0, extra: dict | None = None) -> dict:
+    """Evaluates `params` on `split` with `config.eval`'s protocol, writes
+    OUT_DIR/<name>.json (default name ``<split>_<step>``; `extra` entries are
+    added to it) and prediction PNGs in OUT_DIR/<name>/, and returns the
+    report."""
     records = open_split(config, spec, split)
     source = seg_pipeline.SegmentationSource(records, spec, split=split)
     mode, kwargs = evaluator.protocol(config.eval, config.data.base_scale)
-    out_dir = os.path.join(workdir, "eval")
+    name = name or f"{split}_{step:08d}"
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     result = evaluator.evaluate(
         evaluator.make_logits_fn(model, host_local_params(params)), source, spec,
         mode, kwargs, max_images=max_images,
-        visualize_dir=os.path.join(out_dir, f"{split}_{step:08d}"),
+        visualize_dir=os.path.join(out_dir, name),
         num_visualize=num_visualize, process_index=jax.process_index(),
         process_count=jax.process_count())
     report = {"dataset": spec.name, "split": split, "step": step, "mode": mode,
               "protocol": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in kwargs.items()},
-              "seconds": round(time.perf_counter() - t0, 1), **result}
+              "seconds": round(time.perf_counter() - t0, 1), **(extra or {}),
+              **result}
     if jax.process_index() == 0:
-        evaluator.write_report(os.path.join(out_dir, f"{split}_{step:08d}.json"),
-                               report)
+        writers.write_json(os.path.join(out_dir, name + ".json"), report)
     logging.info("eval %s step %d: mIoU %.4f, pixel acc %.4f (%d images, %s, "
                  "%.0fs)", split, step, result["miou"], result["pixel_accuracy"],
                  result["num_images"], mode, report["seconds"])
@@ -299,6 +302,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          out_shardings=(state_sharding, replicated),
                          donate_argnums=(0,))
     writer = writers.MetricWriter(workdir)
+    eval_dir = os.path.join(workdir, "eval")
     start = int(jax.device_get(state["step"]))
     history, pending = [], []
     t0, s0 = time.perf_counter(), start
@@ -341,7 +345,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if (config.eval.every_steps and step % config.eval.every_steps == 0
                 and step != num_steps):
             report = run_evaluation(config, spec, model, state["params"],
-                                    config.eval.split, workdir, step,
+                                    config.eval.split, eval_dir, step,
                                     max_images=config.eval.max_images)
             writer.write_scalars(step, {f"{config.eval.split}/miou": report["miou"],
                                         f"{config.eval.split}/pixel_accuracy":
@@ -357,7 +361,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             splits.setdefault(spec.splits.get(split, split), split)
         for split in splits.values():
             reports[split] = run_evaluation(
-                config, spec, model, state["params"], split, workdir, num_steps,
+                config, spec, model, state["params"], split, eval_dir, num_steps,
                 num_visualize=config.eval.num_visualize)
             writer.write_scalars(num_steps, {f"{split}/miou": reports[split]["miou"]})
     writer.close()

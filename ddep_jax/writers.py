@@ -1,4 +1,5 @@
-"""Metric output: JSONL + TensorBoard event files, written by process 0 only.
+"""Metric output: JSONL + TensorBoard event files, written by process 0 only;
+and `write_json` for the JSON records a run leaves in its workdir.
 
 TensorBoard events are written with tensorboardX, so training needs no
 TensorFlow.
@@ -10,6 +11,15 @@ import json
 import os
 
 import jax
+
+
+def write_json(path: str, obj) -> None:
+    """Writes `obj` as indented JSON atomically (a temporary file renamed into
+    place), so a killed run never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 class MetricWriter:

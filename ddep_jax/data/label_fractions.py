@@ -21,12 +21,12 @@ inside 100% (every example). Different seeds give different subsets.
 from __future__ import annotations
 
 import fractions
-import json
 import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from ddep_jax import writers
 
 NAMED_FRACTIONS = {
     "1%": 0.01, "5%": 0.05, "10%": 0.10, "20%": 0.20, "100%": 1.0,
@@ -129,8 +129,5 @@ def write_subset(path: str, *, dataset: str, split: str,
     }
     if ids is not None:
         record["ids"] = list(ids)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    writers.write_json(path, record)
     return record

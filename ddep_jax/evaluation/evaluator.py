@@ -11,7 +11,6 @@ and the matrices of all hosts are summed before the metrics are computed
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -138,11 +137,3 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
     result = metrics.segmentation_metrics(total, spec.class_names)
     result["num_images"] = n
     return result
-
-
-def write_report(path: str, report: dict[str, Any]) -> None:
-    """Writes a JSON report atomically (no half-written file on a kill)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
