@@ -8,14 +8,18 @@ Prepare the data once (docs/DATASETS.md), then:
   python -m ddep_jax.main --config=configs/ddep_imagenet21k.py --workdir=DIR
 Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   :vit=L (R50+ViT-L/16), :dep (DeP, encoder trained too),
-  :runlocal (tiny sizes to smoke-test the config on a laptop).
+  :runlocal (tiny sizes to smoke-test the config on a laptop),
+  :encoder=PATH the pretrained encoder: the public R50+ViT-B_16.npz (or
+  ViT-L), its Orbax conversion (python -m ddep_jax.vit_import) or a stage-1
+  workdir (configs/classify_imagenet21k.py). The paper freezes the public
+  ImageNet-21k checkpoint's encoder; without it the encoder is random.
 """
 
 from ddep_jax.config_lib import ddep_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False)
+    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, encoder="")
     c = ddep_config()
     c.model.encoder.vit_size = arg.vit
     c.model.decoder_multiplier = arg.decoder
@@ -25,6 +29,7 @@ def get_config(arg=None):
     c.batch_size = 512
     c.num_epochs = 100.0
     c.frozen = () if arg.dep else ("encoder",)
+    c.init.checkpoint = arg.encoder
     if arg.runlocal:
         c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1),
                                image_size=(64, 64), num_groups=16)

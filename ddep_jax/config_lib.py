@@ -105,6 +105,14 @@ def ddep_config() -> ml_collections.ConfigDict:
     # Which top-level collections stay fixed: ('encoder',) is DDeP, () is DeP.
     c.frozen = ("encoder",)
 
+    # The pretrained encoder (stage-1 hand-over): a stage-1 workdir, one of its
+    # checkpoints/<step> folders, an Orbax folder written by `python -m
+    # ddep_jax.vit_import`, or a vision_transformer .npz; only params/encoder
+    # is read, every leaf must match. '' keeps the random initialisation.
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""
+    c.init.step = -1  # which checkpoint of a workdir; -1 = the latest
+
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # 'tfds' | 'embedded'
     c.data.name = "imagenet21k"
@@ -234,6 +242,114 @@ def learning_rate(config) -> float:
     if config.optimizer.learning_rate > 0:
         return config.optimizer.learning_rate
     return PAPER_LEARNING_RATE[config.model.decoder_multiplier]
+
+
+CLASSIFY_LOSSES = ("softmax", "sigmoid")
+
+
+def classify_config() -> ml_collections.ConfigDict:
+    """Stage-1 defaults: supervised Hybrid-ViT classifier pretraining.
+
+    ViT/big_vision recipe (Dosovitskiy et al. 2021, Sec. 4.1 and App. B.1):
+    Adam(W), linear warm-up then cosine decay, inception crop + flip, label
+    smoothing; `loss.type` 'sigmoid' is the usual choice for ImageNet-21k.
+    `model.encoder` is the encoder that stage 2 and 3 take over, so it must
+    equal theirs; `data.image_size` is the training resolution (the position
+    embedding is learned for `model.encoder.image_size` and resampled to it).
+    """
+    c = ml_collections.ConfigDict()
+    c.stage = "classify"
+    c.seed = 0
+    c.model = model_config()
+    c.model.num_outputs = 0  # 0: the dataset's number of classes
+    c.model.head_bias_init = 0.0  # big_vision: -10 with sigmoid on ImageNet-21k
+
+    # Optional initial encoder (e.g. converted from a public .npz, to continue
+    # on another dataset); '' trains from scratch. See finetune_config.init.
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""
+    c.init.step = -1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cifar10"  # a name in ddep_jax.data.class_datasets
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_split = "train"
+    c.data.image_size = (224, 224)  # training and evaluation input (H, W)
+    c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
+    c.data.crop_aspect_range = (3 / 4, 4 / 3)
+    c.data.flip = True
+    c.data.eval_crop_fraction = 0.875  # eval: resize to size/f, centre crop size
+    c.data.num_threads = 8
+    c.data.prefetch = 4
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.type = "softmax"  # CLASSIFY_LOSSES
+    c.loss.label_smoothing = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.splits = ("validation",)  # top-1 accuracy at the end
+    c.eval.every_steps = 0  # also every N steps on the first split; 0: end only
+    c.eval.batch_size = 256
+    c.eval.max_examples = 0  # periodic evaluation on the first N; 0 = all
+
+    c.batch_size = 4096
+    c.num_epochs = 90.0
+    c.total_steps = 0  # > 0 overrides num_epochs
+
+    c.optimizer = optimizer_config(learning_rate=1e-3)
+    c.optimizer.warmup_steps = 10000
+    c.optimizer.weight_decay = 0.03
+    c.optimizer.grad_clip_norm = 1.0
+    c.mesh = mesh_config()
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    return c
+
+
+def validate_classify(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a stage-1 config.
+
+    Raises:
+      ValueError: 'config.<key>=<value> is invalid: <why>' or 'config.<key> is
+        not a known key'.
+    """
+    _check_keys(config, classify_config())
+    _validate_model(config.model)
+    from ddep_jax.data import class_datasets
+
+    _require(config.data.name in class_datasets.names(), "data.name",
+             config.data.name, f"expected one of {class_datasets.names()}")
+    spec = class_datasets.get_spec(config.data.name)
+    _require(config.model.num_outputs in (0, spec.num_classes), "model.num_outputs",
+             config.model.num_outputs,
+             f"{spec.name} has {spec.num_classes} classes (0 = that number)")
+    for key, split in [("data.train_split", config.data.train_split),
+                       *[("eval.splits", s) for s in config.eval.splits]]:
+        _require(split in spec.splits, key, split,
+                 f"{spec.name} splits are {list(spec.splits)}")
+    size = tuple(config.data.image_size)
+    _require(len(size) == 2 and all(s > 0 and s % 16 == 0 for s in size),
+             "data.image_size", size, "need (H, W), multiples of 16")
+    lo, hi = config.data.crop_area_range
+    _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi),
+             "need 0 < low <= high <= 1")
+    _require(0 < config.data.eval_crop_fraction <= 1, "data.eval_crop_fraction",
+             config.data.eval_crop_fraction, "need 0 < f <= 1")
+    _require(config.loss.type in CLASSIFY_LOSSES, "loss.type", config.loss.type,
+             f"expected one of {CLASSIFY_LOSSES}")
+    _require(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing",
+             config.loss.label_smoothing, "need 0 <= s < 1")
+    _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+             config.optimizer.learning_rate, "must be > 0")
+    _require(config.eval.batch_size > 0 and config.eval.batch_size % num_devices == 0,
+             "eval.batch_size", config.eval.batch_size,
+             f"must be > 0 and divisible by the {num_devices} devices")
+    for key in ("every_steps", "max_examples"):
+        _require(config.eval[key] >= 0, f"eval.{key}", config.eval[key], ">= 0")
+    _validate_run(config, num_devices, num_processes,
+                  ("log_every", "checkpoint_every", "keep_checkpoints"))
 
 
 INIT_MODES = ("scratch", "encoder", "pretrained")

@@ -22,11 +22,11 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, optim, writers
+from ddep_jax import checkpointing, config_lib, handover, optim, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.evaluation import evaluator
 from ddep_jax.models.transunet import build_model
-from ddep_jax.sharding import make_mesh, state_shardings
+from ddep_jax.sharding import make_mesh, sharded_train_state, state_shardings
 from ddep_jax.train import total_steps, write_config
 
 INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
@@ -77,16 +77,9 @@ def build_finetuning(config, num_classes: int, num_steps: int, mesh, key):
                                  weight_decay=o.weight_decay,
                                  grad_clip_norm=o.grad_clip_norm)
 
-    def init(key):
-        params = model.init(key, dummy)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params)}
-
-    abstract = jax.eval_shape(init, key)
-    shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
-                                config.mesh.fsdp_min_size)
-    return (model, tx, schedule, abstract, shardings,
-            jax.jit(init, out_shardings=shardings))
+    abstract, shardings, init = sharded_train_state(
+        lambda k: model.init(k, dummy)["params"], tx, mesh, config.mesh, key)
+    return model, tx, schedule, abstract, shardings, init
 
 
 def make_finetune_step(model, tx, schedule):
@@ -173,29 +166,12 @@ def open_split(config, spec, split: str):
 
 def initial_state(config, workdir, init_fn, key, tx, abstract, state_sharding):
     """A fresh train state with the collections of `config.init` restored, and
-    its provenance written to WORKDIR/init.json."""
-    state = init_fn(key)
-    collections = INIT_COLLECTIONS[config.init.mode]
-    provenance: dict[str, Any] = {"mode": config.init.mode, "collections": []}
-    if collections:
-        restored, provenance_ckpt = checkpointing.restore_collections(
-            config.init.checkpoint, collections, abstract["params"],
-            state_sharding["params"], config.init.step)
-        provenance.update(provenance_ckpt)
-        source_init = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-            provenance_ckpt["checkpoint"]))), "init.json")
-        if os.path.exists(source_init):  # the chain of hand-overs
-            with open(source_init) as f:
-                provenance["source_init"] = json.load(f)
-        params = {**state["params"], **restored}
-        opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])
-        state = {"step": state["step"], "params": params, "opt_state": opt_init(params)}
-    provenance["new"] = sorted(set(state["params"]) - set(collections))
-    if jax.process_index() == 0:
-        writers.write_json(os.path.join(workdir, "init.json"), provenance)
-    logging.info("Initialised %s from %s.", collections or "everything",
-                 provenance.get("checkpoint", "scratch"))
-    return state
+    its provenance written to WORKDIR/init.json (`handover.initialise`)."""
+    del abstract  # the fresh state's params give the shapes
+    return handover.initialise(
+        init_fn(key), tx, state_sharding, config.init.checkpoint,
+        INIT_COLLECTIONS[config.init.mode], workdir, step=config.init.step,
+        record={"mode": config.init.mode})
 
 
 def host_local_params(params):

@@ -1,7 +1,7 @@
 """Entry point: python -m ddep_jax.main --config=configs/<stage>.py[:args] --workdir=DIR.
 
-`config.stage` picks the job: 'ddep' (stage 2, `ddep_jax.train`) or
-'finetune' (stage 3, `ddep_jax.finetune`).
+`config.stage` picks the job: 'classify' (stage 1, `ddep_jax.classify`),
+'ddep' (stage 2, `ddep_jax.train`) or 'finetune' (stage 3, `ddep_jax.finetune`).
 
 Any config value can be overridden with --config.a.b=value.
 """
@@ -35,6 +35,13 @@ def main(argv):
     stage = config.get("stage", "ddep")
     if stage == "ddep":
         result = train.train_and_evaluate(config, _WORKDIR.value)
+    elif stage == "classify":
+        from ddep_jax import classify
+
+        result = classify.classify_and_evaluate(config, _WORKDIR.value)
+        for split, report in result["eval"].items():
+            logging.info("%s top-1 %.4f (top-5 %.4f)", split, report["top1"],
+                         report["top5"])
     elif stage == "finetune":
         from ddep_jax import finetune
 
@@ -43,8 +50,9 @@ def main(argv):
             logging.info("%s mIoU %.4f (pixel accuracy %.4f)", split, report["miou"],
                          report["pixel_accuracy"])
     else:
-        raise app.UsageError(f"config.stage={stage!r} is unknown; expected 'ddep' "
-                             "(stage 2) or 'finetune' (stage 3).")
+        raise app.UsageError(f"config.stage={stage!r} is unknown; expected "
+                             "'classify' (stage 1), 'ddep' (stage 2) or 'finetune' "
+                             "(stage 3).")
     logging.info("Done: step %d, loss %.4f, workdir %s", result["step"],
                  result["loss"], _WORKDIR.value)
 

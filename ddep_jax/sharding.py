@@ -45,3 +45,30 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, mode: str,
     return jax.tree.map(
         lambda a: NamedSharding(mesh, leaf_spec(tuple(a.shape), size, mode, min_size)),
         abstract_state)
+
+
+def sharded_train_state(init_params, tx, mesh: jax.sharding.Mesh, mesh_config, key):
+    """The shape-first train state {'step', 'params', 'opt_state'} of a stage.
+
+    Args:
+      init_params: key -> params (e.g. ``lambda k: model.init(k, x)['params']``).
+      tx: the optax transformation whose state is kept.
+      mesh: the device mesh; mesh_config: `config.mesh` (param_sharding,
+        fsdp_min_size).
+      key: PRNG key (only its shape matters for the abstract state).
+
+    Returns:
+      (abstract state of ShapeDtypeStructs, NamedSharding tree, jitted
+      key -> state created directly in those shardings).
+    """
+    import jax.numpy as jnp
+
+    def init(key):
+        params = init_params(key)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init, key)
+    shardings = state_shardings(abstract, mesh, mesh_config.param_sharding,
+                                mesh_config.fsdp_min_size)
+    return abstract, shardings, jax.jit(init, out_shardings=shardings)

@@ -22,8 +22,8 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, optim, visualize, writers
-from ddep_jax.sharding import make_mesh, state_shardings
+from ddep_jax import checkpointing, config_lib, handover, optim, visualize, writers
+from ddep_jax.sharding import make_mesh, sharded_train_state
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import TransUNet, build_model
 from ddep_jax.objectives import denoising
@@ -179,16 +179,10 @@ def build_training(config, num_steps: int, mesh, key) -> Training:
                                  weight_decay=o.weight_decay,
                                  grad_clip_norm=o.grad_clip_norm)
 
-    def init(key):
-        params = model.init(key, dummy, dummy_sigma)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params)}
-
-    abstract = jax.eval_shape(init, key)
-    shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
-                                config.mesh.fsdp_min_size)
-    return Training(model, tx, schedule, abstract, shardings,
-                    jax.jit(init, out_shardings=shardings))
+    abstract, shardings, init = sharded_train_state(
+        lambda k: model.init(k, dummy, dummy_sigma)["params"], tx, mesh,
+        config.mesh, key)
+    return Training(model, tx, schedule, abstract, shardings, init)
 
 
 # ----------------------------------------------------------------------------
@@ -201,16 +195,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     `stop_after_step` ends this call early (with a checkpoint) as a killed or
     preempted run would; calling again on the same workdir continues exactly.
 
-    Writes: config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/
-    (params, optimizer state, step, data-iterator state), images/*.png.
+    Writes: config.json, init.json (where the encoder came from:
+    `config.init.checkpoint`, its step and the source run's own init.json),
+    metrics.jsonl, tensorboard/, checkpoints/<step>/ (params, optimizer
+    state, step, data-iterator state), images/*.png.
 
     Returns:
       {'step': last step run, 'loss': last logged loss, 'history': [(step,
       loss)] of this call, 'state': the final train state (sharded arrays)}.
 
     Raises:
-      ValueError: invalid config (before compiling), naming the key.
-      FileNotFoundError: dataset not prepared (names the preparation command).
+      ValueError: invalid config (before compiling), naming the key; an initial
+        encoder checkpoint that does not match the model (every mismatch).
+      FileNotFoundError: dataset not prepared (names the preparation command),
+        or no checkpoint at `config.init.checkpoint`.
       FloatingPointError: non-finite loss, naming the step; checkpoints written
         before it are kept.
     """
@@ -244,7 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, restored_step = checkpointing.restore_latest(manager, abstract,
                                                         state_sharding, data_iter)
     if state is None:
-        state = init_fn(init_key)
+        state = handover.initialise(
+            init_fn(init_key), tx, state_sharding, config.init.checkpoint,
+            ("encoder",), workdir, step=config.init.step, record={"stage": "ddep"})
 
     train_step = jax.jit(make_train_step(config, model, tx, schedule),
                          in_shardings=(state_sharding, batch_sharding, replicated),

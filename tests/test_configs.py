@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 
 from ddep_jax import config_lib, finetune
-from ddep_jax.data import seg_datasets
+from ddep_jax.data import class_datasets, seg_datasets
+from ddep_jax.models.classifier import build_classifier
 from ddep_jax.models.transunet import build_model
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -17,7 +18,10 @@ ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal"],
         "finetune_camvid.py": [None, "paper", "init=pretrained,ckpt=x,fraction=1/30"],
         "finetune_cityscapes.py": ["ckpt=x", "decoder=2,fraction=1/8,ckpt=x"],
         "finetune_ade20k.py": ["ckpt=x", "init=scratch,decoder=1,fraction=1%"],
-        "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"]}
+        "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"],
+        "classify_cifar10.py": [None, "steps=10,batch=64"],
+        "classify_imagenet21k.py": [None, "vit=L"],
+        "classify_imagenet2012.py": [None, "init=x"]}
 
 
 def _load(path):
@@ -32,6 +36,14 @@ def _load(path):
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_config_builds(path, arg):
     config = _load(path).get_config(arg)
+    h, w = config.model.encoder.image_size
+    if config.stage == "classify":
+        config_lib.validate_classify(config, num_devices=1)
+        spec = class_datasets.get_spec(config.data.name)
+        model = build_classifier(config.model, spec.num_classes)
+        params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
+        assert params["params"]["head"]["kernel"].shape[-1] == spec.num_classes
+        return
     if config.stage == "finetune":
         config_lib.validate_finetune(config, num_devices=1)
         num_classes = seg_datasets.get_spec(config.data.name).num_classes
@@ -39,7 +51,6 @@ def test_config_builds(path, arg):
     else:
         config_lib.validate(config, num_devices=1)
         model = build_model(config.model)
-    h, w = config.model.encoder.image_size
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
     assert set(params["params"]) == {"encoder", "decoder", "head"}
 
@@ -65,6 +76,10 @@ def test_camvid_stages_share_the_model():
     a, b = ddep.model.to_dict(), ft.model.to_dict()
     a.pop("num_outputs"), b.pop("num_outputs")
     assert a == b
+    # ... and stage 1 (CIFAR-10) trains the very encoder they take over.
+    cls = _load(REPO / "configs" / "classify_cifar10.py").get_config(None)
+    assert cls.model.encoder.to_dict() == ddep.model.encoder.to_dict()
+    assert cls.model.dtype == ddep.model.dtype
 
 
 def test_paper_finetune_protocols():

@@ -48,14 +48,17 @@ class RandomCropFlip:
     """Random inception crop resized to `size`, then a random horizontal flip.
 
     Input: {'image': uint8 [H, W, 3], ...}; output: {'image': uint8
-    [size_h, size_w, 3]} (other keys dropped). Resizing is PIL's bilinear.
+    [size_h, size_w, 3]} plus the keys named in `keep` (e.g. 'label'), others
+    dropped. Resizing is PIL's bilinear.
     """
 
-    def __init__(self, size, area_range, aspect_range, flip: bool):
+    def __init__(self, size, area_range, aspect_range, flip: bool,
+                 keep: tuple[str, ...] = ()):
         self.size = tuple(size)
         self.area_range = tuple(area_range)
         self.aspect_range = tuple(aspect_range)
         self.flip = flip
+        self.keep = tuple(keep)
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         image = example["image"]
@@ -68,7 +71,8 @@ class RandomCropFlip:
         out = np.asarray(crop)
         if self.flip and rng.random() < 0.5:
             out = out[:, ::-1]
-        return {"image": np.ascontiguousarray(out)}
+        return {"image": np.ascontiguousarray(out),
+                **{k: example[k] for k in self.keep}}
 
 
 def augment_seed(seed: int, process_index: int) -> int:
@@ -81,31 +85,62 @@ def augment_seed(seed: int, process_index: int) -> int:
 def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
-                       flip: bool = True, num_threads: int = 8,
+                       flip: bool = True, keep: tuple[str, ...] = (),
+                       num_threads: int = 8,
                        prefetch: int = 4) -> grain.IterDataset:
     """The training stream of this host.
 
     Args:
       source: random-access source (`__len__`, `__getitem__` -> {'image':
-        uint8 [H, W, 3]}), e.g. a TFDS data source or `EmbeddedImages`.
+        uint8 [H, W, 3]}), e.g. a TFDS data source or `EmbeddedImages`, or a
+        grain.MapDataset of such records.
       image_size: (H, W) of the crops.
       batch_size: per-host batch size.
       seed: shuffling and augmentation seed.
       process_index, process_count: this host's shard of the source.
+      keep: record keys batched along with the image (e.g. ('label',)).
 
     Returns:
-      grain.IterDataset of {'image': uint8 [batch_size, H, W, 3]}; infinite.
+      grain.IterDataset of {'image': uint8 [batch_size, H, W, 3], **keep};
+      infinite.
 
     Raises:
       ValueError: the host's shard holds fewer examples than one batch.
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if not isinstance(source, grain.MapDataset):
+        source = grain.MapDataset.source(source)
+    ds = source[process_index::process_count]
     if len(ds) < batch_size:
         raise ValueError(f"host {process_index} has {len(ds)} examples, fewer than "
                          f"its batch of {batch_size}: lower batch_size or add data.")
     ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip),
+    ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
+                                      keep),
                        seed=augment_seed(seed, process_index))
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                 prefetch_buffer_size=prefetch))
+
+
+def resize_centre_crop(image: np.ndarray, size, crop_fraction: float) -> np.ndarray:
+    """Evaluation preprocessing of classifiers (the Inception/ViT protocol):
+    resize the shorter side to round(min(size) / crop_fraction), bilinear (PIL),
+    then take the central `size` crop.
+
+    Args:
+      image: uint8 [H, W, 3].
+      size: (h, w) output.
+      crop_fraction: 0 < f <= 1 (0.875 for ImageNet; 1 resizes straight).
+
+    Returns:
+      uint8 [h, w, 3].
+    """
+    h, w = size
+    height, width = image.shape[:2]
+    scale = round(min(h, w) / crop_fraction) / min(height, width)
+    new_h, new_w = max(h, round(height * scale)), max(w, round(width * scale))
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
+                                                         Image.BILINEAR))
+    top, left = (new_h - h) // 2, (new_w - w) // 2
+    return np.ascontiguousarray(image[top:top + h, left:left + w])

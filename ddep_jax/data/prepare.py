@@ -30,6 +30,7 @@ from ddep_jax.data.tfds_sources import default_data_dir
 
 DATASETS = {
     "camvid": builders.camvid.Camvid,
+    "cifar10_jpeg": builders.cifar10_jpeg.Cifar10Jpeg,
     "imagenet21k": builders.imagenet21k.Imagenet21k,
     "cityscapes_seg": builders.cityscapes.CityscapesSeg,
     "ade20k": builders.ade20k.Ade20k,

@@ -71,18 +71,19 @@ class TransUNet(nn.Module):
         return self.decode(self.encode(images, train=train), noise_level, train=train)
 
 
+def encoder_kwargs(encoder_config) -> dict[str, Any]:
+    """`HybridViT` keyword arguments from a `config.model.encoder` ConfigDict
+    (shared by every stage's model, so their encoders are the same module)."""
+    enc = encoder_config
+    return dict(vit_size=enc.vit_size, resnet_layers=tuple(enc.resnet_layers),
+                resnet_width=enc.resnet_width, image_size=tuple(enc.image_size),
+                num_groups=enc.num_groups, dropout_rate=enc.dropout_rate)
+
+
 def build_model(model_config) -> TransUNet:
     """Builds the TransUNet named by a `config.model` ConfigDict."""
-    enc = model_config.encoder
     return TransUNet(
-        encoder_kwargs=dict(
-            vit_size=enc.vit_size,
-            resnet_layers=tuple(enc.resnet_layers),
-            resnet_width=enc.resnet_width,
-            image_size=tuple(enc.image_size),
-            num_groups=enc.num_groups,
-            dropout_rate=enc.dropout_rate,
-        ),
+        encoder_kwargs=encoder_kwargs(model_config.encoder),
         decoder_multiplier=model_config.decoder_multiplier,
         decoder_widths=(tuple(model_config.decoder_widths)
                         if model_config.decoder_widths else None),

@@ -3,6 +3,8 @@
 Registered TFDS names:
 
 * ``camvid`` (:mod:`ddep_jax.data.builders.camvid`);
+* ``cifar10_jpeg`` (:mod:`ddep_jax.data.builders.cifar10_jpeg`; TFDS's own
+  ``cifar10`` downloads the binary release);
 * ``imagenet21k`` (:mod:`ddep_jax.data.builders.imagenet21k`);
 * ``cityscapes_seg`` (:mod:`ddep_jax.data.builders.cityscapes`; TFDS's own
   ``cityscapes`` builder needs TensorFlow);
@@ -17,6 +19,7 @@ shared folder/zip/tar reading and image validation helpers.
 
 from ddep_jax.data.builders import ade20k
 from ddep_jax.data.builders import camvid
+from ddep_jax.data.builders import cifar10_jpeg
 from ddep_jax.data.builders import cityscapes
 from ddep_jax.data.builders import imagenet21k
 from ddep_jax.data.builders import manual_files
@@ -25,6 +28,7 @@ from ddep_jax.data.builders import pascal_context
 __all__ = [
     "ade20k",
     "camvid",
+    "cifar10_jpeg",
     "cityscapes",
     "imagenet21k",
     "manual_files",

@@ -1,0 +1,51 @@
+"""Stage 1 on CIFAR-10: the CamVid CPU encoder trained as a 10-class classifier.
+
+Prepare CIFAR-10 once (reads ../shared/data/cifar10's tar.gz archives):
+  python -m ddep_jax.data.prepare --dataset=cifar10_jpeg --manual_dir=../shared/data/cifar10
+then:
+  python -m ddep_jax.main --config=configs/classify_cifar10.py --workdir=workdirs/cifar10
+
+Arguments (comma-separated k=v):
+  epochs  passes over the 50,000 training images (default 6)
+  steps   training steps; > 0 overrides epochs
+  batch   batch size (default 128)
+  seed    init and data-order seed
+
+The encoder equals configs/ddep_camvid.py's and configs/finetune_camvid.py's
+(R(1,1,1) hybrid, root width 64, ViT-nano; position embedding learned for
+96x96 inputs, i.e. a 6x6 token grid), so this run's checkpoint is their
+initial encoder. CIFAR-10 images are trained at their own 32x32 (a 2x2 token
+grid: the model resamples the 6x6 embedding bilinearly, the same function
+that serves any other input size), so the hand-over needs no reshaping.
+Evaluation: top-1 accuracy on the 10,000 test images at 32x32.
+"""
+
+from ddep_jax.config_lib import classify_config, cpu_camvid_model, parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, epochs=6.0, steps=0, batch=128, seed=0)
+    c = classify_config()
+    c.seed = arg.seed
+    cpu_camvid_model(c.model)
+    c.data.name = "cifar10"
+    c.data.image_size = (32, 32)
+    c.data.crop_area_range = (0.35, 1.0)  # milder than ImageNet's 0.08 on 32x32
+    c.data.eval_crop_fraction = 1.0  # test images are used at 32x32 as they are
+    c.data.num_threads = 2
+    c.loss.type = "softmax"
+    c.loss.label_smoothing = 0.1
+    c.eval.splits = ("test",)
+    c.eval.every_steps = 500
+    c.eval.max_examples = 2000
+    c.eval.batch_size = 500
+    c.batch_size = arg.batch
+    c.num_epochs = arg.epochs
+    c.total_steps = arg.steps
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 200
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.grad_clip_norm = 1.0
+    c.log_every = 50
+    c.checkpoint_every = 500
+    return c
