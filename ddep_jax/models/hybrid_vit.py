@@ -1,4 +1,5 @@
-"""Hybrid-ViT encoder (ResNet stem + ViT), as in the public R50+ViT-B/16.
+"""Hybrid-ViT encoder (ResNet stem + ViT), as in the public R50+ViT-B/16; with
+`resnet_layers=()` the plain ViT-X/16 (16x16 patches on the pixels, no skips).
 
 Source: Dosovitskiy et al. 2021 (ViT, "hybrid" models); TransUNet (Chen et al.
 2021) uses this encoder and takes skip features from its CNN stages; DDeP
@@ -12,7 +13,7 @@ map onto this module by renaming keys only:
     gn_root/{scale,bias}        [W]                   (upstream: [1, 1, 1, W])
     block{s}/unit{u}/conv{1,2,3}/kernel, gn{1,2,3}/{scale,bias}
     block{s}/unit1/conv_proj/kernel, gn_proj/{scale,bias}
-    embedding/{kernel,bias}     [P, P, 16W, D], [D]
+    embedding/{kernel,bias}     [P, P, 16W, D], [D]    (plain ViT: [16P, 16P, 3, D])
     Transformer/posembed_input/pos_embedding   [1, h*w, D]  (no class token)
     Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0
         ({query,key,value}/kernel [D, heads, D/heads], out/kernel
@@ -20,8 +21,8 @@ map onto this module by renaming keys only:
     Transformer/encoder_norm/{scale,bias}
 
 The pre-Linen checkpoints name the block children LayerNorm_0,
-MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; the importer renames
-those.
+MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; the importer
+(`ddep_jax.vit_import`) renames those.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ class EncoderFeatures:
     """What the encoder hands to the decoder.
 
     tokens: [B, H/16, W/16, D] ViT output reshaped to its grid.
-    skips: features at 1/2 (root, W channels), 1/4 (4W), 1/8 (8W), finest first.
+    skips: features at 1/2 (root, W channels), 1/4 (4W), 1/8 (8W), finest first;
+      () for the plain ViT (the decoder then upsamples without skips).
     """
 
     tokens: jax.Array
@@ -247,14 +249,23 @@ class HybridViT(nn.Module):
       vit_size: key of `VIT_SIZES` ('B' for the paper's R50+ViT-B/16).
       resnet_layers: bottleneck units per stage; (3, 4, 9) is the public R50
         hybrid (3 stages: outputs 4W, 8W, 16W channels at 1/4, 1/8, 1/16).
-      resnet_width: W, channels of the root conv (64 upstream).
+        () means no ResNet at all: the plain ViT-X/16, whose `embedding` is a
+        16x16 stride-16 patch conv on the image and whose `skips` are ().
+        (Upstream's `resnet.num_layers=()`, as in R+ViT-Ti/16, instead keeps
+        the root conv; that model is not supported here.)
+      resnet_width: W, channels of the root conv (64 upstream); unused when
+        `resnet_layers=()`.
       image_size: (H, W) pixels the position embedding is learned for; other
         input sizes are served by bilinear resampling of the embedding.
       num_groups: GroupNorm groups (32 upstream).
-      patch_size: patch size on the 1/16 map (1 for the hybrid).
+      patch_size: patch size on the 1/16 map (1 for the hybrid); the plain
+        ViT's patches are 16 * patch_size pixels.
 
     Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 ->
       `EncoderFeatures`.
+
+    Raises:
+      ValueError: `resnet_layers` has neither 3 stages nor none.
     """
 
     vit_size: str = "B"
@@ -269,27 +280,34 @@ class HybridViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
-        if len(self.resnet_layers) != 3:
+        layers = tuple(self.resnet_layers)
+        if layers and len(layers) != 3:
             raise ValueError(
-                f"resnet_layers={tuple(self.resnet_layers)}: the hybrid encoder "
-                "needs exactly 3 ResNet stages (skips at 1/4, 1/8, tokens at 1/16).")
+                f"resnet_layers={layers}: the hybrid encoder needs exactly 3 ResNet "
+                "stages (skips at 1/2, 1/4, 1/8, tokens at 1/16), or () for a "
+                "plain ViT/16 (patch embedding on the pixels, no skips).")
         size = VIT_SIZES[self.vit_size]
-        width = self.resnet_width
-        x = images.astype(self.dtype)
-        x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
-                    name="conv_root")(x)
-        x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype,
-                                 name="gn_root")(x))
-        skips = [x]  # 1/2
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-        for s, num_units in enumerate(self.resnet_layers):
-            x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1,
-                            self.num_groups, self.dtype, name=f"block{s + 1}")(x)
-            if s < len(self.resnet_layers) - 1:
-                skips.append(x)  # 1/4, 1/8
         p = self.patch_size
-        x = nn.Conv(size["hidden_size"], (p, p), (p, p), padding="VALID",
-                    dtype=self.dtype, name="embedding")(x)
+        x = images.astype(self.dtype)
+        skips = []
+        if layers:
+            width = self.resnet_width
+            x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
+                        name="conv_root")(x)
+            x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype,
+                                     name="gn_root")(x))
+            skips.append(x)  # 1/2
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            for s, num_units in enumerate(layers):
+                x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1,
+                                self.num_groups, self.dtype, name=f"block{s + 1}")(x)
+                if s < len(layers) - 1:
+                    skips.append(x)  # 1/4, 1/8
+            patch = p
+        else:
+            patch = 16 * p
+        x = nn.Conv(size["hidden_size"], (patch, patch), (patch, patch),
+                    padding="VALID", dtype=self.dtype, name="embedding")(x)
         b, h, w, d = x.shape
         stem_stride = 16 * p
         pos_grid = (self.image_size[0] // stem_stride,
