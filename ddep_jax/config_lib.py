@@ -162,8 +162,8 @@ def _validate_model(m) -> None:
     size = tuple(m.encoder.image_size)
     _require(len(size) == 2 and all(s > 0 and s % 16 == 0 for s in size),
              "model.encoder.image_size", size, "need (H, W), multiples of 16")
-    _require(len(m.encoder.resnet_layers) == 3, "model.encoder.resnet_layers",
-             m.encoder.resnet_layers, "need 3 stages")
+    _require(len(m.encoder.resnet_layers) in (0, 3), "model.encoder.resnet_layers",
+             m.encoder.resnet_layers, "need 3 stages (hybrid) or () (plain ViT/16)")
     from ddep_jax.models.hybrid_vit import VIT_SIZES
     _require(m.encoder.vit_size in VIT_SIZES, "model.encoder.vit_size",
              m.encoder.vit_size, f"expected one of {sorted(VIT_SIZES)}")

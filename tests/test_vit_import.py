@@ -439,6 +439,20 @@ def test_convert_writes_a_checkpoint_restore_collections_reads(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(restored["encoder"]), want)
     assert provenance["num_params"] == report["num_params"]
 
+    # The stage hand-over reads the converted folder and the raw .npz alike,
+    # and records where the encoder came from.
+    from ddep_jax import handover
+
+    for source in (str(out), str(npz)):
+        got, record = handover.load_collections(source, ["encoder"],
+                                                abstract["params"], shardings)
+        chex.assert_trees_all_equal(jax.device_get(got["encoder"]), want)
+        assert record["num_params"] == report["num_params"]
+    assert record["source_init"]["npz_import"]["naming"] == "pre-linen"
+    with pytest.raises(ValueError, match="holds an encoder only"):
+        handover.load_collections(str(npz), ["encoder", "decoder"],
+                                  abstract["params"], shardings)
+
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
         vit_import.convert(str(npz), cfg, str(out))
     assert sorted(p.name for p in out.iterdir()) == ["init.json", "state"]

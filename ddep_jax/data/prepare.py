@@ -32,11 +32,14 @@ DATASETS = {
     "camvid": builders.camvid.Camvid,
     "cifar10_jpeg": builders.cifar10_jpeg.Cifar10Jpeg,
     "imagenet21k": builders.imagenet21k.Imagenet21k,
+    # TFDS's own builder (ILSVRC-2012); it reads the tars with tf.io.gfile, so
+    # building it needs TensorFlow: pip install -e '.[prepare]'.
+    "imagenet2012": None,
     "cityscapes_seg": builders.cityscapes.CityscapesSeg,
     "ade20k": builders.ade20k.Ade20k,
     "pascal_context": builders.pascal_context.PascalContext,
 }
-"""Datasets this CLI prepares: TFDS name -> builder class."""
+"""Datasets this CLI prepares: TFDS name -> builder class (None: TFDS's own)."""
 
 
 def prepare(
@@ -47,7 +50,8 @@ def prepare(
     """Builds ``dataset`` from ``manual_dir`` into ``data_dir`` (array_record).
 
     Args:
-      dataset: one of ``DATASETS`` (``'camvid'``, ``'imagenet21k'``).
+      dataset: one of ``DATASETS`` (``'camvid'``, ``'cifar10_jpeg'``,
+        ``'imagenet21k'``, ...).
       manual_dir: directory with the manually downloaded files (layouts in each
         builder's ``MANUAL_DOWNLOAD_INSTRUCTIONS`` and docs/DATASETS.md).
       data_dir: TFDS data directory; ``None`` means ``$TFDS_DATA_DIR`` or
@@ -73,7 +77,8 @@ def prepare(
         raise FileNotFoundError(
             f"--manual_dir={manual_dir!r} {problem}. {dataset} must be "
             "downloaded manually:\n"
-            + textwrap.dedent(DATASETS[dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
+            + textwrap.dedent((DATASETS[dataset] or tfds.builder_cls(dataset))
+                              .MANUAL_DOWNLOAD_INSTRUCTIONS)
         )
     data_dir = os.path.abspath(
         os.path.expanduser(
