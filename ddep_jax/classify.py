@@ -273,7 +273,8 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             init_fn(init_key), tx, state_sharding, config.init.checkpoint,
             ("encoder",), workdir, step=config.init.step,
             record={"stage": "classify", "dataset": spec.name,
-                    "num_classes": num_classes})
+                    "num_classes": num_classes},
+            pos_grid=handover.token_grid(config.model))
 
     train_step = jax.jit(
         make_train_step(model, tx, schedule, config.loss.type,

@@ -171,7 +171,7 @@ def initial_state(config, workdir, init_fn, key, tx, abstract, state_sharding):
     return handover.initialise(
         init_fn(key), tx, state_sharding, config.init.checkpoint,
         INIT_COLLECTIONS[config.init.mode], workdir, step=config.init.step,
-        record={"mode": config.init.mode})
+        record={"mode": config.init.mode}, pos_grid=handover.token_grid(config.model))
 
 
 def host_local_params(params):

@@ -27,6 +27,12 @@ from absl import logging
 from ddep_jax import checkpointing, writers
 
 
+def token_grid(model_config) -> tuple[int, int]:
+    """The token grid (h, w) the encoder's position embedding is learned for."""
+    h, w = model_config.encoder.image_size
+    return h // 16, w // 16
+
+
 def source_record(state_dir: str) -> dict | None:
     """The init.json of the run that wrote the Orbax state `state_dir`: the
     workdir's (``<workdir>/checkpoints/<step>/state``) or, for a converted
@@ -44,7 +50,8 @@ def source_record(state_dir: str) -> dict | None:
 
 
 def load_collections(path: str, collections: Sequence[str], abstract_params: dict,
-                     param_shardings: dict, step: int = -1) -> tuple[dict, dict]:
+                     param_shardings: dict, step: int = -1, *,
+                     pos_grid: tuple[int, int] | None = None) -> tuple[dict, dict]:
     """Reads `collections` of the model's params from `path`, exactly.
 
     Args:
@@ -55,6 +62,8 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
       abstract_params: the model's params (ShapeDtypeStruct leaves).
       param_shardings: matching NamedSharding leaves.
       step: which checkpoint of a workdir; -1 = the latest.
+      pos_grid: (h, w) token grid of the model's position embedding
+        (image_size // 16), for resampling an .npz's; None = square.
 
     Returns:
       ({collection: params placed in `param_shardings`}, provenance dict:
@@ -75,7 +84,7 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
 
         flat = vit_import.load_npz(path)
         encoder, report = vit_import.npz_to_encoder_params(
-            flat, abstract_params["encoder"], source=path)
+            flat, abstract_params["encoder"], source=path, target_grid=pos_grid)
         params = {"encoder": jax.device_put(encoder, param_shardings["encoder"])}
         leaves = jax.tree.leaves(params)
         return params, {"checkpoint": os.path.abspath(path), "step": -1,
@@ -92,7 +101,8 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
 
 def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
                collections: Sequence[str], workdir: str, *, step: int = -1,
-               record: dict[str, Any] | None = None) -> dict:
+               record: dict[str, Any] | None = None,
+               pos_grid: tuple[int, int] | None = None) -> dict:
     """A fresh train state with `collections` taken from `checkpoint`, and
     WORKDIR/init.json written (on process 0).
 
@@ -104,6 +114,7 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
       checkpoint: see `load_collections`; '' or no `collections` keeps
         `state` (init.json then says the weights are new).
       record: extra entries for init.json (e.g. the stage-3 init mode).
+      pos_grid: see `load_collections`.
 
     Returns:
       The state (the same object when nothing is restored).
@@ -113,7 +124,8 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
         restored, found = load_collections(checkpoint, collections, abstract,
-                                           state_sharding["params"], step)
+                                           state_sharding["params"], step,
+                                           pos_grid=pos_grid)
         provenance.update(found)
         params = {**state["params"], **restored}
         opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])

@@ -244,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if state is None:
         state = handover.initialise(
             init_fn(init_key), tx, state_sharding, config.init.checkpoint,
-            ("encoder",), workdir, step=config.init.step, record={"stage": "ddep"})
+            ("encoder",), workdir, step=config.init.step, record={"stage": "ddep"},
+            pos_grid=handover.token_grid(config.model))
 
     train_step = jax.jit(make_train_step(config, model, tx, schedule),
                          in_shardings=(state_sharding, batch_sharding, replicated),
