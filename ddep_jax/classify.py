@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, optim, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.models.classifier import build_classifier
 from ddep_jax.sharding import make_mesh, sharded_train_state
@@ -292,8 +292,9 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("Classifier pretraining on %s (%d %s images, %d classes), steps "
                  "%d..%d of %d.", spec.name, len(records), config.data.train_split,
                  num_classes, start + 1, last_step, num_steps)
-    history, pending = [], []
-    t0, s0 = time.perf_counter(), start
+    log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
+        f"loss {m['loss']:.4f} | train acc {m['accuracy']:.3f} | "
+        f"lr {m['learning_rate']:.3g}"))
 
     def run_eval(split, step, max_examples=0):
         report = evaluate(config, spec, num_classes, eval_step, state["params"],
@@ -310,42 +311,22 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      report["num_examples"], report["seconds"])
         return report
 
-    def flush_pending():
-        fetched = jax.device_get(pending)
-        pending.clear()
-        for s, m in fetched:
-            if not np.isfinite(m["loss"]):
-                manager.wait_until_finished()
-                raise FloatingPointError(
-                    f"non-finite loss ({m['loss']}) at step {s}; the last good "
-                    f"checkpoint is step {manager.latest_step()} in "
-                    f"{manager.directory}.")
-        return fetched
-
     for step in range(start + 1, last_step + 1):
         batch = next(data_iter)
         images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
         labels = jax.make_array_from_process_local_data(
             batch_sharding, np.asarray(batch["label"], np.int32))
         state, metrics = train_step(state, images, labels, train_key)
-        pending.append((step, metrics))
+        log.add(step, metrics)
         if step % config.log_every == 0 or step == last_step:
-            fetched = flush_pending()
-            s, m = fetched[-1]
-            history.extend((si, float(mi["loss"])) for si, mi in fetched)
-            rate = (step - s0) / (time.perf_counter() - t0)
-            writer.write_scalars(s, {**m, "steps_per_sec": rate})
-            logging.info("step %d/%d | loss %.4f | train acc %.3f | lr %.3g | "
-                         "%.2f steps/s", step, num_steps, m["loss"], m["accuracy"],
-                         m["learning_rate"], rate)
-            t0, s0 = time.perf_counter(), step
+            log.log(step)
         if step % config.checkpoint_every == 0 or step == last_step:
-            flush_pending()
+            log.flush()
             checkpointing.save(manager, step, state, data_iter)
         if (config.eval.every_steps and step % config.eval.every_steps == 0
                 and step != num_steps):
             run_eval(config.eval.splits[0], step, config.eval.max_examples)
-            t0, s0 = time.perf_counter(), step
+            log.restart_clock(step)
 
     manager.wait_until_finished()
     manager.close()
@@ -354,5 +335,5 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for split in config.eval.splits:
             reports[split] = run_eval(split, num_steps)
     writer.close()
-    return {"step": last_step, "loss": history[-1][1] if history else float("nan"),
-            "history": history, "state": state, "eval": reports}
+    return {"step": last_step, "loss": log.last_loss, "history": log.history,
+            "state": state, "eval": reports}

@@ -171,6 +171,17 @@ def _validate_model(m) -> None:
              "float32 or bfloat16")
 
 
+def _validate_classes_and_splits(config, spec, splits) -> None:
+    """`model.num_outputs` is 0 or the dataset's class count, and every
+    (config key, split) of `splits` names one of the dataset's splits."""
+    _require(config.model.num_outputs in (0, spec.num_classes), "model.num_outputs",
+             config.model.num_outputs,
+             f"{spec.name} has {spec.num_classes} classes (0 = that number)")
+    for key, split in splits:
+        _require(split in spec.splits, key, split,
+                 f"{spec.name} splits are {sorted(spec.splits)}")
+
+
 def _validate_run(config, num_devices: int, num_processes: int,
                   periodic: tuple[str, ...]) -> None:
     """Checks shared by the stages: batch, steps, optimizer, mesh, periods."""
@@ -321,14 +332,10 @@ def validate_classify(config, num_devices: int, num_processes: int = 1) -> None:
 
     _require(config.data.name in class_datasets.names(), "data.name",
              config.data.name, f"expected one of {class_datasets.names()}")
-    spec = class_datasets.get_spec(config.data.name)
-    _require(config.model.num_outputs in (0, spec.num_classes), "model.num_outputs",
-             config.model.num_outputs,
-             f"{spec.name} has {spec.num_classes} classes (0 = that number)")
-    for key, split in [("data.train_split", config.data.train_split),
-                       *[("eval.splits", s) for s in config.eval.splits]]:
-        _require(split in spec.splits, key, split,
-                 f"{spec.name} splits are {list(spec.splits)}")
+    _validate_classes_and_splits(
+        config, class_datasets.get_spec(config.data.name),
+        [("data.train_split", config.data.train_split),
+         *[("eval.splits", s) for s in config.eval.splits]])
     size = tuple(config.data.image_size)
     _require(len(size) == 2 and all(s > 0 and s % 16 == 0 for s in size),
              "data.image_size", size, "need (H, W), multiples of 16")
@@ -466,15 +473,11 @@ def validate_finetune(config, num_devices: int, num_processes: int = 1) -> None:
 
     _require(config.data.name in seg_datasets.names(), "data.name", config.data.name,
              f"expected one of {seg_datasets.names()}")
-    spec = seg_datasets.get_spec(config.data.name)
-    _require(config.model.num_outputs in (0, spec.num_classes), "model.num_outputs",
-             config.model.num_outputs,
-             f"{spec.name} has {spec.num_classes} classes (0 = that number)")
-    for key, split in [("data.train_split", config.data.train_split),
-                       ("eval.split", config.eval.split),
-                       *[("eval.final_splits", s) for s in config.eval.final_splits]]:
-        _require(split in spec.splits, key, split,
-                 f"{spec.name} splits are {sorted(spec.splits)}")
+    _validate_classes_and_splits(
+        config, seg_datasets.get_spec(config.data.name),
+        [("data.train_split", config.data.train_split),
+         ("eval.split", config.eval.split),
+         *[("eval.final_splits", s) for s in config.eval.final_splits]])
     try:
         label_fractions.parse_amount(config.data.label_fraction)
     except ValueError as e:

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, optim, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.evaluation import evaluator
 from ddep_jax.models.transunet import build_model
@@ -280,43 +280,24 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = writers.MetricWriter(workdir)
     eval_dir = os.path.join(workdir, "eval")
     start = int(jax.device_get(state["step"]))
-    history, pending = [], []
-    t0, s0 = time.perf_counter(), start
     last_step = min(num_steps, stop_after_step or num_steps)
     logging.info("Fine-tuning %s on %d labelled %s images (%s), steps %d..%d of %d.",
                  spec.name, len(train_source), config.data.train_split,
                  config.data.label_fraction, start + 1, last_step, num_steps)
-
-    def flush_pending():
-        fetched = jax.device_get(pending)
-        pending.clear()
-        for s, m in fetched:
-            if not np.isfinite(m["loss"]):
-                manager.wait_until_finished()
-                raise FloatingPointError(
-                    f"non-finite loss ({m['loss']}) at step {s}; the last good "
-                    f"checkpoint is step {manager.latest_step()} in "
-                    f"{manager.directory}.")
-        return fetched
+    log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
+        f"loss {m['loss']:.4f} | pixel acc {m['pixel_accuracy']:.3f} | "
+        f"lr {m['learning_rate']:.3g}"))
 
     for step in range(start + 1, last_step + 1):
         batch = next(data_iter)
         images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
         labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
         state, metrics = train_step(state, images, labels, train_key)
-        pending.append((step, metrics))
+        log.add(step, metrics)
         if step % config.log_every == 0 or step == last_step:
-            fetched = flush_pending()
-            s, m = fetched[-1]
-            history.extend((si, float(mi["loss"])) for si, mi in fetched)
-            rate = (step - s0) / (time.perf_counter() - t0)
-            writer.write_scalars(s, {**m, "steps_per_sec": rate})
-            logging.info("step %d/%d | loss %.4f | pixel acc %.3f | lr %.3g | "
-                         "%.2f steps/s", step, num_steps, m["loss"],
-                         m["pixel_accuracy"], m["learning_rate"], rate)
-            t0, s0 = time.perf_counter(), step
+            log.log(step)
         if step % config.checkpoint_every == 0 or step == last_step:
-            flush_pending()
+            log.flush()
             checkpointing.save(manager, step, state, data_iter)
         if (config.eval.every_steps and step % config.eval.every_steps == 0
                 and step != num_steps):
@@ -326,7 +307,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             writer.write_scalars(step, {f"{config.eval.split}/miou": report["miou"],
                                         f"{config.eval.split}/pixel_accuracy":
                                             report["pixel_accuracy"]})
-            t0, s0 = time.perf_counter(), step
+            log.restart_clock(step)
 
     manager.wait_until_finished()
     manager.close()
@@ -341,8 +322,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 num_visualize=config.eval.num_visualize)
             writer.write_scalars(num_steps, {f"{split}/miou": reports[split]["miou"]})
     writer.close()
-    return {"step": last_step, "loss": history[-1][1] if history else float("nan"),
-            "history": history, "state": state, "eval": reports}
+    return {"step": last_step, "loss": log.last_loss, "history": log.history,
+            "state": state, "eval": reports}
 
 
 def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, optim, visualize, writers
+from ddep_jax import (checkpointing, config_lib, handover, loop, optim, visualize,
+                      writers)
 from ddep_jax.sharding import make_mesh, sharded_train_state
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import TransUNet, build_model
@@ -239,8 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     data_iter = iter(dataset)
 
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    state, restored_step = checkpointing.restore_latest(manager, abstract,
-                                                        state_sharding, data_iter)
+    state, _ = checkpointing.restore_latest(manager, abstract, state_sharding,
+                                            data_iter)
     if state is None:
         state = handover.initialise(
             init_fn(init_key), tx, state_sharding, config.init.checkpoint,
@@ -254,43 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     denoise = jax.jit(make_denoise_fn(config, model))
     writer = writers.MetricWriter(workdir)
     start = int(jax.device_get(state["step"]))
-    history, pending = [], []
-    last_good_save = restored_step
-    t0, s0 = time.perf_counter(), start
-
-    def flush_pending():
-        """Fetches queued metrics; raises on the first non-finite loss."""
-        fetched = jax.device_get([(s, m) for s, m in pending])
-        pending.clear()
-        for s, m in fetched:
-            if not np.isfinite(m["loss"]):
-                manager.wait_until_finished()
-                raise FloatingPointError(
-                    f"non-finite loss ({m['loss']}) at step {s}: stopping. The last "
-                    f"good checkpoint is step {last_good_save} in "
-                    f"{manager.directory} (resume from it, e.g. with a lower "
-                    f"optimizer.learning_rate or optimizer.grad_clip_norm).")
-        return fetched
-
     last_step = min(num_steps, stop_after_step or num_steps)
+    log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
+        f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}"))
     for step in range(start + 1, last_step + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = next(data_iter)["image"]
             images = jax.make_array_from_process_local_data(batch_sharding, batch)
             state, metrics = train_step(state, images, train_key)
-        pending.append((step, metrics))
-
+        log.add(step, metrics)
         if step % config.log_every == 0 or step == last_step:
-            fetched = flush_pending()
-            s, m = fetched[-1]
-            history.extend((si, float(mi["loss"])) for si, mi in fetched)
-            rate = (step - s0) / (time.perf_counter() - t0)
-            writer.write_scalars(s, {**m, "steps_per_sec": rate})
-            eta = (num_steps - step) / max(rate, 1e-9)
-            logging.info("step %d/%d | loss %.4f | lr %.3g | %.2f steps/s | ETA %s",
-                         step, num_steps, m["loss"], m["learning_rate"], rate,
-                         time.strftime("%H:%M:%S", time.gmtime(eta)))
-            t0, s0 = time.perf_counter(), step
+            log.log(step)
 
         if is_main and (step % config.image_grid_every == 0 or step == num_steps):
             n = min(config.image_grid_size, images.shape[0])
@@ -302,16 +274,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 [clean, noisy, denoised])
 
         if step % config.checkpoint_every == 0 or step == last_step:
-            flush_pending()  # never save parameters that produced a NaN
+            log.flush()  # never save parameters that produced a NaN
             checkpointing.save(manager, step, state, data_iter)
-            last_good_save = step
 
     manager.wait_until_finished()
     manager.close()
     writer.close()
-    final_loss = history[-1][1] if history else float("nan")
     if is_main:
         with open(os.path.join(workdir, "loss_history.json"), "w") as f:
-            json.dump(history, f)
-    return {"step": last_step, "loss": final_loss, "history": history,
+            json.dump(log.history, f)
+    return {"step": last_step, "loss": log.last_loss, "history": log.history,
             "state": state}

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
-from scipy.special import erf
 
 from ddep_jax import checkpointing, vit_import
 from ddep_jax.models import hybrid_vit
@@ -179,7 +178,9 @@ def np_layer_norm(x, scale, bias, eps=1e-6):
 
 
 def np_gelu(x):
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    """The tanh approximation upstream's `nn.gelu` computes (Hendrycks &
+    Gimpel 2016, Eq. in Sec. 2)."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def np_attention(x, p):

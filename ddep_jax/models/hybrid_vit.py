@@ -139,7 +139,9 @@ class MlpBlock(nn.Module):
             f, dtype=self.dtype, name=name,
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6))
-        y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)
+        # tanh-approximated GELU, as upstream (flax `nn.gelu`'s default), so
+        # that imported checkpoints compute what they were trained with.
+        y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = dense(out_dim, "Dense_1")(y)
         return nn.Dropout(self.dropout_rate, deterministic=not train)(y)

@@ -1,0 +1,85 @@
+"""The bookkeeping all three trainers share around their jitted step.
+
+`MetricLog` queues each step's metrics as device arrays (no host sync per
+step), fetches them in one transfer when asked, stops the run on a non-finite
+loss (naming the step and the last checkpoint saved before it), keeps the
+(step, loss) history, and writes the scalars plus steps/s and a progress line
+with the ETA every time it logs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricLog:
+    """Metrics of a training loop between step `start` and `num_steps`.
+
+    Args:
+      writer: a `writers.MetricWriter`.
+      manager: the run's Orbax CheckpointManager (for the NaN message).
+      start: the step the loop resumes after (0 for a new run).
+      num_steps: the run's last step (for the ETA).
+      describe: metrics dict (host values) -> the stage's part of the log
+        line, e.g. 'loss 0.6123 | lr 0.001'.
+    """
+
+    def __init__(self, writer, manager, start: int, num_steps: int,
+                 describe: Callable[[dict], str]):
+        self.writer, self.manager, self.num_steps = writer, manager, num_steps
+        self.describe = describe
+        self.history: list[tuple[int, float]] = []
+        self._pending: list[tuple[int, dict]] = []
+        self.restart_clock(start)
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Queues one step's metrics (device arrays; nothing is fetched)."""
+        self._pending.append((step, metrics))
+
+    def flush(self) -> list[tuple[int, dict]]:
+        """Fetches the queued metrics and extends the history.
+
+        Raises:
+          FloatingPointError: a non-finite loss, naming its step and the last
+            checkpoint (saved before it, since `flush` runs before each save).
+        """
+        fetched = jax.device_get(self._pending)
+        self._pending.clear()
+        for step, m in fetched:
+            if not np.isfinite(m["loss"]):
+                self.manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"non-finite loss ({m['loss']}) at step {step}: stopping. The "
+                    f"last good checkpoint is step {self.manager.latest_step()} in "
+                    f"{self.manager.directory} (resume from it, e.g. with a lower "
+                    "optimizer.learning_rate or optimizer.grad_clip_norm).")
+        self.history.extend((s, float(m["loss"])) for s, m in fetched)
+        return fetched
+
+    def log(self, step: int) -> dict:
+        """Flushes, writes the newest metrics with steps/s, logs a progress
+        line, and returns those metrics."""
+        fetched = self.flush()
+        if not fetched:
+            return {}
+        s, m = fetched[-1]
+        rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
+        self.writer.write_scalars(s, {**m, "steps_per_sec": rate})
+        eta = (self.num_steps - step) / max(rate, 1e-9)
+        logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, self.num_steps,
+                     self.describe(m), rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        self.restart_clock(step)
+        return m
+
+    def restart_clock(self, step: int) -> None:
+        """Starts timing steps/s afresh (after an evaluation, say)."""
+        self._t0, self._s0 = time.perf_counter(), step
+
+    @property
+    def last_loss(self) -> float:
+        return self.history[-1][1] if self.history else float("nan")
