@@ -8,7 +8,21 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests build the same tiny models, and every train_and_evaluate call
+# re-jits its init and step: XLA's persistent compilation cache (in a fresh
+# temporary folder, removed at exit) turns the repeats into
+# cache hits; a tiny TransUNet's init alone takes ~30 s to compile on 2 cores.
+_XLA_CACHE = tempfile.mkdtemp(prefix="ddep_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
