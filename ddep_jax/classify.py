@@ -24,11 +24,11 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, writers
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.models.classifier import build_classifier
-from ddep_jax.sharding import make_mesh, sharded_train_state
-from ddep_jax.train import to_float_images, total_steps, write_config
+from ddep_jax.sharding import sharded_train_state
+from ddep_jax.train import to_float_images
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array, loss_type: str,
@@ -204,17 +204,9 @@ def build_classification(config, num_classes: int, num_steps: int, mesh, key):
     """Model, optimizer (everything trained) and the sharded train state.
     Returns (model, tx, schedule, abstract_state, state_sharding, jitted init)."""
     model = build_classifier(config.model, num_classes, config.model.head_bias_init)
-    schedule = optim.make_schedule(config.optimizer.learning_rate, num_steps,
-                                   config.optimizer.warmup_steps)
     h, w = config.model.encoder.image_size
-    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
-    params = jax.eval_shape(model.init, key, dummy)["params"]
-    o = config.optimizer
-    tx, _ = optim.make_optimizer(params, (), schedule, b1=o.b1, b2=o.b2,
-                                 weight_decay=o.weight_decay,
-                                 grad_clip_norm=o.grad_clip_norm)
-    abstract, shardings, init = sharded_train_state(
-        lambda k: model.init(k, dummy)["params"], tx, mesh, config.mesh, key)
+    tx, schedule, abstract, shardings, init = sharded_train_state(
+        model, (jnp.zeros((1, h, w, 3), jnp.float32),), config, num_steps, mesh, key)
     return model, tx, schedule, abstract, shardings, init
 
 
@@ -236,17 +228,12 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         initial checkpoint.
       FloatingPointError: non-finite loss (naming the step).
     """
-    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
-    config_lib.validate_classify(config, num_devices, jax.process_count())
-    mesh = make_mesh(num_devices)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        write_config(config, workdir)
+    mesh = loop.start_run(config, workdir, config_lib.validate_classify)
 
     spec = class_datasets.get_spec(config.data.name)
     records = open_split(config, spec, config.data.train_split)
     num_classes = config.model.num_outputs or num_classes_of(spec, records)
-    num_steps = total_steps(config, len(records))
+    num_steps = loop.total_steps(config, len(records))
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     model, tx, schedule, abstract, state_sharding, init_fn = build_classification(
         config, num_classes, num_steps, mesh, init_key)

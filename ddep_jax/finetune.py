@@ -22,12 +22,11 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.evaluation import evaluator
 from ddep_jax.models.transunet import build_model
 from ddep_jax.sharding import make_mesh, sharded_train_state, state_shardings
-from ddep_jax.train import total_steps, write_config
 
 INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
                     "pretrained": ("encoder", "decoder")}
@@ -67,18 +66,9 @@ def build_finetuning(config, num_classes: int, num_steps: int, mesh, key):
     shardings. Returns (model, tx, schedule, abstract_state, state_sharding,
     jitted init)."""
     model = build_model(model_config_for(config, num_classes))
-    schedule = optim.make_schedule(config.optimizer.learning_rate, num_steps,
-                                   config.optimizer.warmup_steps)
     h, w = config.model.encoder.image_size
-    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
-    params = jax.eval_shape(model.init, key, dummy)["params"]
-    o = config.optimizer
-    tx, _ = optim.make_optimizer(params, (), schedule, b1=o.b1, b2=o.b2,
-                                 weight_decay=o.weight_decay,
-                                 grad_clip_norm=o.grad_clip_norm)
-
-    abstract, shardings, init = sharded_train_state(
-        lambda k: model.init(k, dummy)["params"], tx, mesh, config.mesh, key)
+    tx, schedule, abstract, shardings, init = sharded_train_state(
+        model, (jnp.zeros((1, h, w, 3), jnp.float32),), config, num_steps, mesh, key)
     return model, tx, schedule, abstract, shardings, init
 
 
@@ -237,19 +227,14 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       FileNotFoundError: dataset not prepared or checkpoint not found.
       FloatingPointError: non-finite loss (naming the step).
     """
-    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
-    config_lib.validate_finetune(config, num_devices, jax.process_count())
-    mesh = make_mesh(num_devices)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        write_config(config, workdir)
+    mesh = loop.start_run(config, workdir, config_lib.validate_finetune)
 
     spec = seg_datasets.get_spec(config.data.name)
     records = open_split(config, spec, config.data.train_split)
     indices = labelled_subset(config, spec, records, workdir)
     train_source = seg_pipeline.SegmentationSource(
         records, spec, indices, split=config.data.train_split)
-    num_steps = total_steps(config, len(train_source))
+    num_steps = loop.total_steps(config, len(train_source))
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     model, tx, schedule, abstract, state_sharding, init_fn = build_finetuning(
         config, spec.num_classes, num_steps, mesh, init_key)

@@ -1,5 +1,8 @@
 """The bookkeeping all three trainers share around their jitted step.
 
+`start_run` validates the config, creates the workdir, writes config.json and
+returns the mesh; `total_steps` turns epochs into steps.
+
 `MetricLog` queues each step's metrics as device arrays (no host sync per
 step), fetches them in one transfer when asked, stops the run on a non-finite
 loss (naming the step and the last checkpoint saved before it), keeps the
@@ -9,6 +12,8 @@ with the ETA every time it logs.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from typing import Callable
 
@@ -83,3 +88,41 @@ class MetricLog:
     @property
     def last_loss(self) -> float:
         return self.history[-1][1] if self.history else float("nan")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes WORKDIR/config.json; a different earlier one (a resumed run with
+    other overrides) is kept as config.<n>.json rather than overwritten."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        os.rename(path, os.path.join(workdir, f"config.{n}.json"))
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def total_steps(config, num_examples: int) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
+
+
+def start_run(config, workdir: str, validate) -> jax.sharding.Mesh:
+    """The start of every stage's job: `validate(config, num_devices,
+    num_processes)` (raises ValueError naming the key, before anything is
+    compiled), WORKDIR created, config.json written by process 0 (see
+    `write_config`), and the 'data' mesh over `config.mesh.data` devices."""
+    from ddep_jax.sharding import make_mesh
+
+    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+    validate(config, num_devices, jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(config, workdir)
+    return make_mesh(num_devices)

@@ -47,28 +47,45 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, mode: str,
         abstract_state)
 
 
-def sharded_train_state(init_params, tx, mesh: jax.sharding.Mesh, mesh_config, key):
-    """The shape-first train state {'step', 'params', 'opt_state'} of a stage.
+def sharded_train_state(model, init_inputs: tuple, config, num_steps: int,
+                        mesh: jax.sharding.Mesh, key, *, frozen=(),
+                        peak_lr: float | None = None):
+    """A stage's optimizer and its shape-first train state {'step', 'params',
+    'opt_state'}.
 
     Args:
-      init_params: key -> params (e.g. ``lambda k: model.init(k, x)['params']``).
-      tx: the optax transformation whose state is kept.
-      mesh: the device mesh; mesh_config: `config.mesh` (param_sharding,
-        fsdp_min_size).
+      model: the Flax module; `model.init(key, *init_inputs)['params']` are
+        the parameters.
+      init_inputs: example inputs (one image of the configured size, ...).
+      config: the stage config (`optimizer`, `mesh` sections).
+      num_steps: length of the cosine schedule.
+      mesh: the device mesh.
       key: PRNG key (only its shape matters for the abstract state).
+      frozen: top-level collections that get no updates (`optim.make_optimizer`).
+      peak_lr: the schedule's peak; None = `config.optimizer.learning_rate`.
 
     Returns:
-      (abstract state of ShapeDtypeStructs, NamedSharding tree, jitted
-      key -> state created directly in those shardings).
+      (tx, schedule, abstract state of ShapeDtypeStructs, NamedSharding tree,
+      jitted key -> state created directly in those shardings).
     """
     import jax.numpy as jnp
 
+    from ddep_jax import optim
+
+    o = config.optimizer
+    schedule = optim.make_schedule(o.learning_rate if peak_lr is None else peak_lr,
+                                   num_steps, o.warmup_steps)
+    params = jax.eval_shape(model.init, key, *init_inputs)["params"]
+    tx, _ = optim.make_optimizer(params, frozen, schedule, b1=o.b1, b2=o.b2,
+                                 weight_decay=o.weight_decay,
+                                 grad_clip_norm=o.grad_clip_norm)
+
     def init(key):
-        params = init_params(key)
+        params = model.init(key, *init_inputs)["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": tx.init(params)}
 
     abstract = jax.eval_shape(init, key)
-    shardings = state_shardings(abstract, mesh, mesh_config.param_sharding,
-                                mesh_config.fsdp_min_size)
-    return abstract, shardings, jax.jit(init, out_shardings=shardings)
+    shardings = state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                config.mesh.fsdp_min_size)
+    return tx, schedule, abstract, shardings, jax.jit(init, out_shardings=shardings)

@@ -9,7 +9,6 @@ step -> loop with logging, image grids and checkpoints.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Callable, NamedTuple
 
@@ -19,9 +18,8 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import (checkpointing, config_lib, handover, loop, optim, visualize,
-                      writers)
-from ddep_jax.sharding import make_mesh, sharded_train_state
+from ddep_jax import checkpointing, config_lib, handover, loop, visualize, writers
+from ddep_jax.sharding import sharded_train_state
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import TransUNet, build_model
 from ddep_jax.objectives import denoising
@@ -127,29 +125,6 @@ def make_denoise_fn(config, model):
     return denoise
 
 
-def write_config(config, workdir: str) -> None:
-    """Writes WORKDIR/config.json; a different earlier one (a resumed run with
-    other overrides) is kept as config.<n>.json rather than overwritten."""
-    path = os.path.join(workdir, "config.json")
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        n = 1
-        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
-            n += 1
-        os.rename(path, os.path.join(workdir, f"config.{n}.json"))
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def total_steps(config, num_examples: int) -> int:
-    if config.total_steps > 0:
-        return int(config.total_steps)
-    return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
-
-
 class Training(NamedTuple):
     """What a stage-2 run is built from (see `build_training`)."""
 
@@ -166,20 +141,12 @@ def build_training(config, num_steps: int, mesh, key) -> Training:
     shape-first train state {'step', 'params', 'opt_state'}: its shapes, its
     shardings on `mesh`, and a jitted init that creates it in place."""
     model = build_model(config.model)
-    schedule = optim.make_schedule(config_lib.learning_rate(config), num_steps,
-                                   config.optimizer.warmup_steps)
     h, w = config.model.encoder.image_size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
     dummy_sigma = jnp.ones((1,), jnp.float32) if config.model.noise_conditioning else None
-    params = jax.eval_shape(model.init, key, dummy, dummy_sigma)["params"]
-    o = config.optimizer
-    tx, _ = optim.make_optimizer(params, config.frozen, schedule, b1=o.b1, b2=o.b2,
-                                 weight_decay=o.weight_decay,
-                                 grad_clip_norm=o.grad_clip_norm)
-
-    abstract, shardings, init = sharded_train_state(
-        lambda k: model.init(k, dummy, dummy_sigma)["params"], tx, mesh,
-        config.mesh, key)
+    tx, schedule, abstract, shardings, init = sharded_train_state(
+        model, (dummy, dummy_sigma), config, num_steps, mesh, key,
+        frozen=tuple(config.frozen), peak_lr=config_lib.learning_rate(config))
     return Training(model, tx, schedule, abstract, shardings, init)
 
 
@@ -210,16 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       FloatingPointError: non-finite loss, naming the step; checkpoints written
         before it are kept.
     """
-    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
-    config_lib.validate(config, num_devices, jax.process_count())
-    mesh = make_mesh(num_devices)
-    os.makedirs(workdir, exist_ok=True)
+    mesh = loop.start_run(config, workdir, config_lib.validate)
     is_main = jax.process_index() == 0
-    if is_main:
-        write_config(config, workdir)
 
     source = make_source(config.data)
-    num_steps = total_steps(config, len(source))
+    num_steps = loop.total_steps(config, len(source))
     init_key, train_key, image_key = jax.random.split(jax.random.key(config.seed), 3)
     model, tx, schedule, abstract, state_sharding, init_fn = build_training(
         config, num_steps, mesh, init_key)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from ddep_jax import config_lib, optim, train
+from ddep_jax import config_lib, loop, optim, train
 from ddep_jax.sharding import make_mesh
 
 
@@ -123,10 +123,10 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
 
 
 def test_config_json_kept_when_a_resume_changes_it(tmp_path):
-    train.write_config(tiny_config(), str(tmp_path))
-    train.write_config(tiny_config(), str(tmp_path))
+    loop.write_config(tiny_config(), str(tmp_path))
+    loop.write_config(tiny_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
-    train.write_config(tiny_config(seed=3), str(tmp_path))
+    loop.write_config(tiny_config(seed=3), str(tmp_path))
     assert json.loads((tmp_path / "config.1.json").read_text())["seed"] == 0
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 3
 
