@@ -14,6 +14,8 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from ddep_jax import writers
+
 ITEMS = ("state", "data_iter")
 
 
@@ -21,7 +23,7 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation_policy.LatestN(keep),
         enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(os.path.join(writers.absolute(workdir), "checkpoints"),
                                  options=options, item_names=ITEMS)
 
 
@@ -84,13 +86,15 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
       FileNotFoundError: nothing checkpoint-like at `path`, or `step` absent;
         the message lists what was looked for and the steps that exist.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    from etils import epath
+
+    path = writers.absolute(path)
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist.")
     ckpt_root = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpt_root):
-        steps = sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit() and
-                       os.path.isdir(os.path.join(ckpt_root, d, "state")))
+    if epath.Path(ckpt_root).is_dir():
+        steps = sorted(int(d.name) for d in epath.Path(ckpt_root).iterdir()
+                       if d.name.isdigit() and (d / "state").is_dir())
         if not steps:
             raise FileNotFoundError(f"{ckpt_root} holds no finished checkpoint "
                                     "(no <step>/state folder).")
@@ -99,10 +103,10 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
             raise FileNotFoundError(f"step {step} is not among the checkpoints of "
                                     f"{ckpt_root}: {steps}.")
         return os.path.join(ckpt_root, str(chosen), "state"), chosen
-    if os.path.isdir(os.path.join(path, "state")):
+    if (epath.Path(path) / "state").is_dir():
         base = os.path.basename(path)
         state_dir, found = os.path.join(path, "state"), int(base) if base.isdigit() else -1
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("_METADATA", "manifest.ocdbt")):
+    elif any((epath.Path(path) / f).exists() for f in ("_METADATA", "manifest.ocdbt")):
         parent = os.path.basename(os.path.dirname(path))
         state_dir, found = path, int(parent) if parent.isdigit() else -1
     else:

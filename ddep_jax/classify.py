@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, loop, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.models.classifier import build_classifier
 from ddep_jax.sharding import sharded_train_state
@@ -108,29 +108,34 @@ def num_classes_of(spec, records) -> int:
         return spec.num_classes
 
 
-def make_train_step(model, tx, schedule, loss_type: str, label_smoothing: float):
+def make_train_step(model, tx, schedule, loss_type: str, label_smoothing: float,
+                    grad_accum_steps: int = 1):
     """state, uint8 images [B, H, W, 3], int labels [B], key -> state, metrics
     {'loss', 'accuracy' (top-1 on the augmented batch), 'learning_rate',
-    'grad_norm'}."""
+    'grad_norm'}. `grad_accum_steps` > 1 runs the batch as that many
+    micro-batches with one update (`optim.accumulate_gradients`)."""
+    k = grad_accum_steps
 
     def step_fn(state, images, labels, base_key):
         params = state["params"]
         k_dropout = jax.random.fold_in(base_key, state["step"])
-        x = to_float_images(images)
 
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x, train=True,
-                                 rngs={"dropout": k_dropout})
-            return classification_loss(logits, labels, loss_type,
-                                       label_smoothing), logits
+        def loss_fn(p, batch, index):
+            key = k_dropout if k == 1 else jax.random.fold_in(k_dropout, index)
+            logits = model.apply({"params": p}, to_float_images(batch["images"]),
+                                 train=True, rngs={"dropout": key})
+            loss = classification_loss(logits, batch["labels"], loss_type,
+                                       label_smoothing)
+            hits = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
+            return loss / k, hits / k
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, accuracy), grads = optim.accumulate_gradients(
+            loss_fn, params, {"images": images, "labels": labels}, k)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": loss,
-                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        metrics = {"loss": loss, "accuracy": accuracy,
                    "learning_rate": schedule(state["step"]),
                    "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
@@ -219,7 +224,8 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoints/<step>/ (state + data-iterator state), eval/<split>_<step>.json.
 
     Returns:
-      {'step', 'loss', 'history', 'state', 'eval': {split: report}}.
+      {'step', 'loss', 'history', 'state', 'eval': {split: report},
+      'preempted' (a SIGTERM stopped it after saving 'step'; no evaluation)}.
 
     Raises:
       ValueError: invalid config (naming the key), a label outside the class
@@ -263,11 +269,17 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     "num_classes": num_classes},
             pos_grid=handover.token_grid(config.model))
 
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.loss.type,
-                        config.loss.label_smoothing),
-        in_shardings=(state_sharding, batch_sharding, batch_sharding, replicated),
-        out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    h, w = config.data.image_size
+    train_step = loop.compile_step(
+        jax.jit(make_train_step(model, tx, schedule, config.loss.type,
+                                config.loss.label_smoothing, config.grad_accum_steps),
+                in_shardings=(state_sharding, batch_sharding, batch_sharding,
+                              replicated),
+                out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+        (state, jax.ShapeDtypeStruct((config.batch_size, h, w, 3), jnp.uint8,
+                                     sharding=batch_sharding),
+         jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding),
+         train_key), workdir, config.batch_size, mesh.size)
     eval_step = jax.jit(make_eval_step(model),
                         in_shardings=(state_sharding["params"], batch_sharding,
                                       batch_sharding, batch_sharding),
@@ -288,7 +300,6 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           split, mesh, max_examples=max_examples)
         report["step"] = step
         if jax.process_index() == 0:
-            os.makedirs(eval_dir, exist_ok=True)
             writers.write_json(os.path.join(eval_dir, f"{split}_{step:08d}.json"),
                                report)
         writer.write_scalars(step, {f"{split}/top1": report["top1"],
@@ -298,23 +309,34 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      report["num_examples"], report["seconds"])
         return report
 
+    preemption = loop.Preemption(manager)
+    trace = loop.step_trace(config, workdir)
+    preempted = False
     for step in range(start + 1, last_step + 1):
+        trace.before(step)
         batch = next(data_iter)
         images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
         labels = jax.make_array_from_process_local_data(
             batch_sharding, np.asarray(batch["label"], np.int32))
         state, metrics = train_step(state, images, labels, train_key)
+        trace.after(step, metrics)
         log.add(step, metrics)
-        if step % config.log_every == 0 or step == last_step:
+        preempted = preemption.reached(step)
+        if step % config.log_every == 0 or step == last_step or preempted:
             log.log(step)
-        if step % config.checkpoint_every == 0 or step == last_step:
+        if step % config.checkpoint_every == 0 or step == last_step or preempted:
             log.flush()
             checkpointing.save(manager, step, state, data_iter)
+        if preempted:
+            last_step = step
+            break
         if (config.eval.every_steps and step % config.eval.every_steps == 0
                 and step != num_steps):
             run_eval(config.eval.splits[0], step, config.eval.max_examples)
             log.restart_clock(step)
 
+    trace.close()
+    preemption.close()
     manager.wait_until_finished()
     manager.close()
     reports = {}
@@ -323,4 +345,4 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             reports[split] = run_eval(split, num_steps)
     writer.close()
     return {"step": last_step, "loss": log.last_loss, "history": log.history,
-            "state": state, "eval": reports}
+            "state": state, "eval": reports, "preempted": preempted}

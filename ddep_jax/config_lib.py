@@ -9,6 +9,8 @@ so a misspelt `--config.a.b=v` override fails with the key's name, and
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from ddep_jax.objectives.denoising import NOISE_TYPES, TARGETS
@@ -81,11 +83,29 @@ def optimizer_config(learning_rate: float = 0.0) -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
+    """Device mesh and state layout (see `ddep_jax.sharding`)."""
     m = ml_collections.ConfigDict()
-    m.data = -1  # devices on the data axis; -1 = all
+    m.data = -1  # devices on the data axis (all hosts together); -1 = all
     m.param_sharding = "replicated"  # or 'fsdp' (params + Adam state sharded)
     m.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+    # (regex over parameter paths, spec) pairs tried before `param_sharding`;
+    # spec: 'replicated' | 'fsdp' | 'dim=N'. E.g. (('^encoder/', 'replicated'),).
+    m.sharding_rules = ()
     return m
+
+
+def add_run_options(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Options every stage shares: gradient accumulation and profiling."""
+    # The batch of one optimizer step is processed as this many equal
+    # micro-batches whose gradients are summed (a batch of 512 on any device
+    # count); batch_size must be divisible by devices x grad_accum_steps.
+    c.grad_accum_steps = 1
+    # jax.profiler trace of steps [start_step, start_step + num_steps) into
+    # WORKDIR/profile (TensorBoard's profile plugin, Perfetto); 0 steps: off.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 5
+    c.profile.num_steps = 0
+    return c
 
 
 def ddep_config() -> ml_collections.ConfigDict:
@@ -136,7 +156,7 @@ def ddep_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.image_grid_every = 500
     c.image_grid_size = 8
-    return c
+    return add_run_options(c)
 
 
 def _check_keys(config, reference, prefix=""):
@@ -191,6 +211,26 @@ def _validate_run(config, num_devices: int, num_processes: int,
              f"must be divisible by the {num_devices} devices on the data axis")
     _require(config.batch_size % num_processes == 0, "batch_size",
              config.batch_size, f"must be divisible by the {num_processes} hosts")
+    k = config.grad_accum_steps
+    _require(k >= 1, "grad_accum_steps", k, "must be >= 1")
+    _require(config.batch_size % (num_devices * k) == 0, "batch_size",
+             config.batch_size, f"must be divisible by the {num_devices} devices x "
+             f"grad_accum_steps={k} (equal micro-batches on every device)")
+    _require(config.profile.start_step >= 1 and config.profile.num_steps >= 0,
+             "profile", config.profile.to_dict(), "need start_step >= 1 and "
+             "num_steps >= 0")
+    from ddep_jax.sharding import check_spec
+
+    for rule in config.mesh.sharding_rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2
+        if ok:
+            try:
+                re.compile(rule[0])
+                check_spec(rule[1])
+            except (re.error, ValueError, TypeError):
+                ok = False
+        _require(ok, "mesh.sharding_rules", rule, "each rule is (regex, spec) with "
+                 "spec 'replicated', 'fsdp' or 'dim=N'")
     _require(config.total_steps > 0 or config.num_epochs > 0, "total_steps",
              config.total_steps, "set total_steps > 0 or num_epochs > 0")
     _require(o.learning_rate >= 0, "optimizer.learning_rate", o.learning_rate,
@@ -316,7 +356,7 @@ def classify_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
-    return c
+    return add_run_options(c)
 
 
 def validate_classify(config, num_devices: int, num_processes: int = 1) -> None:
@@ -420,7 +460,7 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
-    return c
+    return add_run_options(c)
 
 
 def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,

@@ -9,7 +9,6 @@ evaluation (global mIoU) -> Orbax checkpoints; a killed run resumes exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -22,7 +21,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, loop, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, optim, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.evaluation import evaluator
 from ddep_jax.models.transunet import build_model
@@ -34,12 +33,16 @@ INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array,
-                      ignore_label: int = seg_datasets.IGNORE_LABEL):
+                      ignore_label: int = seg_datasets.IGNORE_LABEL,
+                      normaliser: jax.Array | None = None):
     """Pixel-wise softmax cross-entropy, mean over non-void pixels.
 
     Args:
-      logits: float [B, H, W, C].
+      logits: float [B, H, W, C] (any float dtype; the loss is float32).
       labels: int [B, H, W], class ids or `ignore_label`.
+      normaliser: divide the summed loss by this instead of these labels'
+        own non-void count: a micro-batch passes the full batch's count, so
+        the micro-batch losses sum to the full batch's mean.
 
     Returns:
       (loss scalar float32, number of counted pixels int32).
@@ -49,7 +52,8 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array,
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), safe)
     count = valid.sum()
-    return jnp.sum(ce * valid) / jnp.maximum(count, 1), count
+    denominator = count if normaliser is None else normaliser
+    return jnp.sum(ce * valid) / jnp.maximum(denominator, 1), count
 
 
 def model_config_for(config, num_classes: int) -> ml_collections.ConfigDict:
@@ -72,26 +76,33 @@ def build_finetuning(config, num_classes: int, num_steps: int, mesh, key):
     return model, tx, schedule, abstract, shardings, init
 
 
-def make_finetune_step(model, tx, schedule):
+def make_finetune_step(model, tx, schedule, grad_accum_steps: int = 1):
     """state, uint8 images [B, H, W, 3], uint8 labels [B, H, W], key -> state,
-    metrics {'loss', 'pixel_accuracy', 'learning_rate', 'grad_norm'}."""
+    metrics {'loss', 'pixel_accuracy', 'learning_rate', 'grad_norm'}.
+
+    With `grad_accum_steps` k > 1 the batch runs as k micro-batches whose
+    losses are normalised by the whole batch's non-void pixel count, so the
+    update equals the one of the whole batch (`optim.accumulate_gradients`).
+    """
 
     def step_fn(state, images, labels, base_key):
         params = state["params"]
         k_dropout = jax.random.fold_in(base_key, state["step"])
-        x = images.astype(jnp.float32) / 127.5 - 1.0
         labels = labels.astype(jnp.int32)
+        count = jnp.sum(labels != seg_datasets.IGNORE_LABEL)
 
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x, train=True,
-                                 rngs={"dropout": k_dropout})
-            loss, count = segmentation_loss(logits, labels)
-            correct = jnp.sum((jnp.argmax(logits, -1) == labels)
-                              & (labels != seg_datasets.IGNORE_LABEL))
-            return loss, (correct, count)
+        def loss_fn(p, batch, index):
+            x = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+            key = k_dropout if grad_accum_steps == 1 else jax.random.fold_in(
+                k_dropout, index)
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            loss, _ = segmentation_loss(logits, batch["labels"], normaliser=count)
+            correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"])
+                              & (batch["labels"] != seg_datasets.IGNORE_LABEL))
+            return loss, correct
 
-        (loss, (correct, count)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
+        (loss, correct), grads = optim.accumulate_gradients(
+            loss_fn, params, {"images": images, "labels": labels}, grad_accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(params, updates),
@@ -125,9 +136,8 @@ def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
     indices = label_fractions.select_subset(len(records), config.data.label_fraction,
                                             seed)
     path = os.path.join(workdir, "labelled_subset.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = writers.read_json(path)
+    if old is not None:
         if (old["indices"] != indices.tolist() or old["num_examples"] != len(records)
                 or old["dataset"] != spec.name
                 or old["split"] != config.data.train_split):
@@ -187,7 +197,6 @@ def run_evaluation(config, spec, model, params, split: str, out_dir: str, step: 
     source = seg_pipeline.SegmentationSource(records, spec, split=split)
     mode, kwargs = evaluator.protocol(config.eval, config.data.base_scale)
     name = name or f"{split}_{step:08d}"
-    os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     result = evaluator.evaluate(
         evaluator.make_logits_fn(model, host_local_params(params)), source, spec,
@@ -217,7 +226,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tensorboard/, checkpoints/<step>/, eval/<split>_<step>.json (+ PNGs).
 
     Returns:
-      {'step', 'loss', 'history', 'state', 'eval': {split: report}}.
+      {'step', 'loss', 'history', 'state', 'eval': {split: report},
+      'preempted' (a SIGTERM stopped it after saving 'step'; no evaluation)}.
 
     Raises:
       ValueError: invalid config (naming the key), a checkpoint that does not
@@ -257,11 +267,15 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = initial_state(config, workdir, init_fn, init_key, tx, abstract,
                               state_sharding)
 
-    train_step = jax.jit(make_finetune_step(model, tx, schedule),
-                         in_shardings=(state_sharding, batch_sharding, batch_sharding,
-                                       replicated),
-                         out_shardings=(state_sharding, replicated),
-                         donate_argnums=(0,))
+    b, (h, w) = config.batch_size, config.data.crop_size
+    train_step = loop.compile_step(
+        jax.jit(make_finetune_step(model, tx, schedule, config.grad_accum_steps),
+                in_shardings=(state_sharding, batch_sharding, batch_sharding,
+                              replicated),
+                out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+        (state, jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding),
+         jax.ShapeDtypeStruct((b, h, w), jnp.uint8, sharding=batch_sharding),
+         train_key), workdir, b, mesh.size)
     writer = writers.MetricWriter(workdir)
     eval_dir = os.path.join(workdir, "eval")
     start = int(jax.device_get(state["step"]))
@@ -273,17 +287,26 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"loss {m['loss']:.4f} | pixel acc {m['pixel_accuracy']:.3f} | "
         f"lr {m['learning_rate']:.3g}"))
 
+    preemption = loop.Preemption(manager)
+    trace = loop.step_trace(config, workdir)
+    preempted = False
     for step in range(start + 1, last_step + 1):
+        trace.before(step)
         batch = next(data_iter)
         images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
         labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
         state, metrics = train_step(state, images, labels, train_key)
+        trace.after(step, metrics)
         log.add(step, metrics)
-        if step % config.log_every == 0 or step == last_step:
+        preempted = preemption.reached(step)
+        if step % config.log_every == 0 or step == last_step or preempted:
             log.log(step)
-        if step % config.checkpoint_every == 0 or step == last_step:
+        if step % config.checkpoint_every == 0 or step == last_step or preempted:
             log.flush()
             checkpointing.save(manager, step, state, data_iter)
+        if preempted:
+            last_step = step
+            break
         if (config.eval.every_steps and step % config.eval.every_steps == 0
                 and step != num_steps):
             report = run_evaluation(config, spec, model, state["params"],
@@ -294,6 +317,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                             report["pixel_accuracy"]})
             log.restart_clock(step)
 
+    trace.close()
+    preemption.close()
     manager.wait_until_finished()
     manager.close()
     reports = {}
@@ -308,7 +333,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             writer.write_scalars(num_steps, {f"{split}/miou": reports[split]["miou"]})
     writer.close()
     return {"step": last_step, "loss": log.last_loss, "history": log.history,
-            "state": state, "eval": reports}
+            "state": state, "eval": reports, "preempted": preempted}
 
 
 def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
@@ -323,11 +348,11 @@ def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
         config's model (every mismatch listed).
     """
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    record = writers.read_json(path)
+    if record is None:
         raise FileNotFoundError(f"{path} not found: --workdir must be a fine-tuning "
                                 "workdir written by python -m ddep_jax.main.")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(record)
     if config.get("stage") != "finetune":
         raise ValueError(f"{path} is a config.stage={config.get('stage')!r} run; "
                          "evaluate/predict need a fine-tuning ('finetune') workdir.")

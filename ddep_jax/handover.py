@@ -43,9 +43,9 @@ def source_record(state_dir: str) -> dict | None:
         candidates.insert(0, os.path.join(os.path.dirname(os.path.dirname(parent)),
                                           "init.json"))
     for path in candidates:
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+        record = writers.read_json(path)
+        if record is not None:
+            return record
     return None
 
 
@@ -87,7 +87,7 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
             flat, abstract_params["encoder"], source=path, target_grid=pos_grid)
         params = {"encoder": jax.device_put(encoder, param_shardings["encoder"])}
         leaves = jax.tree.leaves(params)
-        return params, {"checkpoint": os.path.abspath(path), "step": -1,
+        return params, {"checkpoint": writers.absolute(path), "step": -1,
                         "collections": ["encoder"], "num_arrays": len(leaves),
                         "num_params": int(sum(x.size for x in leaves)),
                         "source_init": {"npz_import": report}}
@@ -163,10 +163,9 @@ def lineage(workdir: str) -> list[dict]:
     """The hand-over chain ending at `workdir`, newest first: its init.json,
     then the source runs' records nested in it ('source_init')."""
     path = os.path.join(workdir, "init.json")
-    if not os.path.exists(path):
+    record = writers.read_json(path)
+    if record is None:
         raise FileNotFoundError(f"{path} not found: is {workdir} a ddep_jax run?")
-    with open(path) as f:
-        record = json.load(f)
     chain = []
     while record is not None:
         chain.append(record)

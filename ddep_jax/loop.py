@@ -1,7 +1,11 @@
 """The bookkeeping all three trainers share around their jitted step.
 
 `start_run` validates the config, creates the workdir, writes config.json and
-returns the mesh; `total_steps` turns epochs into steps.
+returns the mesh; `total_steps` turns epochs into steps; `compile_step`
+compiles the train step ahead of time and reports its FLOPs and per-device
+memory once (log + WORKDIR/compile_report.json); `Preemption` turns SIGTERM
+(or, on several hosts, JAX's preemption sync point) into a checkpoint of the
+current step and a clean stop.
 
 `MetricLog` queues each step's metrics as device arrays (no host sync per
 step), fetches them in one transfer when asked, stops the run on a non-finite
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -93,18 +99,20 @@ class MetricLog:
 def write_config(config, workdir: str) -> None:
     """Writes WORKDIR/config.json; a different earlier one (a resumed run with
     other overrides) is kept as config.<n>.json rather than overwritten."""
-    path = os.path.join(workdir, "config.json")
+    from etils import epath
+
+    from ddep_jax import writers
+
+    path = epath.Path(workdir) / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
+    if path.exists():
+        if path.read_text() == text:
+            return
         n = 1
-        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+        while (epath.Path(workdir) / f"config.{n}.json").exists():
             n += 1
-        os.rename(path, os.path.join(workdir, f"config.{n}.json"))
-    with open(path, "w") as f:
-        f.write(text)
+        path.rename(epath.Path(workdir) / f"config.{n}.json")
+    writers.write_bytes(str(path), text.encode())
 
 
 def total_steps(config, num_examples: int) -> int:
@@ -122,7 +130,81 @@ def start_run(config, workdir: str, validate) -> jax.sharding.Mesh:
 
     num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
     validate(config, num_devices, jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    from ddep_jax import writers
+
+    writers.makedirs(workdir)
     if jax.process_index() == 0:
         write_config(config, workdir)
     return make_mesh(num_devices)
+
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of `python -m ddep_jax.main` after a preemption checkpoint
+(EX_TEMPFAIL): run it again on the same workdir to resume."""
+
+
+class Preemption:
+    """Notices that the platform wants the machine back.
+
+    On one host a SIGTERM handler sets a flag (Cloud TPU, GCE spot VMs, SLURM
+    and Kubernetes send SIGTERM before they stop a job); on several hosts
+    JAX's preemption sync manager (started by `jax.distributed.initialize`)
+    catches the signal and `manager.reached_preemption(step)` makes every
+    host agree on the same step, so that all of them save it (Orbax's
+    preemption checkpointing). The trainers ask `reached(step)` after every
+    step; on True they save that step's checkpoint and stop with
+    `PREEMPTED_EXIT_CODE`.
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.signalled = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self.signalled = True
+        logging.warning("SIGTERM received: saving a checkpoint after this step "
+                        "and stopping.")
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(self.manager.reached_preemption(step))
+        return self.signalled
+
+    def close(self) -> None:
+        """Puts back the SIGTERM handler that was there before."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
+                 num_devices: int, name: str = "train_step"):
+    """Compiles `jitted` for `args` ahead of time (args may be arrays or
+    ShapeDtypeStructs with shardings), logs XLA's FLOPs and per-device memory
+    (`profiling.compiled_report`) and writes them to
+    WORKDIR/compile_report.json (process 0). Returns the compiled step, to be
+    called with arrays of exactly those shapes and shardings."""
+    from ddep_jax import profiling, writers
+
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    report = profiling.compiled_report(compiled, batch_size, num_devices)
+    report["compile_seconds"] = round(time.perf_counter() - t, 2)
+    report["device_kind"] = jax.devices()[0].device_kind
+    logging.info("Compiled %s in %.1f s on %d x %s: %s", name, report["compile_seconds"],
+                 num_devices, report["device_kind"], profiling.describe(report))
+    if jax.process_index() == 0:
+        writers.write_json(os.path.join(workdir, "compile_report.json"), {name: report})
+    return compiled
+
+
+def step_trace(config, workdir: str):
+    """The `profiling.StepTrace` that `config.profile` asks for."""
+    from ddep_jax import profiling
+
+    return profiling.StepTrace(profiling.trace_dir(workdir), config.profile.start_step,
+                               config.profile.num_steps)

@@ -3,19 +3,40 @@
 `config.stage` picks the job: 'classify' (stage 1, `ddep_jax.classify`),
 'ddep' (stage 2, `ddep_jax.train`) or 'finetune' (stage 3, `ddep_jax.finetune`).
 
-Any config value can be overridden with --config.a.b=value.
+Any config value can be overridden with --config.a.b=value. On several hosts
+every host runs the same command (`ddep_jax.distributed` decides whether to
+call `jax.distributed.initialize`; multi-node GPU without a cluster manager
+adds --coordinator_address, --num_processes, --process_id).
+
+Exit status: 0 when the run finished; 75 (`loop.PREEMPTED_EXIT_CODE`) when a
+SIGTERM stopped it after saving a checkpoint: run it again on the same
+workdir to resume; anything else is an error.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddep_jax import train
+from ddep_jax import distributed, loop, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it "
                                "holds checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", list(distributed.MODES),
+    "jax.distributed.initialize(): 'auto' when a multi-process launcher is "
+    "detected (SLURM, Open MPI, a multi-host TPU slice, --coordinator_address), "
+    "'yes' always, 'no' never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (multi-node GPU without "
+    "a cluster manager).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes "
+                                      "(with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
+                                   "(with --coordinator_address).")
 
 
 class _QuietLibraries:
@@ -31,6 +52,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
+                           _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     stage = config.get("stage", "ddep")
     if stage == "ddep":
@@ -53,6 +76,11 @@ def main(argv):
         raise app.UsageError(f"config.stage={stage!r} is unknown; expected "
                              "'classify' (stage 1), 'ddep' (stage 2) or 'finetune' "
                              "(stage 3).")
+    if result.get("preempted"):
+        logging.warning("Preempted at step %d (checkpoint saved); exiting with %d: "
+                        "rerun on --workdir=%s to resume.", result["step"],
+                        loop.PREEMPTED_EXIT_CODE, _WORKDIR.value)
+        sys.exit(loop.PREEMPTED_EXIT_CODE)
     logging.info("Done: step %d, loss %.4f, workdir %s", result["step"],
                  result["loss"], _WORKDIR.value)
 

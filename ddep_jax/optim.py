@@ -81,3 +81,55 @@ def make_optimizer(params, frozen: Sequence[str], schedule, *, b1=0.9, b2=0.999,
     tx = optax.partition({TRAIN: optax.chain(*train), FROZEN: optax.set_to_zero()},
                          labels)
     return tx, labels
+
+
+def split_microbatches(x: jax.Array, num: int) -> jax.Array:
+    """[B, ...] -> [num, B / num, ...], micro-batch j holding examples j,
+    j + num, j + 2 num, ... (strided, so that with B split over devices in
+    contiguous blocks every micro-batch keeps the same split and needs no
+    communication)."""
+    b = x.shape[0]
+    if b % num:
+        raise ValueError(f"batch of {b} is not divisible into {num} micro-batches.")
+    return x.reshape(b // num, num, *x.shape[1:]).swapaxes(0, 1)
+
+
+def accumulate_gradients(loss_fn, params, batch, num_micro: int):
+    """Value and gradient of a loss over `num_micro` micro-batches, summed.
+
+    `loss_fn(params, micro_batch, index) -> (loss, aux)` must return the
+    micro-batch's *share* of the full-batch loss (e.g. its mean divided by
+    `num_micro`, or a sum divided by the full batch's count), so that the
+    sums over micro-batches of loss, aux and gradient are the full-batch
+    figures: gradient accumulation then equals one large batch up to float
+    summation order. Only one micro-batch's activations are live at a time
+    (`lax.scan`).
+
+    Args:
+      loss_fn: as above; `index` (int32 scalar) can fold dropout keys.
+      params: what is differentiated.
+      batch: pytree of arrays with a leading batch dimension B.
+      num_micro: number of micro-batches (B divisible by it); 1 is one plain
+        `value_and_grad` call.
+
+    Returns:
+      ((loss, aux), grads), the sums over micro-batches.
+    """
+    import jax.numpy as jnp
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+        return grad_fn(params, batch, jnp.int32(0))
+    micro = jax.tree.map(lambda x: split_microbatches(x, num_micro), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, jnp.int32(0)))
+
+    def body(total, xs):
+        index, mb = xs
+        out = grad_fn(params, mb, index)
+        return jax.tree.map(jnp.add, total, out), None
+
+    total, _ = jax.lax.scan(body, zeros,
+                            (jnp.arange(num_micro, dtype=jnp.int32), micro))
+    return total

@@ -8,7 +8,6 @@ step -> loop with logging, image grids and checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -16,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, config_lib, handover, loop, visualize, writers
+from ddep_jax import checkpointing, config_lib, handover, loop, optim, visualize, writers
 from ddep_jax.sharding import sharded_train_state
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import TransUNet, build_model
@@ -62,38 +62,44 @@ def corrupt(config, images: jax.Array, key: jax.Array):
 def make_train_step(config, model, tx, schedule):
     """The DDeP / DeP update: state, uint8 images [B, H, W, 3], key -> state, metrics.
 
-    With 'encoder' frozen, the encoder runs in inference mode outside the
-    differentiated function, so no gradient (and no backward pass) is computed
-    for it; `optax.partition` gives it `set_to_zero` updates.
+    With 'encoder' frozen, the encoder's parameters are constants of the
+    differentiated function, so no encoder gradient (and no backward pass)
+    is computed; `optax.partition` gives it `set_to_zero` updates. The noise
+    is drawn for the whole batch; with `config.grad_accum_steps` k > 1 the
+    batch then runs as k micro-batches (encoder, decoder, loss / k) whose
+    gradients are summed into one update (`optim.accumulate_gradients`).
     """
     frozen = tuple(config.frozen)
     target = config.denoising.target
+    conditioning = config.model.noise_conditioning
+    k = config.get("grad_accum_steps", 1)
 
     def step_fn(state, images, base_key):
         params = state["params"]
         key = jax.random.fold_in(base_key, state["step"])
         k_noise, k_dropout = jax.random.split(key)
         x, eps, sigma, noisy = corrupt(config, images, k_noise)
-        noise_level = sigma if config.model.noise_conditioning else None
-        trainable = {k: v for k, v in params.items() if k not in frozen}
-        fixed = {k: v for k, v in params.items() if k in frozen}
+        trainable = {c: v for c, v in params.items() if c not in frozen}
+        fixed = {c: v for c, v in params.items() if c in frozen}
 
-        if "encoder" in frozen:
-            features = model.apply({"params": fixed}, noisy, train=False,
-                                   method=model.encode)
+        def loss_fn(p, batch, index):
+            noise_level = batch["sigma"] if conditioning else None
+            variables = {"params": {**fixed, **p}}
+            if "encoder" in frozen:
+                features = model.apply({"params": fixed}, batch["noisy"], train=False,
+                                       method=model.encode)
+                prediction = model.apply(variables, features, noise_level,
+                                         method=model.decode)
+            else:
+                rng = k_dropout if k == 1 else jax.random.fold_in(k_dropout, index)
+                prediction = model.apply(variables, batch["noisy"], noise_level,
+                                         train=True, rngs={"dropout": rng})
+            loss = denoising.denoising_loss(prediction, batch["x"], batch["eps"],
+                                            target)
+            return loss / k, None
 
-            def forward(p):
-                return model.apply({"params": {**fixed, **p}}, features, noise_level,
-                                   method=model.decode)
-        else:
-            def forward(p):
-                return model.apply({"params": {**fixed, **p}}, noisy, noise_level,
-                                   train=True, rngs={"dropout": k_dropout})
-
-        def loss_fn(p):
-            return denoising.denoising_loss(forward(p), x, eps, target)
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        (loss, _), grads = optim.accumulate_gradients(
+            loss_fn, trainable, {"x": x, "eps": eps, "sigma": sigma, "noisy": noisy}, k)
         # Frozen leaves get zero "gradients" that set_to_zero ignores.
         grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -159,6 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     `stop_after_step` ends this call early (with a checkpoint) as a killed or
     preempted run would; calling again on the same workdir continues exactly.
+    A SIGTERM does the same at the step it arrives in (`loop.Preemption`).
+    Writes compile_report.json (the step's FLOPs and per-device memory) and,
+    with `config.profile.num_steps` > 0, a profiler trace in profile/.
 
     Writes: config.json, init.json (where the encoder came from:
     `config.init.checkpoint`, its step and the source run's own init.json),
@@ -167,7 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Returns:
       {'step': last step run, 'loss': last logged loss, 'history': [(step,
-      loss)] of this call, 'state': the final train state (sharded arrays)}.
+      loss)] of this call, 'state': the final train state (sharded arrays),
+      'preempted': True if a SIGTERM (or the hosts' preemption sync point)
+      stopped the run after saving the checkpoint of 'step'}.
 
     Raises:
       ValueError: invalid config (before compiling), naming the key; an initial
@@ -207,43 +218,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             ("encoder",), workdir, step=config.init.step, record={"stage": "ddep"},
             pos_grid=handover.token_grid(config.model))
 
-    train_step = jax.jit(make_train_step(config, model, tx, schedule),
-                         in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, replicated),
-                         donate_argnums=(0,))
-    denoise = jax.jit(make_denoise_fn(config, model))
+    train_step = loop.compile_step(
+        jax.jit(make_train_step(config, model, tx, schedule),
+                in_shardings=(state_sharding, batch_sharding, replicated),
+                out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+        (state, jax.ShapeDtypeStruct((config.batch_size, h, w, 3), jnp.uint8,
+                                     sharding=batch_sharding), train_key),
+        workdir, config.batch_size, mesh.size)
+    # Every host runs it (the arrays span all hosts); process 0 writes the PNG.
+    denoise = jax.jit(make_denoise_fn(config, model), out_shardings=replicated)
     writer = writers.MetricWriter(workdir)
     start = int(jax.device_get(state["step"]))
     last_step = min(num_steps, stop_after_step or num_steps)
     log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
         f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}"))
+    preemption = loop.Preemption(manager)
+    trace = loop.step_trace(config, workdir)
+    preempted = False
     for step in range(start + 1, last_step + 1):
+        trace.before(step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = next(data_iter)["image"]
             images = jax.make_array_from_process_local_data(batch_sharding, batch)
             state, metrics = train_step(state, images, train_key)
+        trace.after(step, metrics)
         log.add(step, metrics)
-        if step % config.log_every == 0 or step == last_step:
+        preempted = preemption.reached(step)
+        if step % config.log_every == 0 or step == last_step or preempted:
             log.log(step)
 
-        if is_main and (step % config.image_grid_every == 0 or step == num_steps):
+        if step % config.image_grid_every == 0 or step == num_steps:
             n = min(config.image_grid_size, images.shape[0])
-            clean, noisy, denoised = jax.device_get(denoise(
-                state["params"], images[:n], jax.random.fold_in(image_key, step)))
-            os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-            visualize.save_image_grid(
-                os.path.join(workdir, "images", f"denoise_{step:08d}.png"),
-                [clean, noisy, denoised])
+            grid = jax.device_get(denoise(state["params"], images[:n],
+                                          jax.random.fold_in(image_key, step)))
+            if is_main:
+                visualize.save_image_grid(
+                    os.path.join(workdir, "images", f"denoise_{step:08d}.png"), grid)
 
-        if step % config.checkpoint_every == 0 or step == last_step:
+        if step % config.checkpoint_every == 0 or step == last_step or preempted:
             log.flush()  # never save parameters that produced a NaN
             checkpointing.save(manager, step, state, data_iter)
+        if preempted:
+            last_step = step
+            break
 
+    trace.close()
+    preemption.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
     if is_main:
-        with open(os.path.join(workdir, "loss_history.json"), "w") as f:
-            json.dump(log.history, f)
+        writers.write_json(os.path.join(workdir, "loss_history.json"), log.history)
+    if preempted:
+        logging.warning("Preempted: checkpoint of step %d saved in %s; run again on "
+                        "this workdir to resume.", last_step, workdir)
     return {"step": last_step, "loss": log.last_loss, "history": log.history,
-            "state": state}
+            "state": state, "preempted": preempted}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+
+from ddep_jax import writers
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -26,7 +27,7 @@ def save_image_grid(path: str, rows: list[np.ndarray], pad: int = 2) -> None:
         for j in range(n):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y:y + h, x:x + w] = row[j]
-    Image.fromarray(grid).save(path)
+    writers.save_png(path, grid)
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -132,4 +133,4 @@ def save_segmentation_panel(path: str, image: np.ndarray, prediction: np.ndarray
     for i, p in enumerate(panels):
         x = pad + i * (w + pad)
         canvas[pad:pad + h, x:x + w] = p
-    Image.fromarray(canvas).save(path)
+    writers.save_png(path, canvas)

@@ -1,51 +1,122 @@
-"""Metric output: JSONL + TensorBoard event files, written by process 0 only;
-and `write_json` for the JSON records a run leaves in its workdir.
+"""What a run leaves in its workdir: JSON records, metrics, PNGs.
 
-TensorBoard events are written with tensorboardX, so training needs no
-TensorFlow.
+Every path here may be local or a URL (``gs://bucket/run``, with the `gcp`
+extra installed): file access goes through `etils.epath` (the path library
+Orbax uses), TensorBoard events through tensorboardX (no TensorFlow needed;
+gs:// through google-cloud-storage). Metrics are written by process 0 only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 
 import jax
+from etils import epath
+
+
+def is_remote(path) -> bool:
+    """True for URLs such as gs://bucket/x (no local file system semantics)."""
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (user folder expanded); URLs unchanged."""
+    return str(path) if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def makedirs(path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a whole file (its parent folders created), atomically where the
+    file system can rename (a temporary file renamed into place); on object
+    stores a single object upload, which is atomic by itself."""
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        p.write_bytes(data)
+        return
+    tmp = p.parent / (p.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(p)
 
 
 def write_json(path: str, obj) -> None:
-    """Writes `obj` as indented JSON atomically (a temporary file renamed into
-    place), so a killed run never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """Writes `obj` as indented JSON atomically (see `write_bytes`), so a
+    killed run never leaves a half-written file."""
+    write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def read_json(path: str):
+    """The JSON object in `path`, or None if there is no such file."""
+    p = epath.Path(path)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def save_png(path: str, image) -> None:
+    """Saves uint8 [H, W, 3] (or [H, W]) as a PNG via PIL."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
 
 
 class MetricWriter:
     """Appends {'step': s, **scalars} lines to WORKDIR/metrics.jsonl and the same
     scalars to TensorBoard events under WORKDIR/tensorboard. No-op on hosts
-    other than process 0."""
+    other than process 0.
 
-    def __init__(self, workdir: str):
+    Object stores (gs://) cannot append: there the JSONL lines of the run so
+    far (the earlier ones read back on resume) are rewritten as one object at
+    most every `remote_flush_seconds` and at `close`.
+    """
+
+    def __init__(self, workdir: str, remote_flush_seconds: float = 60.0):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._remote = is_remote(workdir)
+        self._flush_every = remote_flush_seconds
+        if self._remote:
+            p = epath.Path(self._path)
+            self._lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+            self._flushed = time.monotonic()
+        else:
+            self._jsonl = open(self._path, "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": int(step), **scalars}) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._flushed > self._flush_every:
+                self._flush_remote()
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
 
+    def _flush_remote(self) -> None:
+        write_bytes(self._path, "".join(self._lines).encode())
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
-        if self.active:
+        if not self.active:
+            return
+        if self._remote:
+            self._flush_remote()
+        else:
             self._jsonl.close()
-            self._tb.close()
+        self._tb.close()

@@ -120,7 +120,6 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
         prediction, cm = _score(probs, label, spec.num_classes)
         total = metrics.accumulate(total, cm)
         if visualize_dir and process_index == 0 and i < num_visualize:
-            os.makedirs(visualize_dir, exist_ok=True)
             visualize.save_segmentation_panel(
                 os.path.join(visualize_dir, f"{i:05d}.png"), image,
                 np.asarray(prediction, np.uint8), label, palette)

@@ -161,6 +161,8 @@ class EncoderBlock(nn.Module):
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, dtype=self.dtype,
+            # Mixed precision: the attention softmax stays in float32.
+            force_fp32_for_softmax=True,
             kernel_init=nn.initializers.xavier_uniform(),
             broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
             deterministic=not train, name="MultiHeadDotProductAttention_0")(y, y)

@@ -1,0 +1,314 @@
+"""Scale-out: gradient accumulation, bfloat16 compute, sharding rules by
+parameter path, multi-host start-up, several processes, preemption, the
+compile report and the profiler trace."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import pytest
+from conftest import REPO, apply_overrides, tiny_config
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddep_jax import config_lib, distributed, finetune, optim, sharding, train
+from ddep_jax.sharding import make_mesh
+
+
+def _adam_moments(state):
+    """Adam's first moments of the trained collections: after one step they
+    are (1 - b1) x the gradient, so comparing them compares gradients."""
+    return jax.device_get(_find_mu(state["opt_state"]))
+
+
+def _find_mu(opt_state):
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+             if hasattr(s, "mu")]
+    assert len(found) == 1, found
+    return found[0].mu
+
+
+def _assert_gradients_close(got, want):
+    """Equal up to float32 summation order: 1e-4 relative, or 1e-5 of the
+    largest gradient entry where entries cancel to near zero."""
+    scale = max(np.abs(b).max() for b in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), np.uint8)
+
+
+def _ddep_step_on_8(config, images):
+    """One DDeP step on the 8-device mesh from the seed's initial state."""
+    mesh = make_mesh(8)
+    t = train.build_training(config, 10, mesh, jax.random.key(0))
+    batch = NamedSharding(mesh, P("data"))
+    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule),
+                   in_shardings=(t.state_sharding, batch, NamedSharding(mesh, P())),
+                   out_shardings=(t.state_sharding, NamedSharding(mesh, P())))
+    state, metrics = step(t.init(jax.random.key(0)), jax.device_put(images, batch),
+                          jax.random.key(1))
+    return state, jax.device_get(metrics)
+
+
+def test_gradient_accumulation_over_4_equals_one_batch_4x_larger():
+    """DDeP on 8 devices: batch 32 as 4 micro-batches of 8 gives the loss and
+    gradient of one batch of 32 (same noise: drawn for the whole batch)."""
+    images = _images(32)
+    big, m_big = _ddep_step_on_8(tiny_config(batch_size=32, **{"mesh.data": 8}),
+                                 images)
+    acc, m_acc = _ddep_step_on_8(tiny_config(batch_size=32, grad_accum_steps=4,
+                                             **{"mesh.data": 8}), images)
+    np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_acc["grad_norm"], m_big["grad_norm"], rtol=1e-5)
+    _assert_gradients_close(_adam_moments(acc), _adam_moments(big))
+
+
+class _PixelClassifier(nn.Module):
+    """A per-pixel linear classifier with dropout: the stage-3 step's model
+    interface (apply(variables, x, train=..., rngs=...)) at no compile cost."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        x = nn.Dropout(0.0, deterministic=not train)(x)
+        return nn.Conv(11, (3, 3), name="head")(x)
+
+
+def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels():
+    """Stage 3: micro-batches with different numbers of void pixels still
+    give the mean over all valid pixels of the whole batch."""
+    model = _PixelClassifier()
+    images = _images(8, size=16)
+    labels = np.random.default_rng(1).integers(0, 11, (8, 16, 16)).astype(np.uint8)
+    labels[0] = 255  # micro-batch 0 (examples 0 and 4) is mostly void
+    labels[4, :10] = 255
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    schedule = optim.make_schedule(1e-3, 10)
+    tx, _ = optim.make_optimizer(params, (), schedule)
+    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+    results = {}
+    for k in (1, 4):
+        step = jax.jit(finetune.make_finetune_step(model, tx, schedule, k))
+        new_state, metrics = step(state, images, labels, jax.random.key(1))
+        results[k] = (jax.device_get(metrics), _adam_moments(new_state))
+    np.testing.assert_allclose(results[4][0]["loss"], results[1][0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(results[4][0]["pixel_accuracy"],
+                               results[1][0]["pixel_accuracy"], rtol=1e-6)
+    _assert_gradients_close(results[4][1], results[1][1])
+
+
+def test_microbatches_are_strided_so_device_blocks_stay_local():
+    x = jnp.arange(16)
+    micro = optim.split_microbatches(x, 4)
+    np.testing.assert_array_equal(micro[1], [1, 5, 9, 13])
+    with pytest.raises(ValueError, match="not divisible into 3"):
+        optim.split_microbatches(x, 3)
+
+
+def test_bfloat16_step_computes_in_bf16_and_keeps_float32_state():
+    config = tiny_config(**{"model.dtype": "bfloat16"})
+    t = train.build_training(config, 10, make_mesh(1), jax.random.key(0))
+    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule))
+    state = t.init(jax.random.key(0))
+    images = _images(8)
+    lowered = step.lower(state, images, jax.random.key(1))
+    hlo = lowered.as_text()
+    assert "bf16" in hlo and "stablehlo.convolution" in hlo
+    state, metrics = lowered.compile()(state, images, jax.random.key(1))
+    floats = [x for x in jax.tree.leaves((state["params"], state["opt_state"]))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+    assert metrics["loss"].dtype == jnp.float32
+    # The same step in float32 gives nearly the same loss (bf16 has 8 bits of
+    # mantissa; the loss, the norms' statistics and the softmax stay float32).
+    ref = tiny_config()
+    t32 = train.build_training(ref, 10, make_mesh(1), jax.random.key(0))
+    _, m32 = jax.jit(train.make_train_step(ref, t32.model, t32.tx, t32.schedule))(
+        t32.init(jax.random.key(0)), images, jax.random.key(1))
+    np.testing.assert_allclose(float(metrics["loss"]), float(m32["loss"]), rtol=0.02)
+
+
+def test_sharding_rules_by_parameter_path():
+    config = tiny_config(**{"mesh.data": 8, "mesh.param_sharding": "fsdp",
+                            "mesh.fsdp_min_size": 64})
+    config.mesh.sharding_rules = (("^encoder/", "replicated"),
+                                  ("^decoder/block0/conv1/conv/kernel$", "dim=-2"))
+    t = train.build_training(config, 10, make_mesh(8), jax.random.key(0))
+    specs = jax.tree.map(lambda s: s.spec, t.state_sharding)
+    params = specs["params"]
+    assert set(jax.tree.leaves(params["encoder"],
+                               is_leaf=lambda x: isinstance(x, P))) == {P()}
+    assert params["decoder"]["block0"]["conv1"]["conv"]["kernel"] == P(
+        None, None, "data", None)
+    # Default rule 'fsdp': the largest divisible dimension.
+    assert params["decoder"]["block1"]["conv1"]["conv"]["kernel"] == P(
+        None, None, "data", None)
+    assert specs["step"] == P()
+    # Adam's moments follow their parameter's rule.
+    mu = _find_mu(t.state_sharding["opt_state"])
+    assert mu["decoder"]["block0"]["conv1"]["conv"]["kernel"].spec == P(
+        None, None, "data", None)
+    with pytest.raises(ValueError, match=r"'dim=7' for decoder/block0/conv1/conv/kernel"):
+        sharding.state_shardings(t.abstract_state, make_mesh(8), "fsdp", 64,
+                                 (("^decoder/block0/conv1/conv/kernel$", "dim=7"),))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("grad_accum_steps", 3, r"config.batch_size=8 is invalid: must be divisible by "
+                            r"the 1 devices x grad_accum_steps=3"),
+    ("grad_accum_steps", 0, r"config.grad_accum_steps=0 is invalid"),
+    ("mesh.sharding_rules", (("^encoder/", "halves"),), r"config.mesh.sharding_rules"),
+    ("model.dtype", "float16", r"config.model.dtype='float16' is invalid"),
+])
+def test_scale_out_options_are_validated(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(tiny_config(**{key: value}), 1)
+
+
+@pytest.mark.parametrize("mode,coordinator,env,expected", [
+    ("auto", None, {}, False),
+    ("auto", None, {"SLURM_NTASKS": "1"}, False),
+    ("auto", None, {"SLURM_NTASKS": "4"}, True),
+    ("auto", None, {"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ("auto", None, {"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, False),
+    ("auto", None, {"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+    ("auto", "10.0.0.2:1234", {}, True),
+    ("yes", None, {}, True),
+    ("no", None, {"SLURM_NTASKS": "4"}, False),
+])
+def test_distributed_initialised_only_for_several_processes(mode, coordinator, env,
+                                                            expected):
+    assert distributed.should_initialize(mode, coordinator, env) is expected
+
+
+def test_distributed_flag_errors_name_the_flags():
+    with pytest.raises(ValueError, match="--distributed=no contradicts"):
+        distributed.should_initialize("no", "h:1", {})
+    with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
+        distributed.initialize("auto", "localhost:1", env={})
+
+
+# ----------------------------------------------------------------------------
+# Whole runs: several processes, preemption.
+# ----------------------------------------------------------------------------
+# The tiny model of `tiny_config`, on the embedded photographs, as overrides of
+# configs/ddep_default.py (the subprocesses cannot import the test fixtures).
+TINY_OVERRIDES = {
+    "model.encoder.vit_size": "mu", "model.encoder.resnet_width": 8,
+    "model.encoder.image_size": (32, 32), "model.encoder.num_groups": 4,
+    "model.decoder_widths": (32, 16, 16, 8, 8), "model.decoder_num_groups": 4,
+    "data.num_threads": 1, "data.prefetch": 1, "log_every": 1,
+    "image_grid_every": 2, "image_grid_size": 2,
+}
+
+
+def _flags(overrides: dict) -> list[str]:
+    def text(v):
+        return f"({','.join(map(str, v))})" if isinstance(v, tuple) else str(v)
+    return [f"--config.{k}={text(v)}" for k, v in overrides.items()]
+
+
+def _default_config(**overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddep_default",
+                                                  REPO / "configs" / "ddep_default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return apply_overrides(module.get_config(), {**TINY_OVERRIDES, **overrides})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
+    """Two hosts (processes) with 4 CPU devices each and jax.distributed:
+    each host feeds its own shard of the data, process 0 alone writes the
+    run's files, both save their data-iterator state, and the first step's
+    loss equals the one of a single 8-device process fed the same global
+    batch (host 0's examples on devices 0-3, host 1's on 4-7)."""
+    from ddep_jax.data import pipeline
+
+    workdir = tmp_path / "work"
+    overrides = {"total_steps": 2, "batch_size": 8}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+         f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}", *_flags({**TINY_OVERRIDES, **overrides})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+    assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2], outputs[0][-6000:]  # written once, by process 0
+    assert sorted(os.listdir(workdir / "images")) == ["denoise_00000002.png"]
+    iter_files = sorted(os.listdir(workdir / "checkpoints" / "2" / "data_iter"))
+    assert any("process_0" in f for f in iter_files), iter_files
+    assert any("process_1" in f for f in iter_files), iter_files
+
+    config = _default_config(**overrides)
+    h, w = config.model.encoder.image_size
+    source = train.make_source(config.data)
+    host_batches = [next(iter(pipeline.make_train_dataset(
+        source, image_size=(h, w), batch_size=4, seed=config.seed, process_index=i,
+        process_count=2, area_range=config.data.crop_area_range,
+        aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
+        num_threads=1, prefetch=1)))["image"] for i in range(2)]
+    init_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
+    mesh = make_mesh(8)
+    t = train.build_training(config, 2, mesh, init_key)
+    batch = NamedSharding(mesh, P("data"))
+    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule),
+                   in_shardings=(t.state_sharding, batch, NamedSharding(mesh, P())))
+    _, metrics = step(t.init(init_key), np.concatenate(host_batches), train_key)
+    np.testing.assert_allclose(lines[0]["loss"], float(metrics["loss"]), rtol=1e-5)
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes(tmp_path):
+    """The README's first command, preempted: SIGTERM mid-run -> checkpoint of
+    that step, exit status 75; the same command again continues from it."""
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+               f"--workdir={workdir}", *_flags(TINY_OVERRIDES)]
+    proc = subprocess.Popen(command + ["--config.total_steps=100000",
+                                       "--config.checkpoint_every=100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no training steps logged in time"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    saved = [int(s) for s in os.listdir(workdir / "checkpoints")]
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert saved == [last_logged] and last_logged >= 3
+    assert f"Preempted at step {last_logged}" in out
+    report = json.loads((workdir / "compile_report.json").read_text())["train_step"]
+    assert report["flops_per_example"] > 0 and report["memory"]["peak"] > 0
+
+    resumed = subprocess.run(command + [f"--config.total_steps={last_logged + 1}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {workdir / 'checkpoints'} at step {last_logged}" in resumed.stderr
+    assert f"step {last_logged + 1}/{last_logged + 1} | loss" in resumed.stderr
