@@ -11,14 +11,16 @@ Prepare ImageNet-21k once (docs/DATASETS.md), then on a TPU slice:
   python -m ddep_jax.main --config=configs/classify_imagenet21k.py --workdir=gs://...
 and hand the encoder to stage 2:
   --config=configs/ddep_imagenet21k.py:encoder=<that workdir>
-Arguments: vit (B | L), epochs.
+Arguments: vit (B | L; L shards parameters and Adam state, mesh.param_sharding
+'fsdp'), epochs, dtype (float32 | bfloat16 compute; parameters stay float32),
+accum (the batch of 4096 as K micro-batches).
 """
 
 from ddep_jax.config_lib import classify_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, vit="B", epochs=90.0)
+    arg = parse_arg(arg, vit="B", epochs=90.0, dtype="float32", accum=1)
     c = classify_config()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
@@ -37,4 +39,8 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.03
     c.optimizer.grad_clip_norm = 1.0
     c.checkpoint_every = 2000
+    c.model.dtype = arg.dtype
+    c.grad_accum_steps = arg.accum
+    if arg.vit == "L":
+        c.mesh.param_sharding = "fsdp"
     return c

@@ -13,13 +13,22 @@ Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   ViT-L), its Orbax conversion (python -m ddep_jax.vit_import) or a stage-1
   workdir (configs/classify_imagenet21k.py). The paper freezes the public
   ImageNet-21k checkpoint's encoder; without it the encoder is random.
+  :dtype=bfloat16 (bf16 compute, float32 parameters and optimizer state),
+  :accum=K (the batch of 512 as K micro-batches: fits fewer or smaller
+  devices). ViT-L and the 3x decoder shard parameters and Adam state over
+  the devices (mesh.param_sharding='fsdp').
+
+On a Cloud TPU slice (docs/LAUNCH.md):
+  launch/tpu.sh run --config=configs/ddep_imagenet21k.py:encoder=gs://B/encoders/r50_vitb16 \
+      --workdir=gs://B/runs/ddep_1x
 """
 
 from ddep_jax.config_lib import ddep_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, encoder="")
+    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, encoder="",
+                    dtype="float32", accum=1)
     c = ddep_config()
     c.model.encoder.vit_size = arg.vit
     c.model.decoder_multiplier = arg.decoder
@@ -30,6 +39,10 @@ def get_config(arg=None):
     c.num_epochs = 100.0
     c.frozen = () if arg.dep else ("encoder",)
     c.init.checkpoint = arg.encoder
+    c.model.dtype = arg.dtype
+    c.grad_accum_steps = arg.accum
+    if arg.vit == "L" or arg.decoder == 3:
+        c.mesh.param_sharding = "fsdp"
     if arg.runlocal:
         c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1),
                                image_size=(64, 64), num_groups=16)

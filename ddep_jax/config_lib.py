@@ -470,9 +470,10 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     `crop`, evaluation `eval_mode` on the validation split, batch 16, Adam(W)
     with lr and weight decay 1e-4 (the middle of the swept [1e-5, 3e-4]),
     cosine decay. Config arguments: init, ckpt, fraction, seed, decoder,
-    steps."""
+    steps, dtype (float32 | bfloat16 compute), accum (micro-batches per
+    step); the 3x decoder shards parameters and Adam state ('fsdp')."""
     arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
-                    decoder=decoder, steps=40000)
+                    decoder=decoder, steps=40000, dtype="float32", accum=1)
     c = finetune_config()
     c.seed = arg.seed
     c.init.mode = arg.init
@@ -491,6 +492,10 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     c.optimizer.learning_rate = 1e-4
     c.optimizer.weight_decay = 1e-4
     c.optimizer.warmup_steps = 500
+    c.model.dtype = arg.dtype
+    c.grad_accum_steps = arg.accum
+    if arg.decoder == 3:
+        c.mesh.param_sharding = "fsdp"
     return c
 
 

@@ -16,6 +16,10 @@ When to initialise (`--distributed`):
 - 'yes': always (JAX's cluster auto-detection: Cloud TPU, SLURM, Open MPI,
   Kubernetes); what launch/tpu.sh passes on multi-host slices.
 - 'no': never.
+
+Under SLURM, JAX's auto-detection gives each process the one GPU of its
+local rank (one task per GPU). With one task per node that drives all of the
+node's GPUs, set JAX_LOCAL_DEVICE_IDS=0,...,G-1 (launch/gpu_slurm.sbatch does).
 """
 
 from __future__ import annotations

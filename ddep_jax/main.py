@@ -52,8 +52,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
-                           _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
+                              _NUM_PROCESSES.value, _PROCESS_ID.value):
+        import jax
+
+        if jax.process_index() != 0:  # process 0 logs the progress for all
+            logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     stage = config.get("stage", "ddep")
     if stage == "ddep":

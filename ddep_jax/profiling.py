@@ -35,6 +35,12 @@ def compiled_report(compiled, batch_size: int, num_devices: int) -> dict:
       num_devices: devices the step runs on (XLA's FLOPs are per device for
         an SPMD program; the global figure multiplies them).
 
+    XLA counts the body of a loop once: with gradient accumulation (a
+    `lax.scan` over micro-batches) and on the CPU backend (whose convolution
+    kernel gradients loop over the kernel taps, `models.fast_conv`) the FLOPs
+    are an undercount; `benchmarks/train_step.py` counts the model FLOPs of
+    the same step without those loops.
+
     Returns:
       {'flops_per_step' (global), 'flops_per_example', 'bytes_accessed' (per
       device), 'memory': {'argument', 'output', 'alias', 'temp',

@@ -13,14 +13,16 @@ from ddep_jax.models.classifier import build_classifier
 from ddep_jax.models.transunet import build_model
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
-ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal"],
+ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal",
+                                "decoder=3,dtype=bfloat16,accum=8"],
         "ddep_camvid.py": [None, "paper"],
         "finetune_camvid.py": [None, "paper", "init=pretrained,ckpt=x,fraction=1/30"],
-        "finetune_cityscapes.py": ["ckpt=x", "decoder=2,fraction=1/8,ckpt=x"],
+        "finetune_cityscapes.py": ["ckpt=x", "decoder=2,fraction=1/8,ckpt=x",
+                                   "ckpt=x,decoder=3,dtype=bfloat16,accum=4"],
         "finetune_ade20k.py": ["ckpt=x", "init=scratch,decoder=1,fraction=1%"],
         "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"],
         "classify_cifar10.py": [None, "steps=10,batch=64"],
-        "classify_imagenet21k.py": [None, "vit=L"],
+        "classify_imagenet21k.py": [None, "vit=L,dtype=bfloat16,accum=4"],
         "classify_imagenet2012.py": [None, "init=x"]}
 
 
@@ -90,3 +92,18 @@ def test_paper_finetune_protocols():
         assert tuple(c.data.crop_size) == (512, 512) and c.eval.mode == "multiscale"
         assert tuple(c.eval.scales) == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
         assert c.model.decoder_multiplier == 3
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("ddep_imagenet21k.py", "decoder=3,dtype=bfloat16,accum=8"),
+    ("ddep_imagenet21k.py", "vit=L"),
+    ("classify_imagenet21k.py", "vit=L,dtype=bfloat16,accum=4"),
+    ("finetune_cityscapes.py", "ckpt=x,decoder=3,dtype=bfloat16,accum=4"),
+])
+def test_paper_configs_scale_out_arguments(name, arg):
+    """Large models shard their state (fsdp); dtype and accum reach the config."""
+    config = _load(REPO / "configs" / name).get_config(arg)
+    assert config.mesh.param_sharding == "fsdp"
+    if "dtype" in arg:
+        assert config.model.dtype == "bfloat16"
+        assert config.grad_accum_steps in (4, 8)

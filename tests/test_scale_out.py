@@ -227,6 +227,13 @@ def _default_config(**overrides):
     return apply_overrides(module.get_config(), {**TINY_OVERRIDES, **overrides})
 
 
+def _subprocess_env(**extra) -> dict:
+    """The environment of a child run: the session's XLA compilation cache
+    (conftest), so that a rerun of the same program compiles nothing."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **extra}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -243,8 +250,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
 
     workdir = tmp_path / "work"
     overrides = {"total_steps": 2, "batch_size": 8}
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                          JAX_PLATFORMS="cpu")
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
@@ -281,34 +288,41 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     np.testing.assert_allclose(lines[0]["loss"], float(metrics["loss"]), rtol=1e-5)
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_resumes(tmp_path):
-    """The README's first command, preempted: SIGTERM mid-run -> checkpoint of
-    that step, exit status 75; the same command again continues from it."""
-    workdir = tmp_path / "work"
-    command = [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
-               f"--workdir={workdir}", *_flags(TINY_OVERRIDES)]
-    proc = subprocess.Popen(command + ["--config.total_steps=100000",
-                                       "--config.checkpoint_every=100000"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    metrics = workdir / "metrics.jsonl"
+def _run_until_sigterm(command, metrics, min_lines):
+    """Starts `command`, sends SIGTERM once metrics.jsonl has `min_lines`
+    lines, and returns (exit status, output)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=_subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= min_lines):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no training steps logged in time"
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, out[-3000:]
-    saved = [int(s) for s in os.listdir(workdir / "checkpoints")]
-    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
-    assert saved == [last_logged] and last_logged >= 3
-    assert f"Preempted at step {last_logged}" in out
+    return proc.wait(timeout=120), proc.communicate()[0]
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes(tmp_path):
+    """The README's first command, preempted: SIGTERM mid-run -> checkpoint of
+    that step, exit status 75; the same command again resumes from it (and
+    is preempted once more)."""
+    workdir = tmp_path / "work"
+    metrics = workdir / "metrics.jsonl"
+    command = [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+               f"--workdir={workdir}", *_flags(TINY_OVERRIDES),
+               "--config.total_steps=100000", "--config.checkpoint_every=100000"]
+    status, out = _run_until_sigterm(command, metrics, 3)
+    assert status == 75, out[-3000:]
+    first = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert [int(s) for s in os.listdir(workdir / "checkpoints")] == [first] and first >= 3
+    assert f"Preempted at step {first} (checkpoint saved)" in out
+    assert (workdir / "images" / "denoise_00000002.png").is_file()
     report = json.loads((workdir / "compile_report.json").read_text())["train_step"]
     assert report["flops_per_example"] > 0 and report["memory"]["peak"] > 0
 
-    resumed = subprocess.run(command + [f"--config.total_steps={last_logged + 1}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from {workdir / 'checkpoints'} at step {last_logged}" in resumed.stderr
-    assert f"step {last_logged + 1}/{last_logged + 1} | loss" in resumed.stderr
+    status, out = _run_until_sigterm(command, metrics, first + 1)
+    assert status == 75, out[-3000:]
+    assert f"Resumed from {workdir / 'checkpoints'} at step {first}" in out
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert steps == list(range(1, steps[-1] + 1)), "a step was lost or repeated"
+    assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == steps[-1]

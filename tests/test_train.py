@@ -189,19 +189,6 @@ def test_missing_dataset_names_builder_and_prepare_command(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "work"))
 
 
-def test_main_entry_point_runs_default_config(tmp_path):
-    """The README's first command, shortened: a checkpoint and an image grid."""
-    out = subprocess.run(
-        [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
-         f"--workdir={tmp_path}", "--config.total_steps=2", "--config.log_every=1",
-         "--config.model.encoder.resnet_width=16"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "step 2/2 | loss" in out.stderr
-    assert os.listdir(tmp_path / "checkpoints") == ["2"]
-    assert (tmp_path / "images" / "denoise_00000002.png").is_file()
-
-
 def test_ddep_on_real_camvid_images(tmp_path, camvid_dir):
     """A few DDeP steps reading CamVid's images through TFDS and grain."""
     from ddep_jax.data import prepare

@@ -1,0 +1,617 @@
+"""Train-step benchmark of the three stages at their paper configurations.
+
+  stage 1 classify: configs/classify_imagenet21k.py (R50+ViT-B/16 classifier,
+                    224x224, 21843 classes, sigmoid cross-entropy)
+  stage 2 ddep:     configs/ddep_imagenet21k.py (R50+ViT-B/16 frozen encoder +
+                    1x UNet decoder, 224x224, scaled noise, eps target)
+  stage 3 finetune: configs/finetune_cityscapes.py (1024x1024 crops, 19 classes;
+                    the model is built for the encoder's 224x224 and fed the
+                    crop, its position embedding resampled, as finetune.py does)
+
+For each stage it prints devices, dtype, batch, parameter counts, XLA's FLOPs
+per example and per step, XLA's per-device memory (arguments, temporaries,
+peak), compile time, the median step time over --steps timed steps after
+--warmup steps, images/s, achieved FLOP/s and the model FLOPs utilisation
+against (a) this device's dense n x n matmul throughput in the compute dtype,
+measured in the same run, and (b) the vendor's nominal dense peak where the
+device kind is a known accelerator. A human-readable block, then one
+`RESULT {json}` line per stage. Not a test: run it by hand, record figures.
+
+  python benchmarks/train_step.py                        # all three, small batch
+  python benchmarks/train_step.py --stages=ddep --batch=ddep:8
+  python benchmarks/train_step.py --compile_only --paper_devices=16
+      # FLOPs and memory at the paper's global batch over 16 devices (e.g. a
+      # v4-32 slice), compiled for one device: the per-device program
+  python benchmarks/train_step.py --max_batch --compile_only   # GPU / TPU
+  python benchmarks/train_step.py --image_size=64 --steps=1    # smoke run
+
+FLOPs are XLA's cost analysis of the compiled step, which counts a loop
+body once. So on CPU the step is compiled a second time with
+`fast_conv.disabled()` for the count (the CPU fast path computes a
+convolution's kernel gradient in a loop over kernel taps; the plain-convolution
+step is the same math), and with --grad_accum_steps > 1 (a lax.scan over
+micro-batches) the count is taken from the step without accumulation at the
+same global batch. Memory is read from the step that runs: XLA's per-device
+arguments + outputs - donated + temporaries, or its own peak where larger
+(`profiling.compiled_report`). The state is donated, inputs are placed on the
+devices once before timing, and nothing is fetched to the host inside the
+timed loop (each step is waited for with block_until_ready).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddep_jax import classify, finetune, profiling, train
+from ddep_jax.data import seg_datasets
+from ddep_jax.models import fast_conv
+from ddep_jax.sharding import make_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("classify", "ddep", "finetune")
+STAGE_NUMBER = {"classify": 1, "ddep": 2, "finetune": 3}
+CONFIG_FILES = {"classify": "configs/classify_imagenet21k.py",
+                "ddep": "configs/ddep_imagenet21k.py",
+                "finetune": "configs/finetune_cityscapes.py"}
+# Small enough for a 2-core CPU (224x224 for stages 1-2, 1024x1024 for 3).
+DEFAULT_BATCH = {"classify": 2, "ddep": 2, "finetune": 1}
+SCHEDULE_STEPS = 1000  # the learning-rate schedule's length: no effect on speed
+
+_STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, of {STAGES}.")
+_BATCH_PER_DEVICE = flags.DEFINE_integer(
+    "batch_per_device", None,
+    f"Per-device batch of every stage (default per stage: {DEFAULT_BATCH}).")
+_BATCH = flags.DEFINE_string(
+    "batch", "", "Per-stage per-device batch overrides, e.g. 'ddep:8,finetune:1'.")
+_PAPER_DEVICES = flags.DEFINE_integer(
+    "paper_devices", 0,
+    "> 0: per-device batch = the config's (paper) global batch / this many "
+    "devices (classify 4096, ddep 512, finetune 16), unless --batch names the "
+    "stage. Useful with --compile_only.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "config.model.dtype (compute); params stay float32.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps before timing.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile and report FLOPs and memory; run nothing.")
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch", False,
+    "Find the largest per-device batch whose compiled peak memory fits in the "
+    "device's bytes_limit (doubling, then bisecting; compile-only).")
+_MAX_BATCH_CAP = flags.DEFINE_integer("max_batch_cap", 4096,
+                                      "Largest per-device batch --max_batch tries.")
+_MEMORY_LIMIT_GIB = flags.DEFINE_float(
+    "memory_limit_gib", 0.0,
+    "> 0: the per-device memory --max_batch fits in, instead of the device's "
+    "memory_stats()['bytes_limit'] (what-if figures, or CPU).")
+_GRAD_ACCUM = flags.DEFINE_integer(
+    "grad_accum_steps", 0,
+    "> 0: config.grad_accum_steps (where the config has that key).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 0,
+    "> 0: square input size for smoke runs (classify: data and encoder size; "
+    "ddep: encoder size; finetune: crop size).")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Devices on the 'data' mesh axis.")
+_PARAM_SHARDING = flags.DEFINE_string(
+    "param_sharding", "", "'' keeps the config's; 'replicated' or 'fsdp'.")
+_CLASSIFY_CLASSES = flags.DEFINE_integer(
+    "classify_classes", 21843,
+    "Stage-1 classes: 21843 is ImageNet-21k (fall 2011) of the public "
+    "R50+ViT-B/16 checkpoints; this project's imagenet21k builder (winter 2021) "
+    "has 19167.")
+_MATMUL_N = flags.DEFINE_integer(
+    "matmul_n", 0, "n of the n x n matmul peak; 0: 2048 on CPU, 16384 otherwise.")
+_MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Matmul peak: best of N.")
+_SEED = flags.DEFINE_integer("seed", 0, "Parameter and input seed.")
+
+
+# ----------------------------------------------------------------------------
+# Nominal dense peaks (no 2:4 sparsity) per device, TFLOP/s, keyed by what
+# `jax.devices()[0].device_kind` says.
+#
+# NVIDIA datasheets list tensor-core figures *with sparsity* ("specifications
+# 1/2 lower without sparsity"): H100 SXM BF16 1,979, TF32 989, FP32 (no tensor
+# cores) 67; H100 PCIe 1,513 / 756 / 51
+# (https://www.nvidia.com/en-us/data-center/h100/, datasheet; table also at
+# https://glennklockwood.com/garden/processors/h100: BF16 matrix 989.4, TF32
+# 494.7, FP32 66.9 dense). H200 SXM is the same GH100 compute with HBM3e
+# (https://www.nvidia.com/en-us/data-center/h200/: BF16 1,979 with sparsity,
+# ~989 dense). A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf):
+# BF16 312, TF32 156, FP32 19.5 dense. Google Cloud TPU docs, "peak compute per
+# chip (bf16)": v4 275 (https://cloud.google.com/tpu/docs/v4), v5e 197
+# (https://cloud.google.com/tpu/docs/v5e), v5p 459
+# (https://cloud.google.com/tpu/docs/v5p), v6e / Trillium 918
+# (https://cloud.google.com/tpu/docs/v6e). JAX names them 'TPU v4',
+# 'TPU v5 lite', 'TPU v5', 'TPU v6 lite' (one device per chip).
+# ----------------------------------------------------------------------------
+_GPU_PEAKS = (  # (substring of the lower-cased device kind, {mode: TFLOP/s})
+    ("h100 pcie", {"bfloat16": 756.0, "tensorfloat32": 378.0, "float32": 51.0}),
+    ("h100", {"bfloat16": 989.4, "tensorfloat32": 494.7, "float32": 66.9}),  # SXM
+    ("h200", {"bfloat16": 989.4, "tensorfloat32": 494.7, "float32": 66.9}),  # SXM
+    ("a100", {"bfloat16": 312.0, "tensorfloat32": 156.0, "float32": 19.5}),
+)
+_TPU_BF16_PEAKS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0,
+                   "tpu v5": 459.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0,
+                   "tpu v6e": 918.0}
+
+
+def nominal_peak(device, dtype: str) -> tuple[float | None, str]:
+    """(dense peak FLOP/s of one device for `dtype` matmuls, what it is).
+
+    float32 matmuls run at JAX's default precision: TF32 tensor cores on
+    Ampere and later GPUs, one bfloat16 pass on TPU (docs.jax.dev, "Matmul
+    precision"); with jax_default_matmul_precision 'highest' / 'float32'
+    they run in full float32 (on TPU as 6 bfloat16 passes: peak / 6, rough).
+    """
+    kind = device.device_kind.lower()
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    full_f32 = precision in ("highest", "float32", "f32_f32_f32")
+    three_pass = precision in ("high", "tensorfloat32", "bf16_bf16_f32_x3")
+    if device.platform == "gpu" or device.platform == "cuda":
+        if "nvl" in kind:  # H100 / H200 NVL: other clocks, not in the table
+            return None, f"no nominal peak for {device.device_kind!r}"
+        for name, peaks in _GPU_PEAKS:
+            if name in kind:
+                if dtype == "bfloat16":
+                    return peaks["bfloat16"] * 1e12, "bf16 dense tensor core"
+                if full_f32:
+                    return peaks["float32"] * 1e12, "fp32 (no tensor cores)"
+                return peaks["tensorfloat32"] * 1e12, "tf32 dense (JAX default f32)"
+        return None, f"no nominal peak for {device.device_kind!r}"
+    if device.platform == "tpu":
+        peak = _TPU_BF16_PEAKS.get(kind)
+        if peak is None:
+            return None, f"no nominal peak for {device.device_kind!r}"
+        if dtype == "bfloat16" or not (full_f32 or three_pass):
+            return peak * 1e12, "bf16 peak per chip"
+        passes = 6 if full_f32 else 3
+        return peak * 1e12 / passes, f"bf16 peak / {passes} passes (f32 '{precision}')"
+    return None, f"no nominal peak for {device.platform}"
+
+
+def matmul_peak(dtype: str, n: int, reps: int) -> float:
+    """Best-of-`reps` [n, n] @ [n, n] throughput in `dtype`, FLOP/s (device 0)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def device_memory_limit() -> int | None:
+    """--memory_limit_gib, else bytes_limit of device 0's allocator, else None
+    (the backend says nothing)."""
+    if _MEMORY_LIMIT_GIB.value > 0:
+        return int(_MEMORY_LIMIT_GIB.value * 2**30)
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        stats = None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+# ----------------------------------------------------------------------------
+def load_config(stage: str):
+    path = REPO / CONFIG_FILES[stage]
+    spec = importlib.util.spec_from_file_location(f"_train_step_config_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(None)
+
+
+def _accum_kwargs(fn, steps: int | None) -> dict:
+    """{'grad_accum_steps': steps} where a step maker takes that argument (the
+    stage-2 maker reads config.grad_accum_steps itself)."""
+    if steps and "grad_accum_steps" in inspect.signature(fn).parameters:
+        return {"grad_accum_steps": steps}
+    return {}
+
+
+def encoder_name(config) -> str:
+    enc = config.model.encoder
+    layers = tuple(enc.resnet_layers)
+    resnet = {(3, 4, 9): "R50+", (): ""}.get(layers, f"R{layers}+")
+    return f"{resnet}ViT-{enc.vit_size}/16"
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage's train step at a given per-device batch."""
+
+    name: str
+    config: object
+    description: str
+    input_hw: tuple[int, int]
+    global_batch: int
+    grad_accum_steps: int | None  # None: the stage has no such setting
+    frozen: tuple[str, ...]
+    abstract: dict  # ShapeDtypeStruct leaves
+    sharding: dict  # NamedSharding leaves
+    init: Callable
+    make_step: Callable[[], Callable]  # a fresh, untraced step function
+    input_specs: tuple  # ShapeDtypeStructs of the step's arguments after state
+    make_inputs: Callable[[np.random.RandomState], tuple]  # host arrays
+
+    def param_counts(self) -> tuple[int, int]:
+        params = self.abstract["params"]
+        size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+        return (sum(size(v) for k, v in params.items() if k not in self.frozen),
+                size(params))
+
+
+def build_stage(name: str, per_device_batch: int, mesh,
+                grad_accum: int | None = None) -> Stage:
+    """The stage's config (paper file + flag overrides), model, optimizer,
+    abstract state and step maker; `grad_accum` overrides --grad_accum_steps."""
+    grad_accum = _GRAD_ACCUM.value if grad_accum is None else grad_accum
+    config = load_config(name)
+    num_devices = mesh.shape["data"]
+    global_batch = per_device_batch * num_devices
+    config.batch_size = global_batch
+    config.model.dtype = _DTYPE.value
+    config.mesh.data = num_devices
+    if _PARAM_SHARDING.value:
+        config.mesh.param_sharding = _PARAM_SHARDING.value
+    accum = grad_accum or None  # None: the stage has no such setting
+    if "grad_accum_steps" in config:
+        if grad_accum:
+            config.grad_accum_steps = grad_accum
+        accum = int(config.grad_accum_steps)
+    size = _IMAGE_SIZE.value
+    key = jax.random.key(_SEED.value)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+
+    if name == "classify":
+        if size:
+            config.data.image_size = (size, size)
+            config.model.encoder.image_size = (size, size)
+        h, w = config.data.image_size
+        num_classes = config.model.num_outputs or _CLASSIFY_CLASSES.value
+        model, tx, schedule, abstract, sharding, init = classify.build_classification(
+            config, num_classes, SCHEDULE_STEPS, mesh, key)
+        kwargs = _accum_kwargs(classify.make_train_step, accum)
+        make_step = lambda: classify.make_train_step(
+            model, tx, schedule, config.loss.type, config.loss.label_smoothing, **kwargs)
+        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),
+                       spec((global_batch,), jnp.int32))
+        make_inputs = lambda rng: (
+            rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8),
+            rng.randint(0, num_classes, (global_batch,)).astype(np.int32))
+        description = (f"{encoder_name(config)} classifier, {num_classes} classes, "
+                       f"{config.loss.type} loss, everything trained")
+        frozen = ()
+    elif name == "ddep":
+        if size:
+            config.model.encoder.image_size = (size, size)
+        h, w = config.model.encoder.image_size
+        t = train.build_training(config, SCHEDULE_STEPS, mesh, key)
+        abstract, sharding, init = t.abstract_state, t.state_sharding, t.init
+        make_step = lambda: train.make_train_step(config, t.model, t.tx, t.schedule)
+        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),)
+        make_inputs = lambda rng: (
+            rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8),)
+        frozen = tuple(config.frozen)
+        description = (f"{encoder_name(config)} encoder"
+                       f"{' (frozen)' if 'encoder' in frozen else ''} + "
+                       f"{config.model.decoder_multiplier}x decoder, "
+                       f"{config.denoising.noise_type} noise sigma "
+                       f"{config.denoising.sigma}, {config.denoising.target} target")
+    elif name == "finetune":
+        if size:
+            config.data.crop_size = (size, size)
+        h, w = config.data.crop_size
+        num_classes = (config.model.num_outputs
+                       or seg_datasets.get_spec(config.data.name).num_classes)
+        model, tx, schedule, abstract, sharding, init = finetune.build_finetuning(
+            config, num_classes, SCHEDULE_STEPS, mesh, key)
+        kwargs = _accum_kwargs(finetune.make_finetune_step, accum)
+        make_step = lambda: finetune.make_finetune_step(model, tx, schedule, **kwargs)
+        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),
+                       spec((global_batch, h, w), jnp.uint8))
+
+        def make_inputs(rng):
+            labels = rng.randint(0, num_classes, (global_batch, h, w)).astype(np.uint8)
+            labels[rng.random_sample(labels.shape) < 0.05] = seg_datasets.IGNORE_LABEL
+            return (rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8), labels)
+
+        eh, ew = config.model.encoder.image_size
+        description = (f"{encoder_name(config)} + {config.model.decoder_multiplier}x "
+                       f"decoder, {num_classes} classes ({config.data.name}); model "
+                       f"built for {eh}x{ew}, fed {h}x{w} crops")
+        frozen = ()
+    else:
+        raise ValueError(f"stage {name!r}: expected one of {STAGES}.")
+    return Stage(name, config, description, (h, w), global_batch, accum, frozen,
+                 abstract, sharding, init, make_step, input_specs, make_inputs)
+
+
+def jit_step(stage: Stage, mesh):
+    batch = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    in_shardings = (stage.sharding, *[batch] * len(stage.input_specs), replicated)
+    return jax.jit(stage.make_step(), in_shardings=in_shardings,
+                   out_shardings=(stage.sharding, replicated), donate_argnums=(0,))
+
+
+def abstract_args(stage: Stage, mesh) -> tuple:
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         stage.abstract, stage.sharding)
+    key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
+    return (state, *stage.input_specs, key)
+
+
+def compile_step(stage: Stage, mesh, *, plain_convs: bool = False):
+    """(compiled step, seconds to lower and compile)."""
+    t = time.perf_counter()
+    if plain_convs:
+        with fast_conv.disabled():
+            compiled = jit_step(stage, mesh).lower(*abstract_args(stage, mesh)).compile()
+    else:
+        compiled = jit_step(stage, mesh).lower(*abstract_args(stage, mesh)).compile()
+    return compiled, time.perf_counter() - t
+
+
+def compiled_peak_bytes(stage: Stage, mesh) -> int:
+    compiled, _ = compile_step(stage, mesh)
+    report = profiling.compiled_report(compiled, stage.global_batch, mesh.shape["data"])
+    if not report["memory"]:
+        raise RuntimeError("the backend gives no memory analysis")
+    return report["memory"]["peak"]
+
+
+def find_max_batch(name: str, mesh, limit: int) -> tuple[int, list]:
+    """Largest per-device batch (a multiple of the accumulation steps) whose
+    compiled peak fits in `limit` bytes: doubling, then bisection to ~3%."""
+    probes = []
+    unit = max(_GRAD_ACCUM.value, 1)
+
+    def fits(k: int) -> bool:
+        b = k * unit
+        peak = compiled_peak_bytes(build_stage(name, b, mesh), mesh)
+        probes.append((b, peak))
+        print(f"  max_batch probe: per-device batch {b}: peak "
+              f"{peak / profiling.GIB:.2f} GiB {'fits' if peak <= limit else 'too big'}",
+              flush=True)
+        return peak <= limit
+
+    lo, hi, k = 0, None, 1
+    while k * unit <= _MAX_BATCH_CAP.value:
+        if not fits(k):
+            hi = k
+            break
+        lo, k = k, k * 2
+    if hi is None:
+        return lo * unit, probes
+    while hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * unit, probes
+
+
+# ----------------------------------------------------------------------------
+# Running and reporting.
+# ----------------------------------------------------------------------------
+def per_device_batch(name: str, overrides: dict) -> int:
+    if name in overrides:
+        return overrides[name]
+    if _PAPER_DEVICES.value:
+        paper = int(load_config(name).batch_size)
+        if paper % _PAPER_DEVICES.value:
+            raise ValueError(f"{name}: paper batch {paper} is not divisible by "
+                             f"--paper_devices={_PAPER_DEVICES.value}.")
+        return paper // _PAPER_DEVICES.value
+    return _BATCH_PER_DEVICE.value or DEFAULT_BATCH[name]
+
+
+def parse_batch_overrides(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition(":")
+        if name not in STAGES or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--batch item {item!r}: expected <stage>:<n> with stage "
+                             f"in {STAGES} and n >= 1.")
+        out[name] = int(value)
+    return out
+
+
+_MATMUL_CACHE: dict = {}
+
+
+def measured_peak(dtype: str) -> tuple[float, int]:
+    n = _MATMUL_N.value or (2048 if jax.default_backend() == "cpu" else 16384)
+    if dtype not in _MATMUL_CACHE:
+        _MATMUL_CACHE[dtype] = matmul_peak(dtype, n, _MATMUL_REPS.value)
+    return _MATMUL_CACHE[dtype], n
+
+
+def run_stage(name: str, batch: int, mesh) -> dict:
+    num_devices = mesh.shape["data"]
+    device = mesh.devices.flat[0]
+    stage = build_stage(name, batch, mesh)
+    trainable, total = stage.param_counts()
+    compiled, compile_s = compile_step(stage, mesh)
+    report = profiling.compiled_report(compiled, stage.global_batch, num_devices)
+    # FLOPs: XLA counts a loop body once. On CPU the step is compiled again
+    # with plain convolutions (the fast path's kernel-gradient loop); with
+    # gradient accumulation (a lax.scan over micro-batches) the count comes
+    # from the same step without accumulation, at the same global batch.
+    accumulating = (stage.grad_accum_steps or 1) > 1
+    if jax.default_backend() == "cpu" or accumulating:
+        flops_stage = build_stage(name, batch, mesh, 1) if accumulating else stage
+        flops_compiled, _ = compile_step(flops_stage, mesh, plain_convs=True)
+        flops_report = profiling.compiled_report(flops_compiled, stage.global_batch,
+                                                 num_devices)
+        del flops_compiled
+        for k in ("flops_per_step", "flops_per_example", "bytes_accessed"):
+            report[k] = flops_report[k]
+    limit = device_memory_limit()
+    result = {
+        "stage": name, "config": CONFIG_FILES[name], "platform": device.platform,
+        "device_kind": device.device_kind, "num_devices": num_devices,
+        "dtype": _DTYPE.value, "param_sharding": stage.config.mesh.param_sharding,
+        "batch_per_device": batch, "global_batch": stage.global_batch,
+        "grad_accum_steps": stage.grad_accum_steps,
+        "image_hw": list(stage.input_hw), "params_trainable": trainable,
+        "params_total": total, "flops_per_step": report["flops_per_step"],
+        "flops_per_example": report["flops_per_example"],
+        "bytes_accessed_per_device": report["bytes_accessed"],
+        "memory_per_device": report["memory"], "device_memory_limit": limit,
+        "compile_s": round(compile_s, 2), "compile_only": _COMPILE_ONLY.value,
+    }
+
+    if _MAX_BATCH.value:
+        if limit is None:
+            result["max_batch_per_device"] = None
+            result["max_batch_note"] = (f"{device.platform} reports no memory_stats "
+                                        "bytes_limit: skipped")
+        else:
+            best, probes = find_max_batch(name, mesh, limit)
+            result["max_batch_per_device"] = best
+            result["max_batch_probes"] = probes
+
+    if not _COMPILE_ONLY.value:
+        rng = np.random.RandomState(_SEED.value)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        inputs = tuple(jax.make_array_from_process_local_data(batch_sharding, x)
+                       for x in stage.make_inputs(rng))
+        key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
+        state = stage.init(jax.random.key(_SEED.value))
+        metrics = None
+        for _ in range(_WARMUP.value):
+            state, metrics = compiled(state, *inputs, key)
+        jax.block_until_ready((state, metrics))
+        times = []
+        for _ in range(_STEPS.value):
+            t = time.perf_counter()
+            state, metrics = compiled(state, *inputs, key)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+        loss = float(jax.device_get(metrics["loss"])) if metrics is not None else None
+        del state
+        if times:
+            step_s = float(np.median(times))
+            achieved = report["flops_per_step"] / step_s / num_devices  # per device
+            peak, n = measured_peak(_DTYPE.value)
+            nominal, nominal_what = nominal_peak(device, _DTYPE.value)
+            result.update({
+                "steps": len(times), "warmup": _WARMUP.value,
+                "step_s_median": step_s, "step_s_min": min(times),
+                "step_s_max": max(times),
+                "images_per_s": stage.global_batch / step_s,
+                "achieved_flops_per_s_per_device": achieved,
+                "matmul_peak_flops_per_s": peak, "matmul_n": n,
+                "mfu_matmul": achieved / peak,
+                "nominal_peak_flops_per_s": nominal, "nominal_peak": nominal_what,
+                "mfu_nominal": achieved / nominal if nominal else None,
+            })
+        result["loss"] = loss
+    print_block(stage, result)
+    return result
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f} {prefix}{unit}"
+    return f"{x:.1f} {unit}"
+
+
+def print_block(stage: Stage, r: dict) -> None:
+    gib = profiling.GIB
+    h, w = r["image_hw"]
+    accum = r["grad_accum_steps"]
+    lines = [
+        f"=== stage {STAGE_NUMBER[r['stage']]} {r['stage']}: {r['config']} ===",
+        f"model: {stage.description}; input {h}x{w}x3 uint8",
+        f"devices: {r['num_devices']} x {r['device_kind']} ({r['platform']}); dtype "
+        f"{r['dtype']} (params float32); state {r['param_sharding']}",
+        f"batch: {r['batch_per_device']} per device x {r['num_devices']} = "
+        f"{r['global_batch']} global" + (f"; grad accumulation {accum} steps"
+                                         if accum and accum > 1 else ""),
+        f"params: {r['params_trainable'] / 1e6:.2f}M trainable / "
+        f"{r['params_total'] / 1e6:.2f}M total",
+        "XLA cost: " + profiling.describe({"flops_per_step": r["flops_per_step"],
+                                           "flops_per_example": r["flops_per_example"],
+                                           "memory": r["memory_per_device"]})
+        + (f" (XLA's heap-simulated peak {r['memory_per_device']['xla_peak'] / gib:.2f}"
+           " GiB)" if (r["memory_per_device"] or {}).get("xla_peak") else ""),
+        "device memory limit: " + (f"{r['device_memory_limit'] / gib:.2f} GiB"
+                                   if r["device_memory_limit"] else
+                                   "not reported by this backend"),
+        f"compile: {r['compile_s']:.1f} s",
+    ]
+    if "max_batch_per_device" in r:
+        lines.append("max per-device batch that fits: " + (
+            str(r["max_batch_per_device"]) if r["max_batch_per_device"] is not None
+            else r["max_batch_note"]))
+    if "step_s_median" in r:
+        lines += [
+            f"step: median {r['step_s_median']:.3f} s over {r['steps']} steps (min "
+            f"{r['step_s_min']:.3f}, max {r['step_s_max']:.3f}; {r['warmup']} warm-up)",
+            f"throughput: {r['images_per_s']:.2f} images/s",
+            f"achieved: {_si(r['achieved_flops_per_s_per_device'], 'FLOP/s')} per device",
+            f"MFU vs measured {r['dtype']} matmul peak ({r['matmul_n']}^3, best of "
+            f"{_MATMUL_REPS.value}: {_si(r['matmul_peak_flops_per_s'], 'FLOP/s')}): "
+            f"{r['mfu_matmul']:.1%}",
+            "MFU vs nominal peak: " + (
+                f"{r['mfu_nominal']:.1%} of {_si(r['nominal_peak_flops_per_s'], 'FLOP/s')}"
+                f" ({r['nominal_peak']})" if r["mfu_nominal"] is not None
+                else r["nominal_peak"]),
+        ]
+    if r.get("loss") is not None:
+        lines.append(f"loss after the timed steps: {r['loss']:.4f}")
+    print("\n".join(lines))
+    print("RESULT " + json.dumps(_rounded(r), sort_keys=False), flush=True)
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return float(f"{x:.4g}") if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def main(argv):
+    del argv
+    stages = [s.strip() for s in _STAGES.value if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise app.UsageError(f"--stages: {s!r} is not one of {STAGES}.")
+    if _DEVICES.value > jax.device_count():
+        raise app.UsageError(f"--devices={_DEVICES.value}: only "
+                             f"{jax.device_count()} devices.")
+    overrides = parse_batch_overrides(_BATCH.value)
+    mesh = make_mesh(_DEVICES.value)
+    for name in stages:
+        run_stage(name, per_device_batch(name, overrides), mesh)
+
+
+if __name__ == "__main__":
+    app.run(main)
