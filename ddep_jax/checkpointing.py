@@ -70,6 +70,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, state_shardin
 # ----------------------------------------------------------------------------
 # Reading parameter collections of another run (stage hand-over).
 # ----------------------------------------------------------------------------
+def _finished(step_dir) -> bool:
+    """A complete Orbax step folder: locally Orbax renames a temporary folder
+    into `<step>` when done; on object stores (gs://) it writes `<step>`
+    in place and marks completion with commit_success.txt."""
+    if not (step_dir / "state").is_dir():
+        return False
+    return not writers.is_remote(step_dir) or (step_dir / "commit_success.txt").exists()
+
+
 def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
     """Finds the Orbax `state` item that `path` names.
 
@@ -94,7 +103,7 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
     ckpt_root = os.path.join(path, "checkpoints")
     if epath.Path(ckpt_root).is_dir():
         steps = sorted(int(d.name) for d in epath.Path(ckpt_root).iterdir()
-                       if d.name.isdigit() and (d / "state").is_dir())
+                       if d.name.isdigit() and _finished(d))
         if not steps:
             raise FileNotFoundError(f"{ckpt_root} holds no finished checkpoint "
                                     "(no <step>/state folder).")

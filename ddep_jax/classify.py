@@ -109,11 +109,12 @@ def num_classes_of(spec, records) -> int:
 
 
 def make_train_step(model, tx, schedule, loss_type: str, label_smoothing: float,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, param_shardings=None):
     """state, uint8 images [B, H, W, 3], int labels [B], key -> state, metrics
     {'loss', 'accuracy' (top-1 on the augmented batch), 'learning_rate',
     'grad_norm'}. `grad_accum_steps` > 1 runs the batch as that many
-    micro-batches with one update (`optim.accumulate_gradients`)."""
+    micro-batches with one update (`optim.accumulate_gradients`; the running
+    gradient sum kept in `param_shardings` where given)."""
     k = grad_accum_steps
 
     def step_fn(state, images, labels, base_key):
@@ -130,7 +131,7 @@ def make_train_step(model, tx, schedule, loss_type: str, label_smoothing: float,
             return loss / k, hits / k
 
         (loss, accuracy), grads = optim.accumulate_gradients(
-            loss_fn, params, {"images": images, "labels": labels}, k)
+            loss_fn, params, {"images": images, "labels": labels}, k, param_shardings)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(params, updates),
@@ -272,7 +273,8 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     h, w = config.data.image_size
     train_step = loop.compile_step(
         jax.jit(make_train_step(model, tx, schedule, config.loss.type,
-                                config.loss.label_smoothing, config.grad_accum_steps),
+                                config.loss.label_smoothing, config.grad_accum_steps,
+                                state_sharding["params"]),
                 in_shardings=(state_sharding, batch_sharding, batch_sharding,
                               replicated),
                 out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
@@ -309,38 +311,35 @@ def classify_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      report["num_examples"], report["seconds"])
         return report
 
-    preemption = loop.Preemption(manager)
-    trace = loop.step_trace(config, workdir)
     preempted = False
-    for step in range(start + 1, last_step + 1):
-        trace.before(step)
-        batch = next(data_iter)
-        images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
-        labels = jax.make_array_from_process_local_data(
-            batch_sharding, np.asarray(batch["label"], np.int32))
-        state, metrics = train_step(state, images, labels, train_key)
-        trace.after(step, metrics)
-        log.add(step, metrics)
-        preempted = preemption.reached(step)
-        if step % config.log_every == 0 or step == last_step or preempted:
-            log.log(step)
-        if step % config.checkpoint_every == 0 or step == last_step or preempted:
-            log.flush()
-            checkpointing.save(manager, step, state, data_iter)
-        if preempted:
-            last_step = step
-            break
-        if (config.eval.every_steps and step % config.eval.every_steps == 0
-                and step != num_steps):
-            run_eval(config.eval.splits[0], step, config.eval.max_examples)
-            log.restart_clock(step)
+    with loop.guarded(config, workdir, manager, writer) as (preemption, trace):
+        for step in range(start + 1, last_step + 1):
+            trace.before(step)
+            batch = next(data_iter)
+            images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
+            labels = jax.make_array_from_process_local_data(
+                batch_sharding, np.asarray(batch["label"], np.int32))
+            state, metrics = train_step(state, images, labels, train_key)
+            trace.after(step, metrics)
+            log.add(step, metrics)
+            preempted = preemption.reached(step)
+            if step % config.log_every == 0 or step == last_step or preempted:
+                log.log(step)
+            if step % config.checkpoint_every == 0 or step == last_step or preempted:
+                log.flush()
+                checkpointing.save(manager, step, state, data_iter)
+            if preempted:
+                last_step = step
+                break
+            if (config.eval.every_steps and step % config.eval.every_steps == 0
+                    and step != num_steps):
+                run_eval(config.eval.splits[0], step, config.eval.max_examples)
+                log.restart_clock(step)
 
-    trace.close()
-    preemption.close()
     manager.wait_until_finished()
     manager.close()
     reports = {}
-    if last_step == num_steps:
+    if last_step == num_steps and not preempted:  # else: after the resume
         for split in config.eval.splits:
             reports[split] = run_eval(split, num_steps)
     writer.close()

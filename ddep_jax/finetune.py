@@ -76,13 +76,16 @@ def build_finetuning(config, num_classes: int, num_steps: int, mesh, key):
     return model, tx, schedule, abstract, shardings, init
 
 
-def make_finetune_step(model, tx, schedule, grad_accum_steps: int = 1):
+def make_finetune_step(model, tx, schedule, grad_accum_steps: int = 1,
+                       param_shardings=None):
     """state, uint8 images [B, H, W, 3], uint8 labels [B, H, W], key -> state,
     metrics {'loss', 'pixel_accuracy', 'learning_rate', 'grad_norm'}.
 
     With `grad_accum_steps` k > 1 the batch runs as k micro-batches whose
     losses are normalised by the whole batch's non-void pixel count, so the
-    update equals the one of the whole batch (`optim.accumulate_gradients`).
+    update equals the one of the whole batch (`optim.accumulate_gradients`;
+    with dropout the micro-batches draw their own masks; the running gradient
+    sum is kept in `param_shardings` where given).
     """
 
     def step_fn(state, images, labels, base_key):
@@ -102,7 +105,8 @@ def make_finetune_step(model, tx, schedule, grad_accum_steps: int = 1):
             return loss, correct
 
         (loss, correct), grads = optim.accumulate_gradients(
-            loss_fn, params, {"images": images, "labels": labels}, grad_accum_steps)
+            loss_fn, params, {"images": images, "labels": labels}, grad_accum_steps,
+            param_shardings)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(params, updates),
@@ -269,7 +273,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     b, (h, w) = config.batch_size, config.data.crop_size
     train_step = loop.compile_step(
-        jax.jit(make_finetune_step(model, tx, schedule, config.grad_accum_steps),
+        jax.jit(make_finetune_step(model, tx, schedule, config.grad_accum_steps,
+                                   state_sharding["params"]),
                 in_shardings=(state_sharding, batch_sharding, batch_sharding,
                               replicated),
                 out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
@@ -287,42 +292,39 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"loss {m['loss']:.4f} | pixel acc {m['pixel_accuracy']:.3f} | "
         f"lr {m['learning_rate']:.3g}"))
 
-    preemption = loop.Preemption(manager)
-    trace = loop.step_trace(config, workdir)
     preempted = False
-    for step in range(start + 1, last_step + 1):
-        trace.before(step)
-        batch = next(data_iter)
-        images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
-        labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
-        state, metrics = train_step(state, images, labels, train_key)
-        trace.after(step, metrics)
-        log.add(step, metrics)
-        preempted = preemption.reached(step)
-        if step % config.log_every == 0 or step == last_step or preempted:
-            log.log(step)
-        if step % config.checkpoint_every == 0 or step == last_step or preempted:
-            log.flush()
-            checkpointing.save(manager, step, state, data_iter)
-        if preempted:
-            last_step = step
-            break
-        if (config.eval.every_steps and step % config.eval.every_steps == 0
-                and step != num_steps):
-            report = run_evaluation(config, spec, model, state["params"],
-                                    config.eval.split, eval_dir, step,
-                                    max_images=config.eval.max_images)
-            writer.write_scalars(step, {f"{config.eval.split}/miou": report["miou"],
-                                        f"{config.eval.split}/pixel_accuracy":
-                                            report["pixel_accuracy"]})
-            log.restart_clock(step)
+    with loop.guarded(config, workdir, manager, writer) as (preemption, trace):
+        for step in range(start + 1, last_step + 1):
+            trace.before(step)
+            batch = next(data_iter)
+            images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
+            labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
+            state, metrics = train_step(state, images, labels, train_key)
+            trace.after(step, metrics)
+            log.add(step, metrics)
+            preempted = preemption.reached(step)
+            if step % config.log_every == 0 or step == last_step or preempted:
+                log.log(step)
+            if step % config.checkpoint_every == 0 or step == last_step or preempted:
+                log.flush()
+                checkpointing.save(manager, step, state, data_iter)
+            if preempted:
+                last_step = step
+                break
+            if (config.eval.every_steps and step % config.eval.every_steps == 0
+                    and step != num_steps):
+                report = run_evaluation(config, spec, model, state["params"],
+                                        config.eval.split, eval_dir, step,
+                                        max_images=config.eval.max_images)
+                writer.write_scalars(step, {f"{config.eval.split}/miou": report["miou"],
+                                            f"{config.eval.split}/pixel_accuracy":
+                                                report["pixel_accuracy"]})
+                log.restart_clock(step)
 
-    trace.close()
-    preemption.close()
     manager.wait_until_finished()
     manager.close()
     reports = {}
-    if last_step == num_steps:
+    if last_step == num_steps and not preempted:  # else: after the resume
         splits = {}  # one evaluation per distinct TFDS split
         for split in [config.eval.split, *config.eval.final_splits]:
             splits.setdefault(spec.splits.get(split, split), split)

@@ -16,6 +16,7 @@ with the ETA every time it logs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -156,11 +157,16 @@ class Preemption:
     `PREEMPTED_EXIT_CODE`.
     """
 
+    _UNSET = object()
+
     def __init__(self, manager):
         self.manager = manager
         self.signalled = False
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self._previous = self._UNSET
+        main_thread = threading.current_thread() is threading.main_thread()
+        if jax.process_count() == 1 and main_thread:
+            # None: the previous handler was installed from C; SIG_DFL restores
+            # the default (terminate) then.
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -176,9 +182,9 @@ class Preemption:
 
     def close(self) -> None:
         """Puts back the SIGTERM handler that was there before."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._previous is not self._UNSET:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._previous = self._UNSET
 
 
 def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
@@ -200,6 +206,24 @@ def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
     if jax.process_index() == 0:
         writers.write_json(os.path.join(workdir, "compile_report.json"), {name: report})
     return compiled
+
+
+@contextlib.contextmanager
+def guarded(config, workdir: str, manager, writer):
+    """The training loop's context: yields (`Preemption`, `profiling.StepTrace`)
+    and, however the loop ends, stops the trace and puts back the SIGTERM
+    handler; when it raises (a NaN loss, a bad record), the metric writer is
+    closed too, so that buffered metrics (gs://) are not lost."""
+    preemption = Preemption(manager)
+    trace = step_trace(config, workdir)
+    try:
+        yield preemption, trace
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        trace.close()
+        preemption.close()
 
 
 def step_trace(config, workdir: str):

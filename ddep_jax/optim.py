@@ -94,7 +94,8 @@ def split_microbatches(x: jax.Array, num: int) -> jax.Array:
     return x.reshape(b // num, num, *x.shape[1:]).swapaxes(0, 1)
 
 
-def accumulate_gradients(loss_fn, params, batch, num_micro: int):
+def accumulate_gradients(loss_fn, params, batch, num_micro: int,
+                         grad_shardings=None):
     """Value and gradient of a loss over `num_micro` micro-batches, summed.
 
     `loss_fn(params, micro_batch, index) -> (loss, aux)` must return the
@@ -111,6 +112,9 @@ def accumulate_gradients(loss_fn, params, batch, num_micro: int):
       batch: pytree of arrays with a leading batch dimension B.
       num_micro: number of micro-batches (B divisible by it); 1 is one plain
         `value_and_grad` call.
+      grad_shardings: NamedShardings of `params` (None: XLA chooses); the
+        running gradient sum is kept in them, so that under FSDP it is
+        sharded like the parameters instead of a full copy per device.
 
     Returns:
       ((loss, aux), grads), the sums over micro-batches.
@@ -125,10 +129,18 @@ def accumulate_gradients(loss_fn, params, batch, num_micro: int):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          jax.eval_shape(grad_fn, params, first, jnp.int32(0)))
 
+    def constrain(total):
+        if grad_shardings is None:
+            return total
+        value, grads = total
+        return value, jax.lax.with_sharding_constraint(grads, grad_shardings)
+
     def body(total, xs):
         index, mb = xs
         out = grad_fn(params, mb, index)
-        return jax.tree.map(jnp.add, total, out), None
+        return constrain(jax.tree.map(jnp.add, total, out)), None
+
+    zeros = constrain(zeros)
 
     total, _ = jax.lax.scan(body, zeros,
                             (jnp.arange(num_micro, dtype=jnp.int32), micro))

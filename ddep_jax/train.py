@@ -59,7 +59,7 @@ def corrupt(config, images: jax.Array, key: jax.Array):
     return x, eps, sigma, denoising.add_noise(x, eps, sigma, d.noise_type)
 
 
-def make_train_step(config, model, tx, schedule):
+def make_train_step(config, model, tx, schedule, param_shardings=None):
     """The DDeP / DeP update: state, uint8 images [B, H, W, 3], key -> state, metrics.
 
     With 'encoder' frozen, the encoder's parameters are constants of the
@@ -67,7 +67,8 @@ def make_train_step(config, model, tx, schedule):
     is computed; `optax.partition` gives it `set_to_zero` updates. The noise
     is drawn for the whole batch; with `config.grad_accum_steps` k > 1 the
     batch then runs as k micro-batches (encoder, decoder, loss / k) whose
-    gradients are summed into one update (`optim.accumulate_gradients`).
+    gradients are summed into one update (`optim.accumulate_gradients`,
+    the running sum kept in `param_shardings` where given).
     """
     frozen = tuple(config.frozen)
     target = config.denoising.target
@@ -98,8 +99,11 @@ def make_train_step(config, model, tx, schedule):
                                             target)
             return loss / k, None
 
+        shardings = None if param_shardings is None else {
+            c: v for c, v in param_shardings.items() if c not in frozen}
         (loss, _), grads = optim.accumulate_gradients(
-            loss_fn, trainable, {"x": x, "eps": eps, "sigma": sigma, "noisy": noisy}, k)
+            loss_fn, trainable, {"x": x, "eps": eps, "sigma": sigma, "noisy": noisy}, k,
+            shardings)
         # Frozen leaves get zero "gradients" that set_to_zero ignores.
         grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -219,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             pos_grid=handover.token_grid(config.model))
 
     train_step = loop.compile_step(
-        jax.jit(make_train_step(config, model, tx, schedule),
+        jax.jit(make_train_step(config, model, tx, schedule, state_sharding["params"]),
                 in_shardings=(state_sharding, batch_sharding, replicated),
                 out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         (state, jax.ShapeDtypeStruct((config.batch_size, h, w, 3), jnp.uint8,
@@ -232,38 +236,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_step = min(num_steps, stop_after_step or num_steps)
     log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
         f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}"))
-    preemption = loop.Preemption(manager)
-    trace = loop.step_trace(config, workdir)
     preempted = False
-    for step in range(start + 1, last_step + 1):
-        trace.before(step)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = next(data_iter)["image"]
-            images = jax.make_array_from_process_local_data(batch_sharding, batch)
-            state, metrics = train_step(state, images, train_key)
-        trace.after(step, metrics)
-        log.add(step, metrics)
-        preempted = preemption.reached(step)
-        if step % config.log_every == 0 or step == last_step or preempted:
-            log.log(step)
+    with loop.guarded(config, workdir, manager, writer) as (preemption, trace):
+        for step in range(start + 1, last_step + 1):
+            trace.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = next(data_iter)["image"]
+                images = jax.make_array_from_process_local_data(batch_sharding, batch)
+                state, metrics = train_step(state, images, train_key)
+            trace.after(step, metrics)
+            log.add(step, metrics)
+            preempted = preemption.reached(step)
+            if step % config.log_every == 0 or step == last_step or preempted:
+                log.log(step)
 
-        if step % config.image_grid_every == 0 or step == num_steps:
-            n = min(config.image_grid_size, images.shape[0])
-            grid = jax.device_get(denoise(state["params"], images[:n],
-                                          jax.random.fold_in(image_key, step)))
-            if is_main:
-                visualize.save_image_grid(
-                    os.path.join(workdir, "images", f"denoise_{step:08d}.png"), grid)
+            if step % config.image_grid_every == 0 or step == num_steps:
+                n = min(config.image_grid_size, images.shape[0])
+                grid = jax.device_get(denoise(state["params"], images[:n],
+                                              jax.random.fold_in(image_key, step)))
+                if is_main:
+                    visualize.save_image_grid(os.path.join(
+                        workdir, "images", f"denoise_{step:08d}.png"), grid)
 
-        if step % config.checkpoint_every == 0 or step == last_step or preempted:
-            log.flush()  # never save parameters that produced a NaN
-            checkpointing.save(manager, step, state, data_iter)
-        if preempted:
-            last_step = step
-            break
+            if step % config.checkpoint_every == 0 or step == last_step or preempted:
+                log.flush()  # never save parameters that produced a NaN
+                checkpointing.save(manager, step, state, data_iter)
+            if preempted:
+                last_step = step
+                break
 
-    trace.close()
-    preemption.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()

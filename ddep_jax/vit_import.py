@@ -36,6 +36,7 @@ CLI (only `config.model` is used; the output is read by stage 3 with
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -81,12 +82,17 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
       ValueError: `path` is not a readable `.npz` (truncated download, pickle,
         another format); the message names it.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
+    from etils import epath
+
+    from ddep_jax import writers
+
+    path = writers.absolute(path)  # local, or gs://... (etils.epath)
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"ViT checkpoint {path!r} does not exist (download "
                                 "e.g. gs://vit_models/imagenet21k/R50+ViT-B_16.npz).")
     try:
-        data = np.load(path, allow_pickle=False)
+        with epath.Path(path).open("rb") as f:
+            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ValueError("it holds a single .npy array, not an .npz archive")
         with data:
@@ -339,18 +345,20 @@ def convert(npz_path: str, model_config, output_dir: str) -> dict:
 
     from ddep_jax import writers
 
-    output_dir = os.path.abspath(os.path.expanduser(output_dir))
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir)
-                                       or os.listdir(output_dir)):
+    from etils import epath
+
+    output_dir = writers.absolute(output_dir)  # local or gs://
+    out = epath.Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {output_dir!r} exists and is not an empty "
                               "folder; choose a new one (nothing was written).")
     flat = load_npz(npz_path)
     abstract = abstract_encoder_params(model_config)
     h, w = tuple(model_config.encoder.image_size)
     params, report = npz_to_encoder_params(
-        flat, abstract, source=os.path.abspath(npz_path),
+        flat, abstract, source=writers.absolute(npz_path),
         target_grid=(h // 16, w // 16))
-    os.makedirs(output_dir, exist_ok=True)
+    writers.makedirs(output_dir)
     state_dir = os.path.join(output_dir, "state")
     device = jax.local_devices()[0]
     ocp.PyTreeCheckpointer().save(

@@ -113,6 +113,7 @@ class MetricWriter:
         self._flushed = time.monotonic()
 
     def close(self) -> None:
+        """Flushes and closes; later calls do nothing."""
         if not self.active:
             return
         if self._remote:
@@ -120,3 +121,4 @@ class MetricWriter:
         else:
             self._jsonl.close()
         self._tb.close()
+        self.active = False

@@ -256,7 +256,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
          f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}", *_flags({**TINY_OVERRIDES, **overrides})],
+         "--num_processes=2", f"--process_id={i}",
+         *_flags({**TINY_OVERRIDES, **overrides})],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -264,7 +265,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
         assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
     assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2], outputs[0][-6000:]  # written once, by process 0
+    # Each step written once (by process 0).
+    assert [l["step"] for l in lines] == [1, 2], outputs[0][-6000:]
     assert sorted(os.listdir(workdir / "images")) == ["denoise_00000002.png"]
     iter_files = sorted(os.listdir(workdir / "checkpoints" / "2" / "data_iter"))
     assert any("process_0" in f for f in iter_files), iter_files
