@@ -293,21 +293,14 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"lr {m['learning_rate']:.3g}"))
 
     preempted = False
-    with loop.guarded(config, workdir, manager, writer) as (preemption, trace):
+    with loop.guarded(config, workdir, manager, writer, log) as control:
         for step in range(start + 1, last_step + 1):
-            trace.before(step)
+            control.before(step)
             batch = next(data_iter)
             images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
             labels = jax.make_array_from_process_local_data(batch_sharding, batch["label"])
             state, metrics = train_step(state, images, labels, train_key)
-            trace.after(step, metrics)
-            log.add(step, metrics)
-            preempted = preemption.reached(step)
-            if step % config.log_every == 0 or step == last_step or preempted:
-                log.log(step)
-            if step % config.checkpoint_every == 0 or step == last_step or preempted:
-                log.flush()
-                checkpointing.save(manager, step, state, data_iter)
+            preempted = control.after(step, metrics, last_step, state, data_iter)
             if preempted:
                 last_step = step
                 break

@@ -208,16 +208,50 @@ def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
     return compiled
 
 
+class StepControl:
+    """What happens around each step of a training loop (all three stages):
+    the profiler trace window, queuing the metrics, the preemption check,
+    the periodic log line and checkpoint. Made by `guarded`."""
+
+    def __init__(self, config, log: MetricLog, trace, preemption: Preemption):
+        self.config, self.log, self.trace, self.preemption = config, log, trace, preemption
+        self.manager = preemption.manager
+
+    def before(self, step: int) -> None:
+        self.trace.before(step)
+
+    def after(self, step: int, metrics, last_step: int, state, data_iter) -> bool:
+        """Queues `metrics`, logs every `log_every` steps, saves `state` and
+        `data_iter`'s position (`checkpointing.save`) every `checkpoint_every`
+        steps, at `last_step` and on preemption.
+
+        Returns:
+          True if the run was preempted: the checkpoint of `step` is saved and
+          the loop must stop.
+        """
+        self.trace.after(step, metrics)
+        self.log.add(step, metrics)
+        preempted = self.preemption.reached(step)  # every step, on every host
+        if step % self.config.log_every == 0 or step == last_step or preempted:
+            self.log.log(step)
+        if step % self.config.checkpoint_every == 0 or step == last_step or preempted:
+            from ddep_jax import checkpointing
+
+            self.log.flush()  # never save parameters that produced a NaN
+            checkpointing.save(self.manager, step, state, data_iter)
+        return preempted
+
+
 @contextlib.contextmanager
-def guarded(config, workdir: str, manager, writer):
-    """The training loop's context: yields (`Preemption`, `profiling.StepTrace`)
-    and, however the loop ends, stops the trace and puts back the SIGTERM
-    handler; when it raises (a NaN loss, a bad record), the metric writer is
-    closed too, so that buffered metrics (gs://) are not lost."""
+def guarded(config, workdir: str, manager, writer, log: MetricLog):
+    """The training loop's context: yields a `StepControl` and, however the
+    loop ends, stops the profiler trace and puts back the SIGTERM handler;
+    when it raises (a NaN loss, a bad record), the metric writer is closed
+    too, so that buffered metrics (gs://) are not lost."""
     preemption = Preemption(manager)
     trace = step_trace(config, workdir)
     try:
-        yield preemption, trace
+        yield StepControl(config, log, trace, preemption)
     except BaseException:
         writer.close()
         raise

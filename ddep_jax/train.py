@@ -237,19 +237,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log = loop.MetricLog(writer, manager, start, num_steps, lambda m: (
         f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}"))
     preempted = False
-    with loop.guarded(config, workdir, manager, writer) as (preemption, trace):
+    with loop.guarded(config, workdir, manager, writer, log) as control:
         for step in range(start + 1, last_step + 1):
-            trace.before(step)
+            control.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(data_iter)["image"]
                 images = jax.make_array_from_process_local_data(batch_sharding, batch)
                 state, metrics = train_step(state, images, train_key)
-            trace.after(step, metrics)
-            log.add(step, metrics)
-            preempted = preemption.reached(step)
-            if step % config.log_every == 0 or step == last_step or preempted:
-                log.log(step)
-
             if step % config.image_grid_every == 0 or step == num_steps:
                 n = min(config.image_grid_size, images.shape[0])
                 grid = jax.device_get(denoise(state["params"], images[:n],
@@ -257,10 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if is_main:
                     visualize.save_image_grid(os.path.join(
                         workdir, "images", f"denoise_{step:08d}.png"), grid)
-
-            if step % config.checkpoint_every == 0 or step == last_step or preempted:
-                log.flush()  # never save parameters that produced a NaN
-                checkpointing.save(manager, step, state, data_iter)
+            preempted = control.after(step, metrics, last_step, state, data_iter)
             if preempted:
                 last_step = step
                 break
