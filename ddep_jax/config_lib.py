@@ -154,7 +154,7 @@ def ddep_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.image_grid_every = 500
+    c.image_grid_every = 500  # and at the end; 0: no image grids
     c.image_grid_size = 8
     return add_run_options(c)
 
@@ -284,8 +284,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     lo, hi = config.data.crop_area_range
     _require(0 < lo <= hi <= 1, "data.crop_area_range", (lo, hi), "need 0 < low <= high <= 1")
     _validate_run(config, num_devices, num_processes,
-                  ("log_every", "checkpoint_every", "keep_checkpoints",
-                   "image_grid_every"))
+                  ("log_every", "checkpoint_every", "keep_checkpoints"))
+    _require(config.image_grid_every >= 0, "image_grid_every",
+             config.image_grid_every, ">= 0 (0: no image grids)")
 
 
 def learning_rate(config) -> float:

@@ -244,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 batch = next(data_iter)["image"]
                 images = jax.make_array_from_process_local_data(batch_sharding, batch)
                 state, metrics = train_step(state, images, train_key)
-            if step % config.image_grid_every == 0 or step == num_steps:
+            every = config.image_grid_every
+            if every and (step % every == 0 or step == num_steps):
                 n = min(config.image_grid_size, images.shape[0])
                 grid = jax.device_get(denoise(state["params"], images[:n],
                                               jax.random.fold_in(image_key, step)))

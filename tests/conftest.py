@@ -57,7 +57,7 @@ def tiny_config(**overrides):
     c.mesh.data = 1
     c.log_every = 1
     c.checkpoint_every = 2
-    c.image_grid_every = 1000
+    c.image_grid_every = 0  # no denoise grids (a compile each) unless asked
     c.image_grid_size = 2
     return apply_overrides(c, overrides)
 

@@ -207,7 +207,7 @@ TINY_OVERRIDES = {
     "model.encoder.image_size": (32, 32), "model.encoder.num_groups": 4,
     "model.decoder_widths": (32, 16, 16, 8, 8), "model.decoder_num_groups": 4,
     "data.num_threads": 1, "data.prefetch": 1, "log_every": 1,
-    "image_grid_every": 2, "image_grid_size": 2,
+    "image_grid_every": 0, "image_grid_size": 2,
 }
 
 
@@ -249,7 +249,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     from ddep_jax.data import pipeline
 
     workdir = tmp_path / "work"
-    overrides = {"total_steps": 2, "batch_size": 8}
+    # The image grid (a jitted call on arrays that span both hosts) included.
+    overrides = {"total_steps": 2, "batch_size": 8, "image_grid_every": 2}
     env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
                           JAX_PLATFORMS="cpu")
     port = _free_port()
@@ -318,7 +319,6 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes(tmp_path):
     first = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert [int(s) for s in os.listdir(workdir / "checkpoints")] == [first] and first >= 3
     assert f"Preempted at step {first} (checkpoint saved)" in out
-    assert (workdir / "images" / "denoise_00000002.png").is_file()
     report = json.loads((workdir / "compile_report.json").read_text())["train_step"]
     assert report["flops_per_example"] > 0 and report["memory"]["peak"] > 0
 
