@@ -20,12 +20,14 @@ that serves any other input size), so the hand-over needs no reshaping.
 Evaluation: top-1 accuracy on the 10,000 test images at 32x32.
 """
 
-from ddep_jax.config_lib import classify_config, cpu_camvid_model, parse_arg
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, epochs=6.0, steps=0, batch=128, seed=0)
-    c = classify_config()
+    c = classify.default_config()
     c.seed = arg.seed
     cpu_camvid_model(c.model)
     c.data.name = "cifar10"

@@ -15,12 +15,13 @@ workdir or a converted .npz) and fine-tunes it on ImageNet-1k.
 Arguments: vit (B | L), epochs, init.
 """
 
-from ddep_jax.config_lib import classify_config, parse_arg
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, vit="B", epochs=300.0, init="")
-    c = classify_config()
+    c = classify.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
     c.init.checkpoint = arg.init

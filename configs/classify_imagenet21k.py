@@ -16,12 +16,13 @@ Arguments: vit (B | L; L shards parameters and Adam state, mesh.param_sharding
 accum (the batch of 4096 as K micro-batches).
 """
 
-from ddep_jax.config_lib import classify_config, parse_arg
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, vit="B", epochs=90.0, dtype="float32", accum=1)
-    c = classify_config()
+    c = classify.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
     c.model.head_bias_init = -10.0

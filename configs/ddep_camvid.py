@@ -14,12 +14,14 @@ or raw vision_transformer .npz (with `:paper`); without it the encoder is the
 random initialisation.
 """
 
-from ddep_jax.config_lib import cpu_camvid_model, ddep_config, parse_arg
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, paper=False, steps=400, encoder="")
-    c = ddep_config()
+    c = ddep.default_config()
     c.data.source = "tfds"
     c.data.name = "camvid"
     c.data.split = "train"

@@ -23,13 +23,14 @@ On a Cloud TPU slice (docs/LAUNCH.md):
       --workdir=gs://B/runs/ddep_1x
 """
 
-from ddep_jax.config_lib import ddep_config, parse_arg
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, encoder="",
                     dtype="float32", accum=1)
-    c = ddep_config()
+    c = ddep.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.decoder_multiplier = arg.decoder
     c.data.source = "tfds"

@@ -12,7 +12,7 @@ Arguments: init (scratch | encoder | pretrained), ckpt, fraction ('1%',
 '5%', '10%', '20%', '100%'), seed, decoder (1 or 3), steps.
 """
 
-from ddep_jax.config_lib import paper_finetune_config
+from ddep_jax.recipes import paper_finetune_config
 
 
 def get_config(arg=None):

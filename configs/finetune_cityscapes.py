@@ -11,7 +11,7 @@ Arguments: init (scratch | encoder | pretrained), ckpt, fraction ('100%',
 '1/4', '1/8', '1/30'), seed, decoder (1 or 2: the 1x / 2x decoder), steps.
 """
 
-from ddep_jax.config_lib import paper_finetune_config
+from ddep_jax.recipes import paper_finetune_config
 
 
 def get_config(arg=None):

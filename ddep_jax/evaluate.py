@@ -23,7 +23,7 @@ from absl import app, flags, logging
 
 from ddep_jax.evaluation import metrics
 from ddep_jax.evaluation.inference import EVAL_MODES
-from ddep_jax.finetune import load_finetuned, run_evaluation
+from ddep_jax.evaluation.segmentation import load_finetuned, run_evaluation
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)

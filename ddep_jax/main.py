@@ -1,7 +1,8 @@
 """Entry point: python -m ddep_jax.main --config=configs/<stage>.py[:args] --workdir=DIR.
 
-`config.stage` picks the job: 'classify' (stage 1, `ddep_jax.classify`),
-'ddep' (stage 2, `ddep_jax.train`) or 'finetune' (stage 3, `ddep_jax.finetune`).
+`config.stage` picks the stage: 'classify' (stage 1), 'ddep' (stage 2) or
+'finetune' (stage 3), each a trainer module under `ddep_jax.trainers` run by
+the one loop (`ddep_jax.trainers.loop.run`).
 
 Any config value can be overridden with --config.a.b=value. On several hosts
 every host runs the same command (`ddep_jax.distributed` decides whether to
@@ -15,10 +16,12 @@ workdir to resume; anything else is an error.
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddep_jax import distributed, loop, train
+from ddep_jax import distributed
+from ddep_jax.trainers import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",
                                           lock_config=True)
@@ -54,32 +57,14 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
                               _NUM_PROCESSES.value, _PROCESS_ID.value):
-        import jax
-
         if jax.process_index() != 0:  # process 0 logs the progress for all
             logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    stage = config.get("stage", "ddep")
-    if stage == "ddep":
-        result = train.train_and_evaluate(config, _WORKDIR.value)
-    elif stage == "classify":
-        from ddep_jax import classify
-
-        result = classify.classify_and_evaluate(config, _WORKDIR.value)
-        for split, report in result["eval"].items():
-            logging.info("%s top-1 %.4f (top-5 %.4f)", split, report["top1"],
-                         report["top5"])
-    elif stage == "finetune":
-        from ddep_jax import finetune
-
-        result = finetune.finetune_and_evaluate(config, _WORKDIR.value)
-        for split, report in result["eval"].items():
-            logging.info("%s mIoU %.4f (pixel accuracy %.4f)", split, report["miou"],
-                         report["pixel_accuracy"])
-    else:
-        raise app.UsageError(f"config.stage={stage!r} is unknown; expected "
-                             "'classify' (stage 1), 'ddep' (stage 2) or 'finetune' "
-                             "(stage 3).")
+    try:
+        loop.trainer(config.get("stage", "ddep"))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    result = loop.run(config, _WORKDIR.value)
     if result.get("preempted"):
         logging.warning("Preempted at step %d (checkpoint saved); exiting with %d: "
                         "rerun on --workdir=%s to resume.", result["step"],

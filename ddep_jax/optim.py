@@ -13,7 +13,10 @@ import re
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from ddep_jax.models import COLLECTIONS
 
 FROZEN, TRAIN = "frozen", "train"
 
@@ -26,7 +29,7 @@ def path_str(path) -> str:
 def freeze_rules(frozen: Sequence[str]) -> list[tuple[str, str]]:
     """Rules that freeze the named top-level collections and train the rest."""
     rules = [(f"^{name}/", FROZEN) for name in frozen]
-    return rules + [(r"^(encoder|decoder|head)/", TRAIN)]
+    return rules + [(f"^({'|'.join(COLLECTIONS)})/", TRAIN)]
 
 
 def param_labels(params, rules: Sequence[tuple[str, str]]):
@@ -83,6 +86,28 @@ def make_optimizer(params, frozen: Sequence[str], schedule, *, b1=0.9, b2=0.999,
     return tx, labels
 
 
+def from_config(optimizer_config, params, frozen: Sequence[str], num_steps: int,
+                peak_lr: float):
+    """A stage's optimizer from its `config.optimizer` section.
+
+    Args:
+      optimizer_config: `config.optimizer` (warmup_steps, b1, b2,
+        weight_decay, grad_clip_norm).
+      params: the parameter tree (or its `jax.eval_shape`).
+      frozen: top-level collections that get no updates.
+      num_steps: the cosine schedule's length.
+      peak_lr: the schedule's peak learning rate.
+
+    Returns:
+      (optax.GradientTransformation, schedule).
+    """
+    o = optimizer_config
+    schedule = make_schedule(peak_lr, num_steps, o.warmup_steps)
+    tx, _ = make_optimizer(params, frozen, schedule, b1=o.b1, b2=o.b2,
+                           weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+    return tx, schedule
+
+
 def split_microbatches(x: jax.Array, num: int) -> jax.Array:
     """[B, ...] -> [num, B / num, ...], micro-batch j holding examples j,
     j + num, j + 2 num, ... (strided, so that with B split over devices in
@@ -119,8 +144,6 @@ def accumulate_gradients(loss_fn, params, batch, num_micro: int,
     Returns:
       ((loss, aux), grads), the sums over micro-batches.
     """
-    import jax.numpy as jnp
-
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
         return grad_fn(params, batch, jnp.int32(0))

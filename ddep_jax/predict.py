@@ -32,7 +32,8 @@ from PIL import Image
 from ddep_jax import visualize
 from ddep_jax.evaluation import evaluator
 from ddep_jax.evaluation.inference import EVAL_MODES
-from ddep_jax.finetune import load_finetuned
+from ddep_jax.evaluation.segmentation import load_finetuned
+from ddep_jax.models import to_float_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -81,7 +82,7 @@ def segment_folder(workdir: str, images: str, output_dir: str, *,
             logging.error("Cannot read %s: %s", path, e)
             continue
         probs = evaluator.predict_at_base_scale(
-            logits_fn, evaluator.to_model_input(image), spec.num_classes,
+            logits_fn, to_float_images(image), spec.num_classes,
             protocol_mode, **kwargs)
         labels = np.asarray(jnp.argmax(probs, -1), np.uint8)
         base, ext = os.path.splitext(os.path.basename(path))

@@ -27,8 +27,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ddep_jax.models import COLLECTIONS
+from ddep_jax.optim import path_str
+
 PARAM_SHARDING_MODES = ("replicated", "fsdp")
-COLLECTIONS = ("encoder", "decoder", "head")
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -81,8 +83,6 @@ def param_path(path) -> str | None:
     """The parameter path ('decoder/block0/conv1/conv/kernel') inside a state
     leaf's path: the part from the first collection name on; None for leaves
     that are no parameter (the step, Adam's count)."""
-    from ddep_jax.optim import path_str
-
     parts = path_str(path).split("/")
     for i, part in enumerate(parts):
         if part in COLLECTIONS:
@@ -124,48 +124,3 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, mode: str,
         return NamedSharding(mesh, leaf_spec(tuple(a.shape), size, spec, min_size, name))
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)
-
-
-def sharded_train_state(model, init_inputs: tuple, config, num_steps: int,
-                        mesh: jax.sharding.Mesh, key, *, frozen=(),
-                        peak_lr: float | None = None):
-    """A stage's optimizer and its shape-first train state {'step', 'params',
-    'opt_state'}.
-
-    Args:
-      model: the Flax module; `model.init(key, *init_inputs)['params']` are
-        the parameters.
-      init_inputs: example inputs (one image of the configured size, ...).
-      config: the stage config (`optimizer`, `mesh` sections).
-      num_steps: length of the cosine schedule.
-      mesh: the device mesh.
-      key: PRNG key (only its shape matters for the abstract state).
-      frozen: top-level collections that get no updates (`optim.make_optimizer`).
-      peak_lr: the schedule's peak; None = `config.optimizer.learning_rate`.
-
-    Returns:
-      (tx, schedule, abstract state of ShapeDtypeStructs, NamedSharding tree,
-      jitted key -> state created directly in those shardings).
-    """
-    import jax.numpy as jnp
-
-    from ddep_jax import optim
-
-    o = config.optimizer
-    schedule = optim.make_schedule(o.learning_rate if peak_lr is None else peak_lr,
-                                   num_steps, o.warmup_steps)
-    params = jax.eval_shape(model.init, key, *init_inputs)["params"]
-    tx, _ = optim.make_optimizer(params, frozen, schedule, b1=o.b1, b2=o.b2,
-                                 weight_decay=o.weight_decay,
-                                 grad_clip_norm=o.grad_clip_norm)
-
-    def init(key):
-        params = model.init(key, *init_inputs)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params)}
-
-    abstract = jax.eval_shape(init, key)
-    m = config.mesh
-    shardings = state_shardings(abstract, mesh, m.param_sharding, m.fsdp_min_size,
-                                tuple(m.get("sharding_rules", ())))
-    return tx, schedule, abstract, shardings, jax.jit(init, out_shardings=shardings)

@@ -46,3 +46,43 @@ def get_spec(name: str) -> ClassDatasetSpec:
         raise ValueError(f"classification dataset {name!r} is unknown; known: "
                          f"{names()}.")
     return _SPECS[name]
+
+
+def open_split(spec: ClassDatasetSpec, split: str, data_dir: str = ""):
+    """The prepared TFDS records of `split` (random access).
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared (names the command).
+    """
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    return load_data_source(spec.tfds_name, split, data_dir or None)
+
+
+def num_classes_of(spec: ClassDatasetSpec, records) -> int:
+    """The prepared dataset's class count (its ClassLabel), else the spec's."""
+    info = getattr(records, "dataset_info", None)
+    try:
+        return int(info.features["label"].num_classes)
+    except (AttributeError, KeyError, TypeError):
+        return spec.num_classes
+
+
+class CheckLabel:
+    """Passes a record through after checking 0 <= label < num_classes.
+
+    Raises:
+      ValueError: naming the dataset, split, record file name and value.
+    """
+
+    def __init__(self, num_classes: int, where: str):
+        self.num_classes, self.where = num_classes, where
+
+    def __call__(self, example: dict) -> dict:
+        label = int(example["label"])
+        if not 0 <= label < self.num_classes:
+            name = example.get("file_name", b"?")
+            name = name.decode() if isinstance(name, bytes) else name
+            raise ValueError(f"{self.where} record {name!r} has label {label}, "
+                             f"outside [0, {self.num_classes}).")
+        return example

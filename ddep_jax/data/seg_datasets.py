@@ -177,3 +177,16 @@ def names() -> list[str]:
 def _load_all() -> None:
     # Builder modules register their specs on import.
     import ddep_jax.data.builders  # noqa: F401
+
+
+def open_split(spec: SegDatasetSpec, split: str, data_dir: str = ""):
+    """The prepared TFDS records of a split; the config's split names
+    ('validation', 'test') go through `spec.splits`.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared (names the command).
+    """
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    return load_data_source(spec.tfds_name, spec.splits.get(split, split),
+                            data_dir or None)

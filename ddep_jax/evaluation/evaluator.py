@@ -21,11 +21,7 @@ import numpy as np
 from ddep_jax import visualize
 from ddep_jax.data.seg_datasets import SegDatasetSpec
 from ddep_jax.evaluation import inference, metrics
-
-
-def to_model_input(image_uint8: np.ndarray) -> jax.Array:
-    """uint8 [..., 3] -> float32 in [-1, 1] (the encoder's input convention)."""
-    return jnp.asarray(image_uint8, jnp.float32) / 127.5 - 1.0
+from ddep_jax.models import to_float_images
 
 
 _APPLY_CACHE: dict[int, tuple[Any, Callable]] = {}
@@ -115,7 +111,7 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
     for i in range(process_index, n, process_count):
         example = source[i]
         image, label = example["image"], example["label"]
-        probs = predict_at_base_scale(logits_fn, to_model_input(image),
+        probs = predict_at_base_scale(logits_fn, to_float_images(image),
                                       spec.num_classes, mode, **kwargs)
         prediction, cm = _score(probs, label, spec.num_classes)
         total = metrics.accumulate(total, cm)

@@ -20,11 +20,12 @@ checkpoints' class-token row is dropped on import for the same reason).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ddep_jax.models import transunet
 from ddep_jax.models.hybrid_vit import HybridViT
@@ -48,9 +49,11 @@ class HybridViTClassifier(nn.Module):
     num_classes: int
     head_bias_init: float = 0.0
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     def setup(self):
-        self.encoder = HybridViT(**dict(self.encoder_kwargs), dtype=self.dtype)
+        self.encoder = HybridViT(**dict(self.encoder_kwargs), dtype=self.dtype,
+                                 conv=self.conv)
         self.head = nn.Dense(self.num_classes, dtype=self.dtype,
                              kernel_init=nn.initializers.zeros,
                              bias_init=nn.initializers.constant(self.head_bias_init))
@@ -68,4 +71,4 @@ def build_classifier(model_config, num_classes: int,
     return HybridViTClassifier(
         encoder_kwargs=transunet.encoder_kwargs(model_config.encoder),
         num_classes=num_classes, head_bias_init=head_bias_init,
-        dtype=jnp.dtype(model_config.dtype))
+        dtype=jnp.dtype(model_config.dtype), conv=transunet.conv_of(model_config))

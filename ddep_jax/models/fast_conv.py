@@ -15,37 +15,27 @@ function is the same as `lax.conv_general_dilated` (tests compare values and
 gradients); any other configuration (strides, dilation, groups, even kernels,
 other layouts) falls through to `lax.conv_general_dilated`.
 
-Only the CPU backend takes this path: on GPU and TPU the vendor libraries
-kernel-gradient convolutions are the fast choice.
+Which implementation a model uses is its config value `model.conv`
+(`CONV_IMPLS`), turned into a function once, where the model is built
+(`resolve`): 'auto' takes this path on the CPU backend only (on GPU and TPU
+the vendor libraries' kernel-gradient convolutions are the fast choice);
+'xla' is plain `lax.conv_general_dilated` everywhere (FLOP counting asks for
+it: XLA's cost analysis counts the body of the per-tap loop once); 'tap_gemm'
+is this path everywhere.
 
-Usage: `nn.Conv(..., conv_general_dilated=conv_general_dilated)`.
+Usage: `nn.Conv(..., conv_general_dilated=resolve(config.model.conv))`.
 """
 
 from __future__ import annotations
 
-import contextlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_enabled = True
-
-
-@contextlib.contextmanager
-def disabled():
-    """Traces inside this context use plain `lax.conv_general_dilated`.
-
-    For FLOP counting: XLA's cost analysis counts the body of the kernel-
-    gradient loop once, not once per kernel tap.
-    """
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
+CONV_IMPLS = ("auto", "xla", "tap_gemm")
 
 
 def _conv(x, w):
@@ -91,7 +81,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
     same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    fast = (_enabled and jax.default_backend() == "cpu" and lhs.ndim == 4 and kh % 2 == 1 and kw % 2 == 1
+    fast = (lhs.ndim == 4 and kh % 2 == 1 and kw % 2 == 1
             and tuple(window_strides) == (1, 1)
             and (padding == "SAME" or [tuple(p) for p in padding] == same)
             and all(d in (None, 1) for d in (lhs_dilation or [None]))
@@ -107,3 +97,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
+
+
+def resolve(impl: str) -> Callable:
+    """The `conv_general_dilated` function of a `model.conv` setting.
+
+    Args:
+      impl: 'auto' (the per-tap GEMM path on the CPU backend, XLA's
+        convolution elsewhere), 'xla' or 'tap_gemm'.
+
+    Raises:
+      ValueError: `impl` is not one of `CONV_IMPLS`.
+    """
+    if impl == "auto":
+        impl = "tap_gemm" if jax.default_backend() == "cpu" else "xla"
+    if impl == "xla":
+        return lax.conv_general_dilated
+    if impl == "tap_gemm":
+        return conv_general_dilated
+    raise ValueError(f"model.conv={impl!r}: expected one of {CONV_IMPLS}.")

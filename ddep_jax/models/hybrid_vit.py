@@ -28,13 +28,13 @@ MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; the importer
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ddep_jax.models import fast_conv
 
 # ViT widths by name (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT / AugReg).
 # 'mu' and 'nano' are tiny sizes for tests and CPU smoke runs.
@@ -66,11 +66,10 @@ def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
 class StdConv(nn.Conv):
     """Conv whose stored `kernel` is raw and standardised on every use (BiT).
 
-    Stride-1 convolutions use `fast_conv` (same values, faster kernel gradient
-    on CPU) for DeP, where the encoder trains.
+    Its `conv_general_dilated` is the model's convolution setting
+    (`fast_conv.resolve`): on CPU the stride-1 convolutions take the per-tap
+    GEMM kernel gradient, which matters for DeP, where the encoder trains.
     """
-
-    conv_general_dilated: Any = fast_conv.conv_general_dilated
 
     def param(self, name, *args, **kwargs):
         value = super().param(name, *args, **kwargs)
@@ -91,11 +90,13 @@ class BottleneckUnit(nn.Module):
     strides: int = 1
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv = lambda f, k, s, name: StdConv(  # noqa: E731
-            f, (k, k), (s, s), use_bias=False, dtype=self.dtype, name=name)
+            f, (k, k), (s, s), use_bias=False, dtype=self.dtype,
+            conv_general_dilated=self.conv, name=name)
         norm = lambda name, **kw: nn.GroupNorm(  # noqa: E731
             self.num_groups, dtype=self.dtype, name=name, **kw)
         out_features = 4 * self.features
@@ -118,12 +119,14 @@ class ResNetStage(nn.Module):
     first_stride: int
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for u in range(self.num_units):
             x = BottleneckUnit(self.features, self.first_stride if u == 0 else 1,
-                               self.num_groups, self.dtype, name=f"unit{u + 1}")(x)
+                               self.num_groups, self.dtype, self.conv,
+                               name=f"unit{u + 1}")(x)
         return x
 
 
@@ -153,7 +156,6 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -164,7 +166,8 @@ class EncoderBlock(nn.Module):
             # Mixed precision: the attention softmax stays in float32.
             force_fp32_for_softmax=True,
             kernel_init=nn.initializers.xavier_uniform(),
-            broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
+            # No attention dropout (upstream ViT's attention_dropout_rate=0).
+            dropout_rate=0.0,
             deterministic=not train, name="MultiHeadDotProductAttention_0")(y, y)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
@@ -214,7 +217,6 @@ class ViTEncoder(nn.Module):
     mlp_dim: int
     pos_grid: tuple[int, int]
     dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -224,7 +226,7 @@ class ViTEncoder(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i in range(self.num_layers):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
-                             self.attention_dropout_rate, self.dtype,
+                             self.dtype,
                              name=f"encoderblock_{i}")(x, train=train)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
@@ -262,8 +264,9 @@ class HybridViT(nn.Module):
       image_size: (H, W) pixels the position embedding is learned for; other
         input sizes are served by bilinear resampling of the embedding.
       num_groups: GroupNorm groups (32 upstream).
-      patch_size: patch size on the 1/16 map (1 for the hybrid); the plain
-        ViT's patches are 16 * patch_size pixels.
+      dropout_rate: dropout in the transformer blocks (stage 1).
+      conv: the ResNet convolutions' `conv_general_dilated`
+        (`fast_conv.resolve(config.model.conv)`).
 
     Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 ->
       `EncoderFeatures`.
@@ -277,10 +280,9 @@ class HybridViT(nn.Module):
     resnet_width: int = 64
     image_size: tuple[int, int] = (224, 224)
     num_groups: int = 32
-    patch_size: int = 1
     dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
@@ -291,34 +293,31 @@ class HybridViT(nn.Module):
                 "stages (skips at 1/2, 1/4, 1/8, tokens at 1/16), or () for a "
                 "plain ViT/16 (patch embedding on the pixels, no skips).")
         size = VIT_SIZES[self.vit_size]
-        p = self.patch_size
         x = images.astype(self.dtype)
         skips = []
         if layers:
             width = self.resnet_width
             x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
-                        name="conv_root")(x)
+                        conv_general_dilated=self.conv, name="conv_root")(x)
             x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype,
                                      name="gn_root")(x))
             skips.append(x)  # 1/2
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
             for s, num_units in enumerate(layers):
                 x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1,
-                                self.num_groups, self.dtype, name=f"block{s + 1}")(x)
+                                self.num_groups, self.dtype, self.conv,
+                                name=f"block{s + 1}")(x)
                 if s < len(layers) - 1:
                     skips.append(x)  # 1/4, 1/8
-            patch = p
+            patch = 1  # one token per position of the 1/16 map
         else:
-            patch = 16 * p
+            patch = 16  # ViT/16 patches on the pixels
         x = nn.Conv(size["hidden_size"], (patch, patch), (patch, patch),
                     padding="VALID", dtype=self.dtype, name="embedding")(x)
         b, h, w, d = x.shape
-        stem_stride = 16 * p
-        pos_grid = (self.image_size[0] // stem_stride,
-                    self.image_size[1] // stem_stride)
+        pos_grid = (self.image_size[0] // 16, self.image_size[1] // 16)
         tokens = ViTEncoder(size["num_layers"], size["num_heads"], size["mlp_dim"],
-                            pos_grid, self.dropout_rate,
-                            self.attention_dropout_rate, self.dtype,
+                            pos_grid, self.dropout_rate, self.dtype,
                             name="Transformer")(x.reshape(b, h * w, d), (h, w),
                                                 train=train)
         return EncoderFeatures(tokens.reshape(b, h, w, d), tuple(skips))

@@ -8,13 +8,14 @@ and `decoder` and replaces `head` with a `num_classes` one.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ddep_jax.models.fast_conv import conv_general_dilated
+from ddep_jax.models import fast_conv
 from ddep_jax.models.hybrid_vit import EncoderFeatures, HybridViT
 from ddep_jax.models.unet_decoder import DECODER_WIDTHS_1X, UNetDecoder
 
@@ -31,6 +32,8 @@ class TransUNet(nn.Module):
       num_outputs: channels of the head (3 for denoising, classes later).
       decoder_num_groups: GroupNorm groups in the decoder.
       noise_conditioning: condition the decoder's norms on sigma (Sec. 4.4).
+      conv: `conv_general_dilated` of the stride-1 convolutions of encoder,
+        decoder and head (`fast_conv.resolve(config.model.conv)`).
 
     Methods (images: float [B, H, W, 3] in [-1, 1], H, W multiples of 16):
       encode(images, train) -> EncoderFeatures
@@ -45,16 +48,19 @@ class TransUNet(nn.Module):
     decoder_num_groups: int = 32
     noise_conditioning: bool = False
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     def setup(self):
-        self.encoder = HybridViT(**dict(self.encoder_kwargs), dtype=self.dtype)
+        self.encoder = HybridViT(**dict(self.encoder_kwargs), dtype=self.dtype,
+                                 conv=self.conv)
         self.decoder = UNetDecoder(
             widths=self.decoder_widths or tuple(
                 w * self.decoder_multiplier for w in DECODER_WIDTHS_1X),
             num_groups=self.decoder_num_groups,
-            noise_conditioning=self.noise_conditioning, dtype=self.dtype)
+            noise_conditioning=self.noise_conditioning, dtype=self.dtype,
+            conv=self.conv)
         self.head = nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype,
-                            conv_general_dilated=conv_general_dilated)
+                            conv_general_dilated=self.conv)
 
     def encode(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
         return self.encoder(images, train=train)
@@ -80,15 +86,28 @@ def encoder_kwargs(encoder_config) -> dict[str, Any]:
                 num_groups=enc.num_groups, dropout_rate=enc.dropout_rate)
 
 
-def build_model(model_config) -> TransUNet:
-    """Builds the TransUNet named by a `config.model` ConfigDict."""
+def conv_of(model_config) -> Callable:
+    """The convolution function of `config.model.conv` (`fast_conv.resolve`;
+    'auto' where a workdir's config.json predates the setting)."""
+    return fast_conv.resolve(model_config.get("conv", "auto"))
+
+
+def build_model(model_config, num_outputs: int | None = None) -> TransUNet:
+    """Builds the TransUNet named by a `config.model` ConfigDict.
+
+    Args:
+      model_config: `config.model`.
+      num_outputs: the head's channels where `model_config.num_outputs` is 0
+        (stage 3: the dataset's class count); None keeps the config's.
+    """
     return TransUNet(
         encoder_kwargs=encoder_kwargs(model_config.encoder),
         decoder_multiplier=model_config.decoder_multiplier,
         decoder_widths=(tuple(model_config.decoder_widths)
                         if model_config.decoder_widths else None),
-        num_outputs=model_config.num_outputs,
+        num_outputs=model_config.num_outputs or num_outputs or 0,
         decoder_num_groups=model_config.decoder_num_groups,
         noise_conditioning=model_config.noise_conditioning,
         dtype=jnp.dtype(model_config.dtype),
+        conv=conv_of(model_config),
     )

@@ -17,14 +17,13 @@ initialised to the identity.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ddep_jax.models.fast_conv import conv_general_dilated
 from ddep_jax.models.hybrid_vit import EncoderFeatures
 
 DECODER_WIDTHS_1X: tuple[int, ...] = (1024, 512, 256, 128, 64)
@@ -75,11 +74,12 @@ class ConvNormReLU(nn.Module):
     features: int
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
         x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
-                    conv_general_dilated=conv_general_dilated, name="conv")(x)
+                    conv_general_dilated=self.conv, name="conv")(x)
         x = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         if cond is not None:
             film = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros,
@@ -94,6 +94,7 @@ class DecoderBlock(nn.Module):
     upsample: bool
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None,
@@ -102,8 +103,10 @@ class DecoderBlock(nn.Module):
             x = upsample2x_bilinear(x)
         if skip is not None:
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        x = ConvNormReLU(self.features, self.num_groups, self.dtype, name="conv1")(x, cond)
-        return ConvNormReLU(self.features, self.num_groups, self.dtype, name="conv2")(x, cond)
+        x = ConvNormReLU(self.features, self.num_groups, self.dtype, self.conv,
+                         name="conv1")(x, cond)
+        return ConvNormReLU(self.features, self.num_groups, self.dtype, self.conv,
+                            name="conv2")(x, cond)
 
 
 class UNetDecoder(nn.Module):
@@ -118,6 +121,8 @@ class UNetDecoder(nn.Module):
       num_groups: GroupNorm groups.
       noise_conditioning: if True, `__call__` requires `noise_level`.
       cond_dim: size of the noise-level embedding.
+      conv: the 3x3 convolutions' `conv_general_dilated`
+        (`fast_conv.resolve(config.model.conv)`).
 
     Call: (features: EncoderFeatures, noise_level: float [B] sigma or None)
       -> float [B, H, W, widths[-1]].
@@ -128,6 +133,7 @@ class UNetDecoder(nn.Module):
     noise_conditioning: bool = False
     cond_dim: int = 128
     dtype: Any = jnp.float32
+    conv: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, features: EncoderFeatures,
@@ -146,5 +152,6 @@ class UNetDecoder(nn.Module):
         for i, width in enumerate(self.widths):
             skip = skips[i - 1] if 1 <= i <= len(skips) else None
             x = DecoderBlock(width, upsample=i > 0, num_groups=self.num_groups,
-                             dtype=self.dtype, name=f"block{i}")(x, skip, cond)
+                             dtype=self.dtype, conv=self.conv,
+                             name=f"block{i}")(x, skip, cond)
         return x

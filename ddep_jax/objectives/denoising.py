@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ddep_jax.models import to_float_images
+
 NOISE_TYPES = ("scaled", "simple")
 TARGETS = ("eps", "x")
 
@@ -107,3 +109,22 @@ def denoising_loss(prediction: jax.Array, x: jax.Array, eps: jax.Array,
     else:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}.")
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - ref))
+
+
+def corrupt(denoising_config, images: jax.Array, key: jax.Array):
+    """Draws sigma and eps for a batch and forms the noisy input (Eq. 1 or 5).
+
+    Args:
+      denoising_config: `config.denoising` (noise_type, sigma, sigma_range).
+      images: uint8 [B, H, W, 3].
+      key: PRNG key (split into sigma's and eps's).
+
+    Returns:
+      (x, eps, sigma [B], noisy), float32; x and noisy [B, H, W, 3].
+    """
+    d = denoising_config
+    k_sigma, k_eps = jax.random.split(key)
+    x = to_float_images(images)
+    sigma = sample_sigma(k_sigma, x.shape[0], d.sigma, tuple(d.sigma_range) or None)
+    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    return x, eps, sigma, add_noise(x, eps, sigma, d.noise_type)

@@ -1,0 +1,1 @@
+"""The stages as data (`loop.Stage`) and the one loop that runs them (`loop.run`)."""

@@ -1,0 +1,259 @@
+"""Stage 2: decoder denoising pretraining (DDeP, Brempong et al. 2022, Sec. 4).
+
+The encoder (frozen: DDeP; trained too: DeP, Sec. 3) takes a noisy image
+x~ = sqrt(gamma) x + sqrt(1 - gamma) eps (scaled additive noise, Eq. 5; or
+x + sigma eps, Eq. 1); the TransUNet decoder and a 3-channel head are
+trained to predict eps (Eq. 6) or x (Eq. 2) with the mean squared error
+(`objectives.denoising`). Every `image_grid_every` steps and at the end, a
+grid of clean / noisy / denoised images is written to WORKDIR/images.
+
+`default_config()` is the paper's run (R50+ViT-B/16, 1x decoder, Sec. 5.1);
+`validate(config, num_devices, num_processes)` rejects bad values;
+`stage(config, mesh, workdir)` is the `loop.Stage` that `loop.run` trains.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddep_jax import config_lib, visualize
+from ddep_jax.data import pipeline
+from ddep_jax.models.transunet import build_model
+from ddep_jax.objectives import denoising
+from ddep_jax.trainers import loop
+
+# Paper Sec. 5.1: lr 6e-5 for the 1x and 3x decoders, 1e-4 for the 2x decoder.
+PAPER_LEARNING_RATE = {1: 6e-5, 2: 1e-4, 3: 6e-5}
+DATA_SOURCES = ("tfds", "embedded")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults: the paper's DDeP run (R50+ViT-B/16, 1x decoder, Sec. 5.1)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "ddep"
+    c.seed = 0
+    c.model = config_lib.model_config()
+
+    # Denoising objective (Sec. 3-4).
+    c.denoising = ml_collections.ConfigDict()
+    c.denoising.noise_type = "scaled"  # Eq. 5; 'simple' is Eq. 1
+    c.denoising.target = "eps"  # Eq. 6; 'x' is Eq. 2
+    c.denoising.sigma = 0.22  # Fig. 5
+    c.denoising.sigma_range = ()  # (low, high): sample sigma per example (Table 4)
+
+    # Which top-level collections stay fixed: ('encoder',) is DDeP, () is DeP.
+    c.frozen = ("encoder",)
+
+    # The pretrained encoder (stage-1 hand-over): a stage-1 workdir, one of its
+    # checkpoints/<step> folders, an Orbax folder written by `python -m
+    # ddep_jax.vit_import`, or a vision_transformer .npz; only params/encoder
+    # is read, every leaf must match. '' keeps the random initialisation.
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""
+    c.init.step = -1  # which checkpoint of a workdir; -1 = the latest
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # DATA_SOURCES
+    c.data.name = "imagenet21k"
+    c.data.split = "train"
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
+    c.data.crop_aspect_range = (3 / 4, 4 / 3)
+    c.data.flip = True
+    c.data.num_threads = 8
+    c.data.prefetch = 4
+
+    c.batch_size = 512
+    c.num_epochs = 100.0
+    c.total_steps = 0  # > 0 overrides num_epochs
+
+    c.optimizer = config_lib.optimizer_config()  # learning_rate 0: the paper's
+    c.mesh = config_lib.mesh_config()
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.image_grid_every = 500  # and at the end; 0: no image grids
+    c.image_grid_size = 8
+    return config_lib.add_run_options(c)
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a stage-2 config.
+
+    Raises:
+      ValueError: the first problem found, as 'config.<key>=<value> is invalid:
+        <why>' or 'config.<key> is not a known key'.
+    """
+    require = config_lib.require
+    config_lib.check_keys(config, default_config())
+    d = config.denoising
+    require(d.noise_type in denoising.NOISE_TYPES, "denoising.noise_type",
+            d.noise_type, f"expected one of {denoising.NOISE_TYPES}")
+    require(d.target in denoising.TARGETS, "denoising.target", d.target,
+            f"expected one of {denoising.TARGETS}")
+    require(d.sigma >= 0, "denoising.sigma", d.sigma, "must be >= 0")
+    if d.sigma_range:
+        low_high = tuple(d.sigma_range)
+        require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
+                "denoising.sigma_range", low_high,
+                "need (low, high) with 0 <= low < high")
+    config_lib.validate_model(config.model)
+    require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
+            "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
+    require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
+            f"expected one of {DATA_SOURCES}")
+    config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
+    config_lib.validate_run(config, num_devices, num_processes)
+    require(config.image_grid_every >= 0, "image_grid_every",
+            config.image_grid_every, ">= 0 (0: no image grids)")
+
+
+def learning_rate(config) -> float:
+    """The configured peak learning rate, or the paper's for the decoder width
+    (`optimizer.learning_rate` 0)."""
+    if config.optimizer.learning_rate > 0:
+        return config.optimizer.learning_rate
+    return PAPER_LEARNING_RATE[config.model.decoder_multiplier]
+
+
+def make_source(data_config):
+    """The random-access image source named by `config.data`."""
+    if data_config.source == "embedded":
+        from ddep_jax.data.embedded import EmbeddedImages  # scikit-image's photos
+
+        return EmbeddedImages()
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    return load_data_source(data_config.name, data_config.split,
+                            data_config.data_dir or None)
+
+
+def make_loss_fn(config, model):
+    """(params, {'x', 'eps', 'sigma', 'noisy'}, key, context) -> (MSE, {}).
+
+    With the encoder frozen it runs in inference mode on the noisy images and
+    only the decoder and head are differentiated; with DeP the whole model
+    runs in training mode (dropout from `key`)."""
+    frozen_encoder = "encoder" in tuple(config.frozen)
+    target = config.denoising.target
+    conditioning = config.model.noise_conditioning
+
+    def loss_fn(params, batch, key, context):
+        del context
+        noise_level = batch["sigma"] if conditioning else None
+        variables = {"params": params}
+        if frozen_encoder:
+            features = model.apply(variables, batch["noisy"], train=False,
+                                   method=model.encode)
+            prediction = model.apply(variables, features, noise_level,
+                                     method=model.decode)
+        else:
+            prediction = model.apply(variables, batch["noisy"], noise_level,
+                                     train=True, rngs={"dropout": key})
+        return denoising.denoising_loss(prediction, batch["x"], batch["eps"],
+                                        target), {}
+
+    return loss_fn
+
+
+def make_prepare(config):
+    """(batch {'image': uint8}, key) -> ({'x', 'eps', 'sigma', 'noisy'}, {},
+    dropout key): the noise of the whole batch is drawn once."""
+
+    def prepare(batch, key):
+        k_noise, k_dropout = jax.random.split(key)
+        x, eps, sigma, noisy = denoising.corrupt(config.denoising, batch["image"],
+                                                 k_noise)
+        return {"x": x, "eps": eps, "sigma": sigma, "noisy": noisy}, {}, k_dropout
+
+    return prepare
+
+
+def make_denoise_fn(config, model):
+    """(params, uint8 images, key) -> (clean, noisy, denoised) float32 [B, H, W, 3]:
+    denoised = (x~ - sqrt(1 - gamma) eps^) / sqrt(gamma) (eps target) or the
+    prediction itself (x target)."""
+    d = config.denoising
+
+    def denoise(params, images, key):
+        x, _, sigma, noisy = denoising.corrupt(d, images, key)
+        noise_level = sigma if config.model.noise_conditioning else None
+        prediction = model.apply({"params": params}, noisy, noise_level)
+        if d.target == "x":
+            return x, noisy, prediction
+        return x, noisy, denoising.estimate_clean(noisy, prediction, sigma,
+                                                  d.noise_type)
+
+    return denoise
+
+
+def make_image_grid_hook(config, model, mesh):
+    """The `after_step` hook writing WORKDIR/images/denoise_<step>.png every
+    `image_grid_every` steps and at the last step (None when 0). Every host
+    runs the denoiser (the arrays span all hosts); process 0 writes."""
+    every = config.image_grid_every
+    if not every:
+        return None
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    denoise = jax.jit(make_denoise_fn(config, model), out_shardings=replicated)
+
+    def after_step(run: loop.RunContext, state, batch, step: int) -> None:
+        if step % every and step != run.num_steps:
+            return
+        images = batch["image"]
+        n = min(config.image_grid_size, images.shape[0])
+        grid = jax.device_get(denoise(state["params"], images[:n],
+                                      jax.random.fold_in(run.keys["images"], step)))
+        if jax.process_index() == 0:
+            visualize.save_image_grid(os.path.join(
+                run.workdir, "images", f"denoise_{step:08d}.png"), grid)
+
+    return after_step
+
+
+def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
+    """The DDeP / DeP stage of `config` (`data=False`: no dataset is opened)."""
+    del workdir  # nothing stage-specific is written before the loop starts
+    model = build_model(config.model)
+    h, w = config.model.encoder.image_size
+    b = config.batch_size
+    dataset = source = None
+    if data:
+        source = make_source(config.data)
+        dataset = pipeline.make_train_dataset(
+            source, image_size=(h, w), batch_size=b // jax.process_count(),
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), area_range=config.data.crop_area_range,
+            aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
+            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    conditioning = config.model.noise_conditioning
+    frozen = tuple(config.frozen)
+    d = config.denoising
+    return loop.Stage(
+        name="ddep",
+        model=model,
+        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),
+                     jnp.ones((1,), jnp.float32) if conditioning else None),
+        loss_fn=make_loss_fn(config, model),
+        prepare=make_prepare(config),
+        peak_lr=learning_rate(config),
+        frozen=frozen,
+        init_collections=("encoder",),
+        keys=("init", "train", "images"),
+        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
+        example_batch=lambda rng: {
+            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
+        dataset=dataset,
+        num_examples=len(source) if source is not None else 0,
+        describe=lambda m: f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}",
+        summary=(f"{'DDeP' if 'encoder' in frozen else 'DeP'} on "
+                 f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
+                 f"images ({d.noise_type} noise, sigma {d.sigma}, {d.target} target)"),
+        after_step=make_image_grid_hook(config, model, mesh),
+    )

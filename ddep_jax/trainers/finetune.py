@@ -1,0 +1,302 @@
+"""Stage 3: semantic-segmentation fine-tuning and evaluation (DDeP Sec. 5.1).
+
+A labelled subset of the training split (`config.data.label_fraction`,
+chosen by `data.subset_seed`, written to WORKDIR/labelled_subset.json) ->
+TransUNet with a `num_classes` head -> initial weights (`init.mode`: scratch,
+an encoder checkpoint, or a stage-2 encoder + decoder) -> pixel-wise softmax
+cross-entropy ignoring void (`objectives.segmentation`) -> periodic and final
+evaluation with the paper's test-time protocols (global mIoU,
+`evaluation.segmentation`) written to WORKDIR/eval.
+
+`default_config()`, `validate(config, num_devices, num_processes)` and
+`stage(config, mesh, workdir)` (the `loop.Stage` that `loop.run` trains).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddep_jax import config_lib, writers
+from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
+from ddep_jax.data.seg_datasets import IGNORE_LABEL
+from ddep_jax.evaluation.segmentation import run_evaluation
+from ddep_jax.models import to_float_images
+from ddep_jax.models.transunet import build_model
+from ddep_jax.objectives.segmentation import correct_pixels, segmentation_loss
+from ddep_jax.trainers import loop
+
+INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
+                    "pretrained": ("encoder", "decoder")}
+"""Stage-3 initialisations (the paper's rows) and the collections each reads
+from `init.checkpoint`: no pretraining; the encoder of a checkpoint with a
+random decoder ("Supervised"); encoder and decoder of a stage-2 DDeP/DeP
+checkpoint. The head is always new."""
+INIT_MODES = tuple(INIT_COLLECTIONS)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Stage-3 defaults: fine-tune the whole TransUNet (DDeP Sec. 5.1)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "finetune"
+    c.seed = 0
+    c.model = config_lib.model_config()
+    c.model.num_outputs = 0  # 0: the dataset's number of classes
+
+    # Where the initial weights come from (INIT_MODES). `checkpoint` is a
+    # stage-1/2/3 workdir, one of its checkpoints/<step> folders, or an Orbax
+    # state folder; `step` -1 means the latest. The head is always new.
+    c.init = ml_collections.ConfigDict()
+    c.init.mode = "scratch"
+    c.init.checkpoint = ""
+    c.init.step = -1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "camvid"  # a name in ddep_jax.data.seg_datasets
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_split = "train"
+    c.data.label_fraction = "100%"  # '1%', '1/30', '0.25', or a count '100'
+    c.data.subset_seed = -1  # -1: same as `seed`
+    c.data.crop_size = (512, 512)
+    c.data.scale_range = (0.5, 2.0)  # random scale (times base_scale)
+    c.data.base_scale = 1.0  # resize every image by this first (train and eval)
+    c.data.flip = True
+    c.data.num_threads = 8
+    c.data.prefetch = 4
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
+    c.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # 'multiscale' (x base_scale)
+    c.eval.flip = False  # 'whole': also average with the flipped image
+    c.eval.window = (1024, 1024)  # 'sliding' (pixels of the base_scale'd image)
+    c.eval.stride = 0  # 'sliding': 0 = the window size
+    # Model inputs are padded to multiples of this: 16 is the ViT patch grid;
+    # coarser (e.g. 128) means fewer compilations on datasets of many sizes.
+    c.eval.size_multiple = 16
+    c.eval.split = "validation"  # evaluated every `every_steps` and at the end
+    c.eval.final_splits = ("test",)  # evaluated once at the end
+    c.eval.every_steps = 0  # 0: only at the end
+    c.eval.max_images = 0  # periodic evaluation on the first N images; 0 = all
+    c.eval.num_visualize = 4  # colourised PNGs of the first N final-eval images
+
+    c.batch_size = 16
+    c.num_epochs = 0.0
+    c.total_steps = 10000  # > 0 overrides num_epochs
+
+    c.optimizer = config_lib.optimizer_config(learning_rate=1e-4)
+    c.optimizer.weight_decay = 1e-4
+    c.mesh = config_lib.mesh_config()
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    return config_lib.add_run_options(c)
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a stage-3 config.
+
+    Raises:
+      ValueError: 'config.<key>=<value> is invalid: <why>' or 'config.<key> is
+        not a known key'.
+    """
+    from ddep_jax.evaluation.inference import EVAL_MODES
+
+    require = config_lib.require
+    config_lib.check_keys(config, default_config())
+    config_lib.validate_model(config.model)
+    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+            config.optimizer.learning_rate, "must be > 0 for fine-tuning")
+    i = config.init
+    require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
+    require(i.mode == "scratch" or bool(i.checkpoint), "init.checkpoint",
+            i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
+    require(config.data.name in seg_datasets.names(), "data.name", config.data.name,
+            f"expected one of {seg_datasets.names()}")
+    config_lib.validate_classes_and_splits(
+        config, seg_datasets.get_spec(config.data.name),
+        [("data.train_split", config.data.train_split),
+         ("eval.split", config.eval.split),
+         *[("eval.final_splits", s) for s in config.eval.final_splits]])
+    try:
+        label_fractions.parse_amount(config.data.label_fraction)
+    except ValueError as e:
+        require(False, "data.label_fraction", config.data.label_fraction, str(e))
+    config_lib.validate_size("data.crop_size", config.data.crop_size)
+    lo, hi = config.data.scale_range
+    require(0 < lo <= hi, "data.scale_range", (lo, hi), "need 0 < low <= high")
+    require(config.data.base_scale > 0, "data.base_scale", config.data.base_scale,
+            "must be > 0")
+    require(config.eval.mode in EVAL_MODES, "eval.mode", config.eval.mode,
+            f"expected one of {EVAL_MODES}")
+    require(len(config.eval.scales) > 0 and all(s > 0 for s in config.eval.scales),
+            "eval.scales", tuple(config.eval.scales), "need positive scales")
+    window = tuple(config.eval.window)
+    require(len(window) == 2 and min(window) > 0, "eval.window", window,
+            "need (H, W) > 0")
+    for key in ("every_steps", "stride", "max_images", "num_visualize"):
+        require(config.eval[key] >= 0, f"eval.{key}", config.eval[key], ">= 0")
+    require(config.eval.size_multiple > 0 and config.eval.size_multiple % 16 == 0,
+            "eval.size_multiple", config.eval.size_multiple,
+            "a positive multiple of 16 (the patch grid)")
+    config_lib.validate_run(config, num_devices, num_processes)
+
+
+def record_names(records, spec, indices) -> list[str] | None:
+    """File names of the chosen records (None if the source cannot say)."""
+    name_of = getattr(records, "record_name", None)
+    if name_of is None or not spec.id_key:
+        return None
+    return [name_of(int(i), spec.id_key) for i in indices]
+
+
+def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
+    """Chooses (or, on resume, re-derives and checks) the labelled subset and
+    writes WORKDIR/labelled_subset.json.
+
+    Returns:
+      int64 [n] record indices.
+
+    Raises:
+      ValueError: the workdir already holds a different subset (a resumed run
+        whose label fraction or seed changed): use a new workdir.
+    """
+    seed = config.data.subset_seed if config.data.subset_seed >= 0 else config.seed
+    indices = label_fractions.select_subset(len(records), config.data.label_fraction,
+                                            seed)
+    path = os.path.join(workdir, "labelled_subset.json")
+    old = writers.read_json(path)
+    if old is not None:
+        if (old["indices"] != indices.tolist() or old["num_examples"] != len(records)
+                or old["dataset"] != spec.name
+                or old["split"] != config.data.train_split):
+            raise ValueError(
+                f"{path} records a different labelled subset ({old['num_labelled']} "
+                f"of {old['num_examples']} {old['dataset']} {old['split']}, fraction "
+                f"{old['label_fraction']!r}, seed {old['seed']}) than "
+                f"config.data.label_fraction={config.data.label_fraction!r} with "
+                f"seed {seed} gives: fine-tune into a new workdir.")
+        return indices
+    if jax.process_index() == 0:
+        label_fractions.write_subset(
+            path, dataset=spec.name, split=config.data.train_split,
+            amount=config.data.label_fraction, seed=seed, num_examples=len(records),
+            indices=indices, ids=record_names(records, spec, indices))
+    return indices
+
+
+def prepare(batch, key):
+    """Labels to int32; the batch's non-void pixel count is the loss's
+    normaliser for every micro-batch."""
+    labels = batch["label"].astype(jnp.int32)
+    count = jnp.sum(labels != IGNORE_LABEL)
+    return {"image": batch["image"], "label": labels}, {"count": count}, key
+
+
+def make_loss_fn(model):
+    """(params, {'image': uint8, 'label': int32}, key, {'count'}) -> (this
+    micro-batch's share of the mean cross-entropy over the batch's non-void
+    pixels, {'correct': correctly classified non-void pixels})."""
+
+    def loss_fn(params, batch, key, context):
+        logits = model.apply({"params": params}, to_float_images(batch["image"]),
+                             train=True, rngs={"dropout": key})
+        loss, _ = segmentation_loss(logits, batch["label"],
+                                    normaliser=context["count"])
+        return loss, {"correct": correct_pixels(logits, batch["label"])}
+
+    return loss_fn
+
+
+def metrics(aux, context) -> dict:
+    return {"pixel_accuracy": aux["correct"] / jnp.maximum(context["count"], 1)}
+
+
+def make_evaluate(config, spec, model):
+    """The stage's `evaluate` hook: `eval.split` (the first `eval.max_images`)
+    periodically; at the end `eval.split` and `eval.final_splits`, one
+    evaluation per distinct TFDS split, with `eval.num_visualize` PNGs;
+    WORKDIR/eval/<split>_<step>.json and `<split>/miou` scalars."""
+
+    def evaluate(run: loop.RunContext, params, step: int, final: bool) -> dict:
+        out_dir = os.path.join(run.workdir, "eval")
+        if not final:
+            split = config.eval.split
+            report = run_evaluation(config, spec, model, params, split, out_dir, step,
+                                    max_images=config.eval.max_images)
+            run.writer.write_scalars(step, {
+                f"{split}/miou": report["miou"],
+                f"{split}/pixel_accuracy": report["pixel_accuracy"]})
+            return {split: report}
+        splits = {}  # one evaluation per distinct TFDS split
+        for split in [config.eval.split, *config.eval.final_splits]:
+            splits.setdefault(spec.splits.get(split, split), split)
+        reports = {}
+        for split in splits.values():
+            reports[split] = run_evaluation(config, spec, model, params, split,
+                                            out_dir, step,
+                                            num_visualize=config.eval.num_visualize)
+            run.writer.write_scalars(step, {f"{split}/miou": reports[split]["miou"]})
+        return reports
+
+    return evaluate
+
+
+def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
+    """The fine-tuning stage of `config` (`data=False`: no dataset is opened
+    and no labelled subset chosen)."""
+    del mesh  # evaluation runs on host-local parameters
+    spec = seg_datasets.get_spec(config.data.name)
+    model = build_model(config.model, spec.num_classes)
+    num_classes = model.num_outputs
+    dataset = train_source = None
+    if data:
+        records = seg_datasets.open_split(spec, config.data.train_split,
+                                          config.data.data_dir)
+        indices = labelled_subset(config, spec, records, workdir)
+        train_source = seg_pipeline.SegmentationSource(
+            records, spec, indices, split=config.data.train_split)
+        dataset = seg_pipeline.make_seg_train_dataset(
+            train_source, crop_size=tuple(config.data.crop_size),
+            batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+            scale_range=tuple(config.data.scale_range),
+            base_scale=config.data.base_scale, flip=config.data.flip,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    eh, ew = config.model.encoder.image_size
+    b, (h, w) = config.batch_size, config.data.crop_size
+
+    def example_batch(rng):
+        labels = rng.randint(0, num_classes, (b, h, w)).astype(np.uint8)
+        labels[rng.random_sample(labels.shape) < 0.05] = IGNORE_LABEL
+        return {"image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8),
+                "label": labels}
+
+    return loop.Stage(
+        name="finetune",
+        model=model,
+        init_inputs=(jnp.zeros((1, eh, ew, 3), jnp.float32),),
+        loss_fn=make_loss_fn(model),
+        prepare=prepare,
+        mean_over_micro=False,
+        metrics=metrics,
+        peak_lr=config.optimizer.learning_rate,
+        init_collections=INIT_COLLECTIONS[config.init.mode],
+        init_record={"mode": config.init.mode},
+        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
+                    "label": jax.ShapeDtypeStruct((b, h, w), jnp.uint8)},
+        example_batch=example_batch,
+        dataset=dataset,
+        num_examples=len(train_source) if train_source is not None else 0,
+        describe=lambda m: (f"loss {m['loss']:.4f} | pixel acc "
+                            f"{m['pixel_accuracy']:.3f} | lr {m['learning_rate']:.3g}"),
+        summary=(f"Fine-tuning {spec.name} on "
+                 f"{len(train_source) if train_source is not None else '?'} labelled "
+                 f"{config.data.train_split} images ({config.data.label_fraction})"),
+        evaluate=make_evaluate(config, spec, model) if data else None,
+        eval_every=config.eval.every_steps,
+    )
