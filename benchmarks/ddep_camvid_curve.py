@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from ddep_jax import train
+from ddep_jax.trainers import loop
 from ddep_jax.data import prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def main(_):
     config.data.data_dir = os.path.abspath(_DATA_DIR.value)
     logging.set_verbosity(logging.INFO)
     t = time.perf_counter()
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = loop.run(config, _WORKDIR.value)
     minutes = (time.perf_counter() - t) / 60
     print(f"step  loss   (DDeP on CamVid train images, {minutes:.1f} min this run)")
     with open(os.path.join(_WORKDIR.value, "metrics.jsonl")) as f:

@@ -30,7 +30,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from ddep_jax import finetune, train
+from ddep_jax.trainers import loop
 from ddep_jax.data import prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def run_one(init: str, fraction: str, seed: int, ddep_workdir: str,
     config.eval.final_splits = ()
     config.eval.every_steps = 0
     t = time.perf_counter()
-    result = finetune.finetune_and_evaluate(config, workdir)
+    result = loop.run(config, workdir)
     minutes = (time.perf_counter() - t) / 60
     miou = result["eval"]["test"]["miou"]
     print(f"{init:10s} {fraction:>5s} seed {seed}: test mIoU {100 * miou:.2f} "
@@ -98,7 +98,7 @@ def main(_):
     if not _DDEP.value:
         config = _config_module("ddep_camvid").get_config(f"steps={_DDEP_STEPS.value}")
         config.data.data_dir = data_dir
-        train.train_and_evaluate(config, ddep_workdir)
+        loop.run(config, ddep_workdir)
 
     results: dict[str, dict[str, list[float]]] = {}
     for seed in map(int, _SEEDS.value):  # every cell gets seed 0 first

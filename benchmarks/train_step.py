@@ -6,7 +6,13 @@
                     1x UNet decoder, 224x224, scaled noise, eps target)
   stage 3 finetune: configs/finetune_cityscapes.py (1024x1024 crops, 19 classes;
                     the model is built for the encoder's 224x224 and fed the
-                    crop, its position embedding resampled, as finetune.py does)
+                    crop, its position embedding resampled, as in training)
+
+Every stage is built as `loop.run` builds it, without a dataset:
+`loop.trainer(name).stage(config, mesh, None, data=False)`, its optimizer and
+sharded state (`loop.build_state`), the shared step (`loop.jit_train_step`:
+(state, batch dict, key) -> (state, metrics)), and a random valid batch of
+its `batch_spec` (`Stage.example_batch`). The flags only set config keys.
 
 For each stage it prints devices, dtype, batch, parameter counts, XLA's FLOPs
 per example and per step, XLA's per-device memory (arguments, temporaries,
@@ -24,14 +30,17 @@ device kind is a known accelerator. A human-readable block, then one
       # v4-32 slice), compiled for one device: the per-device program
   python benchmarks/train_step.py --max_batch --compile_only   # GPU / TPU
   python benchmarks/train_step.py --image_size=64 --steps=1    # smoke run
+  python benchmarks/train_step.py --stages=ddep,finetune --decoder_widths=512,256,128,64,16
+      # TransUNet's own decoder widths instead of the config's
 
 FLOPs are XLA's cost analysis of the compiled step, which counts a loop
-body once. So on CPU the step is compiled a second time with
-`fast_conv.disabled()` for the count (the CPU fast path computes a
-convolution's kernel gradient in a loop over kernel taps; the plain-convolution
-step is the same math), and with --grad_accum_steps > 1 (a lax.scan over
-micro-batches) the count is taken from the step without accumulation at the
-same global batch. Memory is read from the step that runs: XLA's per-device
+body once. So on CPU the step is built and compiled a second time from a
+copy of the config with `model.conv='xla'` for the count (there 'auto' computes
+a convolution's kernel gradient in a loop over kernel taps; the
+plain-convolution step is the same math), and with --grad_accum_steps > 1 (a
+lax.scan over micro-batches) the count is taken from the step without
+accumulation (`grad_accum_steps=1`, plain convolutions) at the same global
+batch. Memory is read from the step that runs: XLA's per-device
 arguments + outputs - donated + temporaries, or its own peak where larger
 (`profiling.compiled_report`). The state is donated, inputs are placed on the
 devices once before timing, and nothing is fetched to the host inside the
@@ -42,12 +51,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +62,9 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import classify, finetune, profiling, train
-from ddep_jax.data import seg_datasets
-from ddep_jax.models import fast_conv
+from ddep_jax import profiling
 from ddep_jax.sharding import make_mesh
+from ddep_jax.trainers import loop
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("classify", "ddep", "finetune")
@@ -99,11 +105,16 @@ _MEMORY_LIMIT_GIB = flags.DEFINE_float(
     "memory_stats()['bytes_limit'] (what-if figures, or CPU).")
 _GRAD_ACCUM = flags.DEFINE_integer(
     "grad_accum_steps", 0,
-    "> 0: config.grad_accum_steps (where the config has that key).")
+    "> 0: config.grad_accum_steps (0 keeps the config's).")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 0,
     "> 0: square input size for smoke runs (classify: data and encoder size; "
     "ddep: encoder size; finetune: crop size).")
+_DECODER_WIDTHS = flags.DEFINE_string(
+    "decoder_widths", "",
+    "5 comma-separated ints, e.g. 512,256,128,64,16 (TransUNet's decoder): "
+    "config.model.decoder_widths of the ddep and finetune stages; '' keeps the "
+    "config's.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices on the 'data' mesh axis.")
 _PARAM_SHARDING = flags.DEFINE_string(
     "param_sharding", "", "'' keeps the config's; 'replicated' or 'fsdp'.")
@@ -209,8 +220,21 @@ def device_memory_limit() -> int | None:
 
 
 # ----------------------------------------------------------------------------
-# Stages.
+# Stages: each built as the training loop builds it (`loop.trainer(name).stage`
+# without data, `loop.build_state`, `loop.jit_train_step`). What differs per
+# stage is only which config keys the flags below set.
 # ----------------------------------------------------------------------------
+IMAGE_SIZE_KEYS = {"classify": ("data.image_size", "model.encoder.image_size"),
+                   "ddep": ("model.encoder.image_size",),
+                   "finetune": ("data.crop_size",)}
+"""The config keys --image_size sets (square), per stage."""
+DECODER_WIDTHS_STAGES = ("ddep", "finetune")
+"""The stages whose model has a decoder: --decoder_widths sets theirs."""
+NUM_OUTPUTS_FLAGS = {"classify": _CLASSIFY_CLASSES}
+"""The flag giving `model.num_outputs` where the config leaves it 0 (the
+dataset's class count, which a stage built without data may not know)."""
+
+
 def load_config(stage: str):
     path = REPO / CONFIG_FILES[stage]
     spec = importlib.util.spec_from_file_location(f"_train_step_config_{stage}", path)
@@ -219,176 +243,137 @@ def load_config(stage: str):
     return module.get_config(None)
 
 
-def _accum_kwargs(fn, steps: int | None) -> dict:
-    """{'grad_accum_steps': steps} where a step maker takes that argument (the
-    stage-2 maker reads config.grad_accum_steps itself)."""
-    if steps and "grad_accum_steps" in inspect.signature(fn).parameters:
-        return {"grad_accum_steps": steps}
-    return {}
+def decoder_widths() -> tuple[int, ...]:
+    """--decoder_widths as 5 ints; () when empty."""
+    text = _DECODER_WIDTHS.value.strip()
+    if not text:
+        return ()
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 5 or min(widths) < 1:
+        raise app.UsageError(f"--decoder_widths={text!r}: expected 5 positive "
+                             "comma-separated ints, e.g. 512,256,128,64,16.")
+    return widths
 
 
-def encoder_name(config) -> str:
-    enc = config.model.encoder
-    layers = tuple(enc.resnet_layers)
-    resnet = {(3, 4, 9): "R50+", (): ""}.get(layers, f"R{layers}+")
-    return f"{resnet}ViT-{enc.vit_size}/16"
-
-
-@dataclasses.dataclass
-class Stage:
-    """One stage's train step at a given per-device batch."""
-
-    name: str
-    config: object
-    description: str
-    input_hw: tuple[int, int]
-    global_batch: int
-    grad_accum_steps: int | None  # None: the stage has no such setting
-    frozen: tuple[str, ...]
-    abstract: dict  # ShapeDtypeStruct leaves
-    sharding: dict  # NamedSharding leaves
-    init: Callable
-    make_step: Callable[[], Callable]  # a fresh, untraced step function
-    input_specs: tuple  # ShapeDtypeStructs of the step's arguments after state
-    make_inputs: Callable[[np.random.RandomState], tuple]  # host arrays
-
-    def param_counts(self) -> tuple[int, int]:
-        params = self.abstract["params"]
-        size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-        return (sum(size(v) for k, v in params.items() if k not in self.frozen),
-                size(params))
-
-
-def build_stage(name: str, per_device_batch: int, mesh,
-                grad_accum: int | None = None) -> Stage:
-    """The stage's config (paper file + flag overrides), model, optimizer,
-    abstract state and step maker; `grad_accum` overrides --grad_accum_steps."""
-    grad_accum = _GRAD_ACCUM.value if grad_accum is None else grad_accum
+def make_config(name: str, per_device_batch: int, num_devices: int,
+                grad_accum: int | None = None):
+    """The stage's paper config with the flags' overrides; `grad_accum`
+    overrides --grad_accum_steps."""
     config = load_config(name)
-    num_devices = mesh.shape["data"]
-    global_batch = per_device_batch * num_devices
-    config.batch_size = global_batch
+    config.batch_size = per_device_batch * num_devices
     config.model.dtype = _DTYPE.value
     config.mesh.data = num_devices
     if _PARAM_SHARDING.value:
         config.mesh.param_sharding = _PARAM_SHARDING.value
-    accum = grad_accum or None  # None: the stage has no such setting
-    if "grad_accum_steps" in config:
-        if grad_accum:
-            config.grad_accum_steps = grad_accum
-        accum = int(config.grad_accum_steps)
-    size = _IMAGE_SIZE.value
-    key = jax.random.key(_SEED.value)
-    batch_sharding = NamedSharding(mesh, P("data"))
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-    if name == "classify":
-        if size:
-            config.data.image_size = (size, size)
-            config.model.encoder.image_size = (size, size)
-        h, w = config.data.image_size
-        num_classes = config.model.num_outputs or _CLASSIFY_CLASSES.value
-        model, tx, schedule, abstract, sharding, init = classify.build_classification(
-            config, num_classes, SCHEDULE_STEPS, mesh, key)
-        kwargs = _accum_kwargs(classify.make_train_step, accum)
-        make_step = lambda: classify.make_train_step(
-            model, tx, schedule, config.loss.type, config.loss.label_smoothing, **kwargs)
-        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),
-                       spec((global_batch,), jnp.int32))
-        make_inputs = lambda rng: (
-            rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8),
-            rng.randint(0, num_classes, (global_batch,)).astype(np.int32))
-        description = (f"{encoder_name(config)} classifier, {num_classes} classes, "
-                       f"{config.loss.type} loss, everything trained")
-        frozen = ()
-    elif name == "ddep":
-        if size:
-            config.model.encoder.image_size = (size, size)
-        h, w = config.model.encoder.image_size
-        t = train.build_training(config, SCHEDULE_STEPS, mesh, key)
-        abstract, sharding, init = t.abstract_state, t.state_sharding, t.init
-        make_step = lambda: train.make_train_step(config, t.model, t.tx, t.schedule)
-        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),)
-        make_inputs = lambda rng: (
-            rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8),)
-        frozen = tuple(config.frozen)
-        description = (f"{encoder_name(config)} encoder"
-                       f"{' (frozen)' if 'encoder' in frozen else ''} + "
-                       f"{config.model.decoder_multiplier}x decoder, "
-                       f"{config.denoising.noise_type} noise sigma "
-                       f"{config.denoising.sigma}, {config.denoising.target} target")
-    elif name == "finetune":
-        if size:
-            config.data.crop_size = (size, size)
-        h, w = config.data.crop_size
-        num_classes = (config.model.num_outputs
-                       or seg_datasets.get_spec(config.data.name).num_classes)
-        model, tx, schedule, abstract, sharding, init = finetune.build_finetuning(
-            config, num_classes, SCHEDULE_STEPS, mesh, key)
-        kwargs = _accum_kwargs(finetune.make_finetune_step, accum)
-        make_step = lambda: finetune.make_finetune_step(model, tx, schedule, **kwargs)
-        input_specs = (spec((global_batch, h, w, 3), jnp.uint8),
-                       spec((global_batch, h, w), jnp.uint8))
-
-        def make_inputs(rng):
-            labels = rng.randint(0, num_classes, (global_batch, h, w)).astype(np.uint8)
-            labels[rng.random_sample(labels.shape) < 0.05] = seg_datasets.IGNORE_LABEL
-            return (rng.randint(0, 256, (global_batch, h, w, 3), dtype=np.uint8), labels)
-
-        eh, ew = config.model.encoder.image_size
-        description = (f"{encoder_name(config)} + {config.model.decoder_multiplier}x "
-                       f"decoder, {num_classes} classes ({config.data.name}); model "
-                       f"built for {eh}x{ew}, fed {h}x{w} crops")
-        frozen = ()
-    else:
-        raise ValueError(f"stage {name!r}: expected one of {STAGES}.")
-    return Stage(name, config, description, (h, w), global_batch, accum, frozen,
-                 abstract, sharding, init, make_step, input_specs, make_inputs)
+    grad_accum = _GRAD_ACCUM.value if grad_accum is None else grad_accum
+    if grad_accum:
+        config.grad_accum_steps = grad_accum
+    overrides = {}
+    if _IMAGE_SIZE.value:
+        size = (_IMAGE_SIZE.value, _IMAGE_SIZE.value)
+        overrides.update({key: size for key in IMAGE_SIZE_KEYS[name]})
+    if decoder_widths() and name in DECODER_WIDTHS_STAGES:
+        overrides["model.decoder_widths"] = decoder_widths()
+    if name in NUM_OUTPUTS_FLAGS and not config.model.num_outputs:
+        overrides["model.num_outputs"] = NUM_OUTPUTS_FLAGS[name].value
+    config.update_from_flattened_dict(overrides)
+    return config
 
 
-def jit_step(stage: Stage, mesh):
-    batch = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
-    in_shardings = (stage.sharding, *[batch] * len(stage.input_specs), replicated)
-    return jax.jit(stage.make_step(), in_shardings=in_shardings,
-                   out_shardings=(stage.sharding, replicated), donate_argnums=(0,))
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One stage's train step at one config, as `loop.run` builds it."""
+
+    name: str
+    config: object
+    mesh: object
+    stage: loop.Stage
+    state: loop.TrainState
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.config.batch_size)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return int(self.config.grad_accum_steps)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.stage.batch_spec["image"].shape[1:3])
+
+    def param_counts(self) -> tuple[int, int]:
+        params = self.state.abstract["params"]
+        size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+        return (sum(size(v) for k, v in params.items() if k not in self.stage.frozen),
+                size(params))
+
+    def description(self) -> str:
+        """The model (from its config and parameter tree), then the stage's
+        summary."""
+        m, params = self.config.model, self.state.abstract["params"]
+        layers = tuple(m.encoder.resnet_layers)
+        resnet = {(3, 4, 9): "R50+", (): ""}.get(layers, f"R{layers}+")
+        text = f"{resnet}ViT-{m.encoder.vit_size}/16 encoder"
+        if "decoder" in params:
+            text += " + " + (f"decoder {tuple(m.decoder_widths)}" if m.decoder_widths
+                             else f"{m.decoder_multiplier}x decoder")
+        text += f", {params['head']['kernel'].shape[-1]}-output head, "
+        text += (f"{' + '.join(self.stage.frozen)} frozen" if self.stage.frozen
+                 else "everything trained")
+        built = tuple(self.stage.init_inputs[0].shape[1:3])
+        if built != self.input_hw:
+            text += f"; built for {built[0]}x{built[1]}"
+        return f"{text}; {self.stage.summary}"
+
+    def abstract_args(self) -> tuple:
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             self.state.abstract, self.state.sharding)
+        return state, loop.global_batch_spec(self.stage, self.mesh), replicated_key(self.mesh)
+
+    def compile(self):
+        """(compiled step, seconds to lower and compile)."""
+        t = time.perf_counter()
+        jitted = loop.jit_train_step(self.stage, self.state, self.config, self.mesh)
+        compiled = jitted.lower(*self.abstract_args()).compile()
+        return compiled, time.perf_counter() - t
+
+    def report(self, compiled) -> dict:
+        return profiling.compiled_report(compiled, self.global_batch,
+                                         self.mesh.shape["data"])
 
 
-def abstract_args(stage: Stage, mesh) -> tuple:
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         stage.abstract, stage.sharding)
-    key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
-    return (state, *stage.input_specs, key)
+def replicated_key(mesh):
+    return jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
 
 
-def compile_step(stage: Stage, mesh, *, plain_convs: bool = False):
-    """(compiled step, seconds to lower and compile)."""
-    t = time.perf_counter()
-    if plain_convs:
-        with fast_conv.disabled():
-            compiled = jit_step(stage, mesh).lower(*abstract_args(stage, mesh)).compile()
-    else:
-        compiled = jit_step(stage, mesh).lower(*abstract_args(stage, mesh)).compile()
-    return compiled, time.perf_counter() - t
+def build(name: str, config, mesh) -> Bench:
+    stage = loop.trainer(name).stage(config, mesh, None, data=False)
+    state = loop.build_state(stage, config, SCHEDULE_STEPS, mesh,
+                             jax.random.key(_SEED.value))
+    return Bench(name, config, mesh, stage, state)
 
 
-def compiled_peak_bytes(stage: Stage, mesh) -> int:
-    compiled, _ = compile_step(stage, mesh)
-    report = profiling.compiled_report(compiled, stage.global_batch, mesh.shape["data"])
+def compiled_peak_bytes(bench: Bench) -> int:
+    compiled, _ = bench.compile()
+    report = bench.report(compiled)
     if not report["memory"]:
         raise RuntimeError("the backend gives no memory analysis")
     return report["memory"]["peak"]
 
 
-def find_max_batch(name: str, mesh, limit: int) -> tuple[int, list]:
-    """Largest per-device batch (a multiple of the accumulation steps) whose
-    compiled peak fits in `limit` bytes: doubling, then bisection to ~3%."""
+def find_max_batch(name: str, mesh, limit: int, unit: int) -> tuple[int, list]:
+    """Largest per-device batch (a multiple of `unit`, the accumulation steps)
+    whose compiled peak fits in `limit` bytes: doubling, then bisection to ~3%."""
     probes = []
-    unit = max(_GRAD_ACCUM.value, 1)
 
     def fits(k: int) -> bool:
         b = k * unit
-        peak = compiled_peak_bytes(build_stage(name, b, mesh), mesh)
+        peak = compiled_peak_bytes(build(name, make_config(name, b, mesh.shape["data"]),
+                                         mesh))
         probes.append((b, peak))
         print(f"  max_batch probe: per-device batch {b}: peak "
               f"{peak / profiling.GIB:.2f} GiB {'fits' if peak <= limit else 'too big'}",
@@ -451,31 +436,33 @@ def measured_peak(dtype: str) -> tuple[float, int]:
 def run_stage(name: str, batch: int, mesh) -> dict:
     num_devices = mesh.shape["data"]
     device = mesh.devices.flat[0]
-    stage = build_stage(name, batch, mesh)
-    trainable, total = stage.param_counts()
-    compiled, compile_s = compile_step(stage, mesh)
-    report = profiling.compiled_report(compiled, stage.global_batch, num_devices)
-    # FLOPs: XLA counts a loop body once. On CPU the step is compiled again
-    # with plain convolutions (the fast path's kernel-gradient loop); with
-    # gradient accumulation (a lax.scan over micro-batches) the count comes
-    # from the same step without accumulation, at the same global batch.
-    accumulating = (stage.grad_accum_steps or 1) > 1
+    bench = build(name, make_config(name, batch, num_devices), mesh)
+    trainable, total = bench.param_counts()
+    compiled, compile_s = bench.compile()
+    report = bench.report(compiled)
+    # FLOPs: XLA counts a loop body once. On CPU the count comes from the step
+    # with plain convolutions (model.conv='xla'; 'auto' loops over kernel taps
+    # for the kernel gradient there); with gradient accumulation (a lax.scan
+    # over micro-batches), from the step without it at the same global batch.
+    accumulating = bench.grad_accum_steps > 1
     if jax.default_backend() == "cpu" or accumulating:
-        flops_stage = build_stage(name, batch, mesh, 1) if accumulating else stage
-        flops_compiled, _ = compile_step(flops_stage, mesh, plain_convs=True)
-        flops_report = profiling.compiled_report(flops_compiled, stage.global_batch,
-                                                 num_devices)
-        del flops_compiled
+        flops_config = bench.config.copy_and_resolve_references()
+        flops_config.model.conv = "xla"
+        flops_config.grad_accum_steps = 1
+        flops_bench = build(name, flops_config, mesh)
+        flops_compiled, _ = flops_bench.compile()
+        flops_report = flops_bench.report(flops_compiled)
+        del flops_compiled, flops_bench
         for k in ("flops_per_step", "flops_per_example", "bytes_accessed"):
             report[k] = flops_report[k]
     limit = device_memory_limit()
     result = {
         "stage": name, "config": CONFIG_FILES[name], "platform": device.platform,
         "device_kind": device.device_kind, "num_devices": num_devices,
-        "dtype": _DTYPE.value, "param_sharding": stage.config.mesh.param_sharding,
-        "batch_per_device": batch, "global_batch": stage.global_batch,
-        "grad_accum_steps": stage.grad_accum_steps,
-        "image_hw": list(stage.input_hw), "params_trainable": trainable,
+        "dtype": _DTYPE.value, "param_sharding": bench.config.mesh.param_sharding,
+        "batch_per_device": batch, "global_batch": bench.global_batch,
+        "grad_accum_steps": bench.grad_accum_steps,
+        "image_hw": list(bench.input_hw), "params_trainable": trainable,
         "params_total": total, "flops_per_step": report["flops_per_step"],
         "flops_per_example": report["flops_per_example"],
         "bytes_accessed_per_device": report["bytes_accessed"],
@@ -489,25 +476,25 @@ def run_stage(name: str, batch: int, mesh) -> dict:
             result["max_batch_note"] = (f"{device.platform} reports no memory_stats "
                                         "bytes_limit: skipped")
         else:
-            best, probes = find_max_batch(name, mesh, limit)
+            best, probes = find_max_batch(name, mesh, limit, bench.grad_accum_steps)
             result["max_batch_per_device"] = best
             result["max_batch_probes"] = probes
 
     if not _COMPILE_ONLY.value:
         rng = np.random.RandomState(_SEED.value)
         batch_sharding = NamedSharding(mesh, P("data"))
-        inputs = tuple(jax.make_array_from_process_local_data(batch_sharding, x)
-                       for x in stage.make_inputs(rng))
-        key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
-        state = stage.init(jax.random.key(_SEED.value))
+        inputs = {k: jax.device_put(v, batch_sharding)
+                  for k, v in bench.stage.example_batch(rng).items()}
+        key = replicated_key(mesh)
+        state = bench.state.init(jax.random.key(_SEED.value))
         metrics = None
         for _ in range(_WARMUP.value):
-            state, metrics = compiled(state, *inputs, key)
+            state, metrics = compiled(state, inputs, key)
         jax.block_until_ready((state, metrics))
         times = []
         for _ in range(_STEPS.value):
             t = time.perf_counter()
-            state, metrics = compiled(state, *inputs, key)
+            state, metrics = compiled(state, inputs, key)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t)
         loss = float(jax.device_get(metrics["loss"])) if metrics is not None else None
@@ -521,7 +508,7 @@ def run_stage(name: str, batch: int, mesh) -> dict:
                 "steps": len(times), "warmup": _WARMUP.value,
                 "step_s_median": step_s, "step_s_min": min(times),
                 "step_s_max": max(times),
-                "images_per_s": stage.global_batch / step_s,
+                "images_per_s": bench.global_batch / step_s,
                 "achieved_flops_per_s_per_device": achieved,
                 "matmul_peak_flops_per_s": peak, "matmul_n": n,
                 "mfu_matmul": achieved / peak,
@@ -529,7 +516,7 @@ def run_stage(name: str, batch: int, mesh) -> dict:
                 "mfu_nominal": achieved / nominal if nominal else None,
             })
         result["loss"] = loss
-    print_block(stage, result)
+    print_block(bench, result)
     return result
 
 
@@ -540,13 +527,13 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.1f} {unit}"
 
 
-def print_block(stage: Stage, r: dict) -> None:
+def print_block(bench: Bench, r: dict) -> None:
     gib = profiling.GIB
     h, w = r["image_hw"]
     accum = r["grad_accum_steps"]
     lines = [
         f"=== stage {STAGE_NUMBER[r['stage']]} {r['stage']}: {r['config']} ===",
-        f"model: {stage.description}; input {h}x{w}x3 uint8",
+        f"model: {bench.description()}; input {h}x{w}x3 uint8",
         f"devices: {r['num_devices']} x {r['device_kind']} ({r['platform']}); dtype "
         f"{r['dtype']} (params float32); state {r['param_sharding']}",
         f"batch: {r['batch_per_device']} per device x {r['num_devices']} = "
@@ -608,6 +595,7 @@ def main(argv):
         raise app.UsageError(f"--devices={_DEVICES.value}: only "
                              f"{jax.device_count()} devices.")
     overrides = parse_batch_overrides(_BATCH.value)
+    decoder_widths()  # a malformed --decoder_widths fails before compiling
     mesh = make_mesh(_DEVICES.value)
     for name in stages:
         run_stage(name, per_device_batch(name, overrides), mesh)

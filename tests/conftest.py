@@ -9,13 +9,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402
+import io  # noqa: E402
 import shutil  # noqa: E402
+import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Many tests build the same tiny models, and every train_and_evaluate call
+# Many tests build the same tiny models, and every loop.run call
 # re-jits its init and step: XLA's persistent compilation cache (in a fresh
 # temporary folder, removed at exit) turns the repeats into
 # cache hits; a tiny TransUNet's init alone takes ~30 s to compile on 2 cores.
@@ -41,9 +43,9 @@ def apply_overrides(config, overrides: dict):
 
 def tiny_config(**overrides):
     """A DDeP config small enough for a unit test on 2 CPU cores."""
-    from ddep_jax.config_lib import ddep_config
+    from ddep_jax.trainers import ddep
 
-    c = ddep_config()
+    c = ddep.default_config()
     c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=8,
                            image_size=(32, 32), num_groups=4)
     c.model.decoder_widths = (32, 16, 16, 8, 8)
@@ -60,6 +62,18 @@ def tiny_config(**overrides):
     c.image_grid_every = 0  # no denoise grids (a compile each) unless asked
     c.image_grid_size = 2
     return apply_overrides(c, overrides)
+
+
+def stage_step(config, mesh_devices: int = 1, num_steps: int = 10, seed: int = 0):
+    """(the config's `loop.Stage` without data, its `loop.TrainState`, the
+    loop's jitted train step (state donated) on a `mesh_devices` mesh)."""
+    from ddep_jax.sharding import make_mesh
+    from ddep_jax.trainers import loop
+
+    mesh = make_mesh(mesh_devices)
+    stage = loop.trainer(config.stage).stage(config, mesh, data=False)
+    ts = loop.build_state(stage, config, num_steps, mesh, jax.random.key(seed))
+    return stage, ts, loop.jit_train_step(stage, ts, config, mesh)
 
 
 @pytest.fixture
@@ -89,9 +103,9 @@ def camvid_tfds(tmp_path_factory):
 def tiny_finetune_config(**overrides):
     """A stage-3 CamVid config with the `tiny_config` model (so a tiny DDeP
     checkpoint hands over), small crops and a quarter-size evaluation."""
-    from ddep_jax.config_lib import finetune_config
+    from ddep_jax.trainers import finetune
 
-    c = finetune_config()
+    c = finetune.default_config()
     ref = tiny_config()
     c.model.update(ref.model.to_dict())
     c.model.num_outputs = 0
@@ -112,3 +126,61 @@ def tiny_finetune_config(**overrides):
     c.log_every = 1
     c.checkpoint_every = 1
     return apply_overrides(c, overrides)
+
+
+def tiny_classify_config(data_dir, **overrides):
+    """A stage-1 config with the `tiny_config` encoder on the CIFAR-10 subset
+    of `cifar_subset` (prepared in `data_dir`), 32x32, batch 8."""
+    from ddep_jax.trainers import classify
+
+    c = classify.default_config()
+    c.model.encoder.update(tiny_config().model.encoder.to_dict())
+    c.data.update(name="cifar10", data_dir=data_dir, image_size=(32, 32),
+                  eval_crop_fraction=1.0, num_threads=1, prefetch=1)
+    c.eval.update(splits=("test",), batch_size=32)
+    c.update(batch_size=8, total_steps=2, log_every=1, checkpoint_every=1)
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=0)
+    c.mesh.data = 1
+    return apply_overrides(c, overrides)
+
+
+PER_CLASS = 8
+
+
+def _write_tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(tmp_path_factory):
+    """(manual_dir, data_dir, {split: {member: bytes}}): 8 real test images per
+    class as `train.tar.gz`, the next 8 as a `test/` folder, prepared once."""
+    archive = SHARED_DATA / "cifar10" / "test.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"CIFAR-10 not found at {archive}: put the shared data beside "
+                    "the repo (../shared/data/cifar10) to run real-data tests.")
+    from ddep_jax.data import prepare
+    from ddep_jax.data.builders import cifar10_jpeg
+
+    picked = {"train": {}, "test": {}}
+    counts = dict.fromkeys(cifar10_jpeg.CLASS_NAMES, 0)
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            cls = member.name.split("/")[0]
+            if not member.isfile() or counts[cls] >= 2 * PER_CLASS:
+                continue
+            split = "train" if counts[cls] < PER_CLASS else "test"
+            picked[split][member.name] = tar.extractfile(member).read()
+            counts[cls] += 1
+    manual = tmp_path_factory.mktemp("cifar_manual")
+    _write_tar(manual / "train.tar.gz", picked["train"])
+    for name, data in picked["test"].items():
+        (manual / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+        (manual / "test" / name).write_bytes(data)
+    data_dir = tmp_path_factory.mktemp("cifar_tfds")
+    prepare.prepare("cifar10_jpeg", manual, data_dir)
+    return manual, str(data_dir), picked

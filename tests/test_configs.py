@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-from ddep_jax import config_lib, finetune
+from ddep_jax.trainers import ddep, loop
 from ddep_jax.data import class_datasets, seg_datasets
 from ddep_jax.models.classifier import build_classifier
 from ddep_jax.models.transunet import build_model
@@ -39,19 +39,16 @@ def _load(path):
 def test_config_builds(path, arg):
     config = _load(path).get_config(arg)
     h, w = config.model.encoder.image_size
+    loop.trainer(config.stage).validate(config, num_devices=1)
     if config.stage == "classify":
-        config_lib.validate_classify(config, num_devices=1)
         spec = class_datasets.get_spec(config.data.name)
         model = build_classifier(config.model, spec.num_classes)
         params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
         assert params["params"]["head"]["kernel"].shape[-1] == spec.num_classes
         return
     if config.stage == "finetune":
-        config_lib.validate_finetune(config, num_devices=1)
-        num_classes = seg_datasets.get_spec(config.data.name).num_classes
-        model = build_model(finetune.model_config_for(config, num_classes))
+        model = build_model(config.model, seg_datasets.get_spec(config.data.name).num_classes)
     else:
-        config_lib.validate(config, num_devices=1)
         model = build_model(config.model)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
     assert set(params["params"]) == {"encoder", "decoder", "head"}
@@ -61,9 +58,9 @@ def test_paper_config_values():
     c = _load(REPO / "configs" / "ddep_imagenet21k.py").get_config(None)
     assert (c.batch_size, c.num_epochs, tuple(c.model.encoder.image_size)) == (512, 100, (224, 224))
     assert c.denoising.sigma == 0.22 and c.denoising.noise_type == "scaled"
-    assert config_lib.learning_rate(c) == 6e-5 and tuple(c.frozen) == ("encoder",)
+    assert ddep.learning_rate(c) == 6e-5 and tuple(c.frozen) == ("encoder",)
     c2 = _load(REPO / "configs" / "ddep_imagenet21k.py").get_config("decoder=2")
-    assert config_lib.learning_rate(c2) == 1e-4
+    assert ddep.learning_rate(c2) == 1e-4
 
 
 def test_unknown_config_argument():
@@ -73,15 +70,15 @@ def test_unknown_config_argument():
 
 def test_camvid_stages_share_the_model():
     """Stage-2 checkpoints of ddep_camvid.py hand over to finetune_camvid.py."""
-    ddep = _load(REPO / "configs" / "ddep_camvid.py").get_config(None)
+    stage2 = _load(REPO / "configs" / "ddep_camvid.py").get_config(None)
     ft = _load(REPO / "configs" / "finetune_camvid.py").get_config(None)
-    a, b = ddep.model.to_dict(), ft.model.to_dict()
+    a, b = stage2.model.to_dict(), ft.model.to_dict()
     a.pop("num_outputs"), b.pop("num_outputs")
     assert a == b
     # ... and stage 1 (CIFAR-10) trains the very encoder they take over.
     cls = _load(REPO / "configs" / "classify_cifar10.py").get_config(None)
-    assert cls.model.encoder.to_dict() == ddep.model.encoder.to_dict()
-    assert cls.model.dtype == ddep.model.dtype
+    assert cls.model.encoder.to_dict() == stage2.model.encoder.to_dict()
+    assert cls.model.dtype == stage2.model.dtype
 
 
 def test_paper_finetune_protocols():

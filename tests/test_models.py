@@ -153,18 +153,25 @@ def test_fast_conv_matches_lax_values_and_gradients(shape, kernel, strides):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_conv_is_used_on_cpu_and_can_be_disabled():
+@pytest.mark.parametrize("impl,fast", [("auto", True), ("tap_gemm", True),
+                                       ("xla", False)])
+def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast):
+    """`model.conv`: 'auto' is the per-tap GEMM path on this (CPU) backend,
+    'xla' plain convolutions; the model's program says which it got."""
+    from conftest import tiny_config
+
     from ddep_jax.models import fast_conv
 
-    x, w = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
-    dn = ("NHWC", "HWIO", "NHWC")
-    def jaxpr():  # a new function each time: traces are cached per function
-        return str(jax.make_jaxpr(lambda x, w: fast_conv.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w))
-
-    assert "custom_vjp_call" in jaxpr()
-    with fast_conv.disabled():
-        assert "custom_vjp_call" not in jaxpr()
+    assert jax.default_backend() == "cpu"
+    assert (fast_conv.resolve(impl) is fast_conv.conv_general_dilated) == fast
+    config = tiny_config(**{"model.conv": impl})
+    model = build_model(config.model)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
+    assert ("custom_vjp_call" in jaxpr) == fast
+    with pytest.raises(ValueError, match="model.conv='cudnn'"):
+        fast_conv.resolve("cudnn")
 
 
 def test_build_model_from_config():

@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 import pytest
-from conftest import REPO, apply_overrides, tiny_config
+from conftest import REPO, apply_overrides, stage_step, tiny_config, tiny_finetune_config
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import config_lib, distributed, finetune, optim, sharding, train
+import dataclasses
+
+from ddep_jax import distributed, optim, sharding
+from ddep_jax.trainers import ddep, finetune, loop
 from ddep_jax.sharding import make_mesh
 
 
@@ -49,14 +52,10 @@ def _images(n, size=32, seed=0):
 
 def _ddep_step_on_8(config, images):
     """One DDeP step on the 8-device mesh from the seed's initial state."""
-    mesh = make_mesh(8)
-    t = train.build_training(config, 10, mesh, jax.random.key(0))
-    batch = NamedSharding(mesh, P("data"))
-    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule),
-                   in_shardings=(t.state_sharding, batch, NamedSharding(mesh, P())),
-                   out_shardings=(t.state_sharding, NamedSharding(mesh, P())))
-    state, metrics = step(t.init(jax.random.key(0)), jax.device_put(images, batch),
-                          jax.random.key(1))
+    _, ts, step = stage_step(config, 8)
+    batch = NamedSharding(make_mesh(8), P("data"))
+    state, metrics = step(ts.init(jax.random.key(0)),
+                          {"image": jax.device_put(images, batch)}, jax.random.key(1))
     return state, jax.device_get(metrics)
 
 
@@ -95,10 +94,15 @@ def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels():
     schedule = optim.make_schedule(1e-3, 10)
     tx, _ = optim.make_optimizer(params, (), schedule)
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+    # The stage-3 Stage with this model in place of the TransUNet.
+    stage = dataclasses.replace(
+        finetune.stage(tiny_finetune_config(), make_mesh(1), data=False),
+        model=model, loss_fn=finetune.make_loss_fn(model))
     results = {}
     for k in (1, 4):
-        step = jax.jit(finetune.make_finetune_step(model, tx, schedule, k))
-        new_state, metrics = step(state, images, labels, jax.random.key(1))
+        step = jax.jit(loop.make_train_step(stage, tx, schedule, k))
+        new_state, metrics = step(state, {"image": images, "label": labels},
+                                  jax.random.key(1))
         results[k] = (jax.device_get(metrics), _adam_moments(new_state))
     np.testing.assert_allclose(results[4][0]["loss"], results[1][0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(results[4][0]["pixel_accuracy"],
@@ -116,10 +120,9 @@ def test_microbatches_are_strided_so_device_blocks_stay_local():
 
 def test_bfloat16_step_computes_in_bf16_and_keeps_float32_state():
     config = tiny_config(**{"model.dtype": "bfloat16"})
-    t = train.build_training(config, 10, make_mesh(1), jax.random.key(0))
-    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule))
-    state = t.init(jax.random.key(0))
-    images = _images(8)
+    _, ts, step = stage_step(config)
+    state = ts.init(jax.random.key(0))
+    images = {"image": _images(8)}
     lowered = step.lower(state, images, jax.random.key(1))
     hlo = lowered.as_text()
     assert "bf16" in hlo and "stablehlo.convolution" in hlo
@@ -131,9 +134,8 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_float32_state():
     # The same step in float32 gives nearly the same loss (bf16 has 8 bits of
     # mantissa; the loss, the norms' statistics and the softmax stay float32).
     ref = tiny_config()
-    t32 = train.build_training(ref, 10, make_mesh(1), jax.random.key(0))
-    _, m32 = jax.jit(train.make_train_step(ref, t32.model, t32.tx, t32.schedule))(
-        t32.init(jax.random.key(0)), images, jax.random.key(1))
+    _, t32, step32 = stage_step(ref)
+    _, m32 = step32(t32.init(jax.random.key(0)), images, jax.random.key(1))
     np.testing.assert_allclose(float(metrics["loss"]), float(m32["loss"]), rtol=0.02)
 
 
@@ -142,8 +144,8 @@ def test_sharding_rules_by_parameter_path():
                             "mesh.fsdp_min_size": 64})
     config.mesh.sharding_rules = (("^encoder/", "replicated"),
                                   ("^decoder/block0/conv1/conv/kernel$", "dim=-2"))
-    t = train.build_training(config, 10, make_mesh(8), jax.random.key(0))
-    specs = jax.tree.map(lambda s: s.spec, t.state_sharding)
+    _, t, _ = stage_step(config, 8)
+    specs = jax.tree.map(lambda s: s.spec, t.sharding)
     params = specs["params"]
     assert set(jax.tree.leaves(params["encoder"],
                                is_leaf=lambda x: isinstance(x, P))) == {P()}
@@ -154,11 +156,11 @@ def test_sharding_rules_by_parameter_path():
         None, None, "data", None)
     assert specs["step"] == P()
     # Adam's moments follow their parameter's rule.
-    mu = _find_mu(t.state_sharding["opt_state"])
+    mu = _find_mu(t.sharding["opt_state"])
     assert mu["decoder"]["block0"]["conv1"]["conv"]["kernel"].spec == P(
         None, None, "data", None)
     with pytest.raises(ValueError, match=r"'dim=7' for decoder/block0/conv1/conv/kernel"):
-        sharding.state_shardings(t.abstract_state, make_mesh(8), "fsdp", 64,
+        sharding.state_shardings(t.abstract, make_mesh(8), "fsdp", 64,
                                  (("^decoder/block0/conv1/conv/kernel$", "dim=7"),))
 
 
@@ -171,7 +173,7 @@ def test_sharding_rules_by_parameter_path():
 ])
 def test_scale_out_options_are_validated(key, value, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(tiny_config(**{key: value}), 1)
+        ddep.validate(tiny_config(**{key: value}), 1)
 
 
 @pytest.mark.parametrize("mode,coordinator,env,expected", [
@@ -275,7 +277,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
 
     config = _default_config(**overrides)
     h, w = config.model.encoder.image_size
-    source = train.make_source(config.data)
+    source = ddep.make_source(config.data)
     host_batches = [next(iter(pipeline.make_train_dataset(
         source, image_size=(h, w), batch_size=4, seed=config.seed, process_index=i,
         process_count=2, area_range=config.data.crop_area_range,
@@ -283,11 +285,9 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
         num_threads=1, prefetch=1)))["image"] for i in range(2)]
     init_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
     mesh = make_mesh(8)
-    t = train.build_training(config, 2, mesh, init_key)
-    batch = NamedSharding(mesh, P("data"))
-    step = jax.jit(train.make_train_step(config, t.model, t.tx, t.schedule),
-                   in_shardings=(t.state_sharding, batch, NamedSharding(mesh, P())))
-    _, metrics = step(t.init(init_key), np.concatenate(host_batches), train_key)
+    _, t, step = stage_step(config, 8, num_steps=2)
+    _, metrics = step(t.init(init_key), {"image": jax.device_put(
+        np.concatenate(host_batches), NamedSharding(mesh, P("data")))}, train_key)
     np.testing.assert_allclose(lines[0]["loss"], float(metrics["loss"]), rtol=1e-5)
 
 

@@ -13,19 +13,24 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from ddep_jax import config_lib, loop, optim, train
+from ddep_jax import optim
+from ddep_jax.trainers import ddep, loop
 from ddep_jax.sharding import make_mesh
 
 
 def _setup(config, mesh_devices=1):
-    t = train.build_training(config, 10, make_mesh(mesh_devices), jax.random.key(0))
-    return t.init(jax.random.key(0)), jax.jit(train.make_train_step(
-        config, t.model, t.tx, t.schedule))
+    """(initial state, jitted step of the loop) for the DDeP stage of `config`."""
+    mesh = make_mesh(mesh_devices)
+    stage = ddep.stage(config, mesh, data=False)
+    ts = loop.build_state(stage, config, 10, mesh, jax.random.key(0))
+    return ts.init(jax.random.key(0)), jax.jit(loop.make_train_step(
+        stage, ts.tx, ts.schedule))
 
 
 def _images(step, n=8):
-    return jax.random.randint(jax.random.key(100 + step), (n, 32, 32, 3), 0, 256,
-                              jnp.int32).astype(jnp.uint8)
+    """A train batch of the DDeP stage: {'image': uint8 [n, 32, 32, 3]}."""
+    return {"image": jax.random.randint(jax.random.key(100 + step), (n, 32, 32, 3),
+                                        0, 256, jnp.int32).astype(jnp.uint8)}
 
 
 def test_ddep_steps_keep_encoder_bit_identical_and_train_decoder():
@@ -76,29 +81,15 @@ def _leaves_equal(a, b):
     chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
-def test_restart_continues_bit_for_bit(tmp_path):
-    config = tiny_config(total_steps=6, checkpoint_every=3)
-    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-    first = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_step=3)
-    assert first["step"] == 3
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[:1] == ["3"]
-    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert [s for s, _ in resumed["history"]] == [4, 5, 6]
-    # Same data order and noise: the losses of steps 4-6 agree bit for bit.
-    assert resumed["history"] == straight["history"][3:]
-    _leaves_equal(resumed["state"]["params"], straight["state"]["params"])
-    _leaves_equal(resumed["state"]["opt_state"], straight["state"]["opt_state"])
-
-
 def test_eight_devices_and_fsdp_match_one_device(tmp_path):
     """Same loss on 1 and 8 devices (replicated and fully sharded state)."""
     assert jax.device_count() == 8
-    one = train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path / "one"))
+    one = loop.run(tiny_config(total_steps=2), str(tmp_path / "one"))
     eight = tiny_config(total_steps=2, **{"mesh.data": 8})
-    replicated = train.train_and_evaluate(eight, str(tmp_path / "eight"))
+    replicated = loop.run(eight, str(tmp_path / "eight"))
     eight.mesh.param_sharding = "fsdp"
     eight.mesh.fsdp_min_size = 1024
-    fsdp = train.train_and_evaluate(eight, str(tmp_path / "fsdp"))
+    fsdp = loop.run(eight, str(tmp_path / "fsdp"))
     for run in (replicated, fsdp):
         np.testing.assert_allclose([l for _, l in run["history"]],
                                    [l for _, l in one["history"]], rtol=1e-5)
@@ -132,7 +123,7 @@ def test_config_json_kept_when_a_resume_changes_it(tmp_path):
 
 
 def test_outputs_written(tmp_path):
-    train.train_and_evaluate(tiny_config(total_steps=2, image_grid_every=2),
+    loop.run(tiny_config(total_steps=2, image_grid_every=2),
                              str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["denoising"]["sigma"] == 0.22
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -152,7 +143,7 @@ def test_outputs_written(tmp_path):
 def test_invalid_values_rejected_before_compiling(tmp_path, key, value, message):
     config = tiny_config(**{key: value, "mesh.data": -1})
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.run(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -161,7 +152,7 @@ def test_unknown_key_rejected():
     with config.unlocked():
         config.denoising.sigmaa = 0.3
     with pytest.raises(ValueError, match="config.denoising.sigmaa is not a known key"):
-        config_lib.validate(config, 1)
+        ddep.validate(config, 1)
 
 
 def test_unknown_override_on_command_line_names_key(tmp_path):
@@ -177,7 +168,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     config = tiny_config(total_steps=6, checkpoint_every=1)
     config.optimizer.learning_rate = 1e30  # the first update blows the decoder up
     with pytest.raises(FloatingPointError, match=r"at step 2\b") as err:
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.run(config, str(tmp_path))
     assert "step 1" in str(err.value)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
@@ -186,7 +177,7 @@ def test_missing_dataset_names_builder_and_prepare_command(tmp_path):
     config = tiny_config(**{"data.source": "tfds", "data.name": "camvid",
                             "data.data_dir": str(tmp_path / "tfds")})
     with pytest.raises(FileNotFoundError, match=r"(?s)camvid.*ddep_jax.data.prepare --dataset=camvid"):
-        train.train_and_evaluate(config, str(tmp_path / "work"))
+        loop.run(config, str(tmp_path / "work"))
 
 
 def test_ddep_on_real_camvid_images(tmp_path, camvid_dir):
@@ -197,5 +188,5 @@ def test_ddep_on_real_camvid_images(tmp_path, camvid_dir):
     config = tiny_config(**{"data.source": "tfds", "data.name": "camvid",
                             "data.data_dir": str(tmp_path / "tfds"),
                             "total_steps": 2})
-    result = train.train_and_evaluate(config, str(tmp_path / "work"))
+    result = loop.run(config, str(tmp_path / "work"))
     assert result["step"] == 2 and np.isfinite(result["loss"])

@@ -2,7 +2,8 @@
 
 A stage (stage 1 classify, stage 2 DDeP/DeP, stage 3 fine-tuning, or any new
 pretraining objective) is data: a `Stage` made by its trainer module
-(`ddep_jax.trainers.<name>.stage(config, mesh, workdir)`) holds the model and
+(`ddep_jax.trainers.<config.stage>.stage(config, mesh, workdir)`; the module
+name is the stage's name, no registry to edit) holds the model and
 its init inputs, the frozen collections, the collections read from
 `config.init.checkpoint`, the train dataset and its batch spec, and the
 functions the loop calls: `prepare` and `loss_fn` inside the jitted step,
@@ -41,6 +42,7 @@ import dataclasses
 import importlib
 import math
 import os
+import pkgutil
 import signal
 import threading
 import time
@@ -58,24 +60,26 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ddep_jax import checkpointing, handover, optim, profiling, writers
 from ddep_jax.sharding import make_mesh, state_shardings
 
-STAGE_MODULES = {"classify": "ddep_jax.trainers.classify",
-                 "ddep": "ddep_jax.trainers.ddep",
-                 "finetune": "ddep_jax.trainers.finetune"}
-"""`config.stage` -> the trainer module that defines it (`default_config`,
-`validate`, `stage`)."""
+def stage_names() -> list[str]:
+    """The stages there are: the modules of `ddep_jax.trainers` other than
+    this one (each defines `default_config`, `validate` and `stage`)."""
+    import ddep_jax.trainers as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if m.name != "loop")
 
 
 def trainer(name: str):
-    """The trainer module of `config.stage` = `name`.
+    """The trainer module of `config.stage` = `name`: `ddep_jax.trainers.<name>`.
 
     Raises:
-      ValueError: an unknown stage name, listing the known ones.
+      ValueError: no such trainer module, listing the stages there are.
     """
-    if name not in STAGE_MODULES:
+    if name not in stage_names():
         raise ValueError(f"config.stage={name!r} is unknown; expected one of "
-                         f"{sorted(STAGE_MODULES)} (stage 1 classify, stage 2 ddep, "
-                         "stage 3 finetune).")
-    return importlib.import_module(STAGE_MODULES[name])
+                         f"{stage_names()} (stage 1 classify, stage 2 ddep, "
+                         "stage 3 finetune): a trainer module in ddep_jax/trainers/.")
+    return importlib.import_module(f"ddep_jax.trainers.{name}")
 
 
 def _identity_prepare(batch, key):
