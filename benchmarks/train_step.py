@@ -113,8 +113,9 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 _DECODER_WIDTHS = flags.DEFINE_string(
     "decoder_widths", "",
     "5 comma-separated ints, e.g. 512,256,128,64,16 (TransUNet's decoder): "
-    "config.model.decoder_widths of the ddep and finetune stages; '' keeps the "
-    "config's.")
+    "config.model.decoder_widths of the ddep and finetune stages, with "
+    "model.decoder_num_groups lowered to the largest count dividing the config's "
+    "and every width (GroupNorm; 16 for that example); '' keeps the config's.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices on the 'data' mesh axis.")
 _PARAM_SHARDING = flags.DEFINE_string(
     "param_sharding", "", "'' keeps the config's; 'replicated' or 'fsdp'.")
@@ -275,8 +276,11 @@ def make_config(name: str, per_device_batch: int, num_devices: int,
     if _IMAGE_SIZE.value:
         size = (_IMAGE_SIZE.value, _IMAGE_SIZE.value)
         overrides.update({key: size for key in IMAGE_SIZE_KEYS[name]})
-    if decoder_widths() and name in DECODER_WIDTHS_STAGES:
-        overrides["model.decoder_widths"] = decoder_widths()
+    widths = decoder_widths()
+    if widths and name in DECODER_WIDTHS_STAGES:
+        overrides["model.decoder_widths"] = widths
+        overrides["model.decoder_num_groups"] = math.gcd(
+            config.model.decoder_num_groups, *widths)
     if name in NUM_OUTPUTS_FLAGS and not config.model.num_outputs:
         overrides["model.num_outputs"] = NUM_OUTPUTS_FLAGS[name].value
     config.update_from_flattened_dict(overrides)
@@ -319,7 +323,8 @@ class Bench:
         resnet = {(3, 4, 9): "R50+", (): ""}.get(layers, f"R{layers}+")
         text = f"{resnet}ViT-{m.encoder.vit_size}/16 encoder"
         if "decoder" in params:
-            text += " + " + (f"decoder {tuple(m.decoder_widths)}" if m.decoder_widths
+            text += " + " + (f"decoder {tuple(m.decoder_widths)} (GroupNorm "
+                             f"{m.decoder_num_groups} groups)" if m.decoder_widths
                              else f"{m.decoder_multiplier}x decoder")
         text += f", {params['head']['kernel'].shape[-1]}-output head, "
         text += (f"{' + '.join(self.stage.frozen)} frozen" if self.stage.frozen

@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from ddep_jax import writers
+from ddep_jax.optim import path_str
 
 ITEMS = ("state", "data_iter")
 
@@ -53,9 +57,6 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, state_shardin
     Returns:
       (state, step) or (None, None).
     """
-    import jax
-    from absl import logging
-
     step = manager.latest_step()
     if step is None:
         return None, None
@@ -95,8 +96,6 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
       FileNotFoundError: nothing checkpoint-like at `path`, or `step` absent;
         the message lists what was looked for and the steps that exist.
     """
-    from etils import epath
-
     path = writers.absolute(path)
     if not epath.Path(path).exists():
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist.")
@@ -133,10 +132,6 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
 
 
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    import jax
-
-    from ddep_jax.optim import path_str
-
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {path_str(p): (tuple(v.shape), str(v.dtype)) for p, v in flat}
 
@@ -189,8 +184,6 @@ def restore_collections(path: str, collections, abstract_params: dict,
       ValueError: the checkpoint lacks a collection, or any leaf differs in
         path, shape or dtype; the message lists every mismatch.
     """
-    import jax
-
     state_dir, found_step = resolve_state_dir(path, step)
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(state_dir).item_metadata

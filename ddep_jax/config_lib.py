@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import re
 
+import jax
 import ml_collections
+
+from ddep_jax.models.fast_conv import CONV_IMPLS
+from ddep_jax.models.hybrid_vit import VIT_SIZES
+from ddep_jax.sharding import PARAM_SHARDING_MODES, check_spec
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -151,9 +156,6 @@ def validate_crop_area(key: str, area_range) -> None:
 
 def validate_model(m) -> None:
     """Checks `config.model` (decoder, encoder size and stages, dtype, conv)."""
-    from ddep_jax.models.fast_conv import CONV_IMPLS
-    from ddep_jax.models.hybrid_vit import VIT_SIZES
-
     require(m.decoder_multiplier in (1, 2, 3), "model.decoder_multiplier",
             m.decoder_multiplier, "the paper's decoders are 1x, 2x or 3x")
     require(not m.decoder_widths or len(m.decoder_widths) == 5,
@@ -182,10 +184,6 @@ def validate_classes_and_splits(config, spec, splits) -> None:
 def validate_run(config, num_devices: int, num_processes: int) -> None:
     """Checks shared by the stages: batch, steps, optimizer, mesh, profile,
     and the log / checkpoint periods."""
-    import jax
-
-    from ddep_jax.sharding import PARAM_SHARDING_MODES, check_spec
-
     o = config.optimizer
     require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
     require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,

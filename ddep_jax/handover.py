@@ -22,9 +22,12 @@ import os
 from typing import Any, Sequence
 
 import jax
-from absl import logging
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
 
-from ddep_jax import checkpointing, writers
+from ddep_jax import checkpointing, vit_import, writers
+from ddep_jax.optim import path_str
 
 
 def token_grid(model_config) -> tuple[int, int]:
@@ -80,8 +83,6 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
             raise ValueError(f"{path} is a vision_transformer .npz, which holds "
                              f"an encoder only; cannot read {list(collections)} "
                              "from it.")
-        from ddep_jax import vit_import
-
         flat = vit_import.load_npz(path)
         encoder, report = vit_import.npz_to_encoder_params(
             flat, abstract_params["encoder"], source=path, target_grid=pos_grid)
@@ -145,9 +146,6 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
 def read_collection(state_dir: str, collection: str = "encoder") -> dict:
     """One parameter collection of an Orbax state folder as host numpy arrays
     (no model needed: shapes and dtypes come from the checkpoint)."""
-    import numpy as np
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(state_dir).item_metadata
     target = {"params": {collection: jax.tree.map(
@@ -186,10 +184,6 @@ def check_encoder_chain(workdir: str) -> dict:
     Raises:
       ValueError: `workdir` did not start from a checkpoint's encoder.
     """
-    import numpy as np
-
-    from ddep_jax.optim import path_str
-
     chain = [r["checkpoint"] for r in lineage(workdir)
              if "encoder" in r.get("collections", []) and "checkpoint" in r]
     if not chain:
@@ -207,8 +201,6 @@ def check_encoder_chain(workdir: str) -> dict:
 
 def main(argv):
     del argv
-    from absl import flags
-
     report = check_encoder_chain(flags.FLAGS.check_encoder)
     print(json.dumps(report, indent=1))
     if not report["identical"]:
@@ -216,8 +208,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
     flags.DEFINE_string("check_encoder", None, "A run's workdir: compare the "
                         "encoder it started from with the oldest checkpoint of "
                         "its hand-over chain, bit for bit.", required=True)

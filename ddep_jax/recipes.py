@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 from ddep_jax.config_lib import parse_arg
+from ddep_jax.trainers import finetune
 
 
 def cpu_camvid_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -30,8 +31,6 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     cosine decay. Config arguments: init, ckpt, fraction, seed, decoder,
     steps, dtype (float32 | bfloat16 compute), accum (micro-batches per
     step); the 3x decoder shards parameters and Adam state ('fsdp')."""
-    from ddep_jax.trainers import finetune
-
     arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
                     decoder=decoder, steps=40000, dtype="float32", accum=1)
     c = finetune.default_config()

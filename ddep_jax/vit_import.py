@@ -44,7 +44,19 @@ import re
 import zipfile
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from ddep_jax import writers
+from ddep_jax.models import hybrid_vit
+from ddep_jax.models.hybrid_vit import VIT_SIZES
+from ddep_jax.models.transunet import build_model
+from ddep_jax.optim import path_str
 
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 
@@ -82,10 +94,6 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
       ValueError: `path` is not a readable `.npz` (truncated download, pickle,
         another format); the message names it.
     """
-    from etils import epath
-
-    from ddep_jax import writers
-
     path = writers.absolute(path)  # local, or gs://... (etils.epath)
     if not epath.Path(path).is_file():
         raise FileNotFoundError(f"ViT checkpoint {path!r} does not exist (download "
@@ -123,7 +131,6 @@ def describe_checkpoint(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     'resnet_width', 'patch' ([kh, kw] of `embedding`), 'hidden_size',
     'num_layers', 'num_heads', 'mlp_dim', 'vit_size' (our `VIT_SIZES` name or
     None)}; entries the file lacks are None."""
-    from ddep_jax.models.hybrid_vit import VIT_SIZES
 
     units: dict[int, int] = {}
     blocks: set[int] = set()
@@ -173,7 +180,6 @@ def _pos_embedding(array: np.ndarray, want_shape: tuple[int, ...], has_cls: bool
                    target_grid: tuple[int, int] | None, key: str):
     """Drops the class-token row and resamples the grid: returns (array, info)
     or (None, problem)."""
-    from ddep_jax.models import hybrid_vit
 
     if array.ndim != 3 or array.shape[0] != 1 or len(want_shape) != 3:
         return None, (f"shape {key}: checkpoint {array.shape} vs model {want_shape} "
@@ -241,9 +247,6 @@ def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
         model has no place for (other than cls/head/pre_logits, which are
         skipped), e.g. a ResNet unit or encoder block the model lacks.
     """
-    import jax
-
-    from ddep_jax.optim import path_str
 
     naming = detect_naming(flat)
     has_cls = "cls" in flat
@@ -309,10 +312,6 @@ def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
 def abstract_encoder_params(model_config):
     """ShapeDtypeStruct tree of the encoder params of `build_model(model_config)`
     (evaluated on one image of `model.encoder.image_size`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from ddep_jax.models.transunet import build_model
 
     model = build_model(model_config)
     h, w = tuple(model_config.encoder.image_size)
@@ -340,13 +339,6 @@ def convert(npz_path: str, model_config, output_dir: str) -> dict:
         first; nothing there is touched).
       FileNotFoundError, ValueError: see `load_npz`, `npz_to_encoder_params`.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
-    from ddep_jax import writers
-
-    from etils import epath
-
     output_dir = writers.absolute(output_dir)  # local or gs://
     out = epath.Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -372,9 +364,6 @@ def convert(npz_path: str, model_config, output_dir: str) -> dict:
 def _define_flags():
     """CLI flags, defined only when run as a program, so that the library can
     be imported beside `ddep_jax.main` (which also defines --config)."""
-    from absl import flags
-    from ml_collections import config_flags
-
     flags.DEFINE_string("npz", None, "Upstream ViT .npz checkpoint.", required=True)
     config_flags.DEFINE_config_file(
         "config", None, "Any stage config (only config.model is used).",
@@ -385,21 +374,16 @@ def _define_flags():
 
 
 def main(argv) -> None:
-    from absl import app, logging
-
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save
-    flags = _FLAGS
     try:
-        report = convert(flags.npz, flags.config.model, flags.output)
+        report = convert(_FLAGS.npz, _FLAGS.config.model, _FLAGS.output)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"vit_import: {e}") from None
     print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _FLAGS = _define_flags()
     app.run(main)

@@ -18,7 +18,7 @@ from PIL import Image
 from ddep_jax import handover
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.objectives.classification import classification_loss
-from ddep_jax.trainers import classify, loop
+from ddep_jax.trainers import loop
 from ddep_jax.data.builders import cifar10_jpeg
 from ddep_jax.models import to_float_images
 from ddep_jax.models.classifier import build_classifier

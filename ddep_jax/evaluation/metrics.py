@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
-"""Default void label (same as `ddep_jax.data.seg_datasets.IGNORE_LABEL`)."""
+from ddep_jax.data.seg_datasets import IGNORE_LABEL
 
 
 def confusion_matrix(labels: jax.Array | np.ndarray, predictions: jax.Array | np.ndarray,

@@ -24,6 +24,7 @@ import numpy as np
 from ddep_jax import config_lib, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.data.seg_datasets import IGNORE_LABEL
+from ddep_jax.evaluation.inference import EVAL_MODES
 from ddep_jax.evaluation.segmentation import run_evaluation
 from ddep_jax.models import to_float_images
 from ddep_jax.models.transunet import build_model
@@ -104,8 +105,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
       ValueError: 'config.<key>=<value> is invalid: <why>' or 'config.<key> is
         not a known key'.
     """
-    from ddep_jax.evaluation.inference import EVAL_MODES
-
     require = config_lib.require
     config_lib.check_keys(config, default_config())
     config_lib.validate_model(config.model)

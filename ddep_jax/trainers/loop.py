@@ -58,14 +58,13 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddep_jax import checkpointing, handover, optim, profiling, writers
+import ddep_jax.trainers as trainers_package
 from ddep_jax.sharding import make_mesh, state_shardings
 
 def stage_names() -> list[str]:
     """The stages there are: the modules of `ddep_jax.trainers` other than
     this one (each defines `default_config`, `validate` and `stage`)."""
-    import ddep_jax.trainers as package
-
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+    return sorted(m.name for m in pkgutil.iter_modules(trainers_package.__path__)
                   if m.name != "loop")
 
 

@@ -78,11 +78,12 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+# Void / unlabelled pixels (255), excluded from losses and metrics.
+from ddep_jax.data.seg_datasets import IGNORE_LABEL
+
 NUM_CLASSES = 11
 """Number of evaluated classes (ids ``0..10``)."""
 
-IGNORE_LABEL = 255
-"""Void / unlabelled pixels; exclude from losses and metrics."""
 
 CLASS_NAMES = (
     "Sky",
