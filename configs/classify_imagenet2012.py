@@ -10,9 +10,9 @@ TFDS's `imagenet2012` needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
 in its manual directory (docs/DATASETS.md), then:
   python -m ddep_jax.data.prepare --dataset=imagenet2012 --manual_dir=<DIR>
   python -m ddep_jax.main --config=configs/classify_imagenet2012.py --workdir=DIR
-`:init=PATH` starts from a pretrained encoder (e.g. an ImageNet-21k stage-1
+`:ckpt=PATH` starts from a pretrained encoder (e.g. an ImageNet-21k stage-1
 workdir or a converted .npz) and fine-tunes it on ImageNet-1k.
-Arguments: vit (B | L), epochs, init.
+Arguments: vit (B | L), epochs, ckpt.
 """
 
 from ddep_jax.config_lib import parse_arg
@@ -20,11 +20,11 @@ from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, vit="B", epochs=300.0, init="")
+    arg = parse_arg(arg, vit="B", epochs=300.0, ckpt="")
     c = classify.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
-    c.init.checkpoint = arg.init
+    c.init.checkpoint = arg.ckpt
     c.data.name = "imagenet2012"
     c.data.image_size = (224, 224)
     c.loss.type = "softmax"

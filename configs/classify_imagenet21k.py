@@ -10,7 +10,7 @@ setting). Evaluation: top-1 on the held-out 1% validation split.
 Prepare ImageNet-21k once (docs/DATASETS.md), then on a TPU slice:
   python -m ddep_jax.main --config=configs/classify_imagenet21k.py --workdir=gs://...
 and hand the encoder to stage 2:
-  --config=configs/ddep_imagenet21k.py:encoder=<that workdir>
+  --config=configs/ddep_imagenet21k.py:ckpt=<that workdir>
 Arguments: vit (B | L; L shards parameters and Adam state, mesh.param_sharding
 'fsdp'), epochs, dtype (float32 | bfloat16 compute; parameters stay float32),
 accum (the batch of 4096 as K micro-batches).

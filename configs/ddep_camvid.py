@@ -8,7 +8,7 @@ then
 Small hybrid encoder (R(1,1,1) with the R50 root width 64 + ViT-nano), frozen;
 a narrow decoder; 96x96 inception crops; scaled noise, sigma 0.22 (Eq. 5).
 `:paper` switches to the R50+ViT-B/16 encoder and the 1x decoder at 224x224.
-`:encoder=DIR` takes the frozen encoder from a stage-1 run (e.g. of
+`:ckpt=DIR` takes the frozen encoder from a stage-1 run (e.g. of
 configs/classify_cifar10.py, whose encoder is this one) or from a converted
 or raw vision_transformer .npz (with `:paper`); without it the encoder is the
 random initialisation.
@@ -20,14 +20,14 @@ from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, paper=False, steps=400, encoder="")
+    arg = parse_arg(arg, paper=False, steps=400, ckpt="")
     c = ddep.default_config()
     c.data.source = "tfds"
     c.data.name = "camvid"
     c.data.split = "train"
     c.data.crop_area_range = (0.1, 1.0)
     c.data.num_threads = 2
-    c.init.checkpoint = arg.encoder
+    c.init.checkpoint = arg.ckpt
     if arg.paper:
         c.batch_size = 64
         c.num_epochs = 100.0

@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.model.decoder_widths = (128, 64, 64, 32, 32)
     c.model.decoder_num_groups = 8
     c.data.source = "embedded"
+    c.data.name = "embedded"  # what config.json should say (the name is not read)
     c.data.crop_area_range = (0.05, 1.0)
     c.data.num_threads = 2
     c.batch_size = 8

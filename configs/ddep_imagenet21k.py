@@ -9,7 +9,7 @@ Prepare the data once (docs/DATASETS.md), then:
 Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   :vit=L (R50+ViT-L/16), :dep (DeP, encoder trained too),
   :runlocal (tiny sizes to smoke-test the config on a laptop),
-  :encoder=PATH the pretrained encoder: the public R50+ViT-B_16.npz (or
+  :ckpt=PATH the pretrained encoder: the public R50+ViT-B_16.npz (or
   ViT-L), its Orbax conversion (python -m ddep_jax.vit_import) or a stage-1
   workdir (configs/classify_imagenet21k.py). The paper freezes the public
   ImageNet-21k checkpoint's encoder; without it the encoder is random.
@@ -19,7 +19,7 @@ Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   the devices (mesh.param_sharding='fsdp').
 
 On a Cloud TPU slice (docs/LAUNCH.md):
-  launch/tpu.sh run --config=configs/ddep_imagenet21k.py:encoder=gs://B/encoders/r50_vitb16 \
+  launch/tpu.sh run --config=configs/ddep_imagenet21k.py:ckpt=gs://B/encoders/r50_vitb16 \
       --workdir=gs://B/runs/ddep_1x
 """
 
@@ -28,7 +28,7 @@ from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, encoder="",
+    arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, ckpt="",
                     dtype="float32", accum=1)
     c = ddep.default_config()
     c.model.encoder.vit_size = arg.vit
@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.batch_size = 512
     c.num_epochs = 100.0
     c.frozen = () if arg.dep else ("encoder",)
-    c.init.checkpoint = arg.encoder
+    c.init.checkpoint = arg.ckpt
     c.model.dtype = arg.dtype
     c.grad_accum_steps = arg.accum
     if arg.vit == "L" or arg.decoder == 3:

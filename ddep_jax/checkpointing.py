@@ -12,6 +12,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -48,24 +49,183 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     return restored["state"]
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, state_sharding,
-                   data_iter):
-    """Resumes a run: the newest checkpoint of `manager` restored into
-    `state_sharding` (and `data_iter`'s position set), or (None, None) when the
-    workdir has none.
+def _key_name(k) -> str | None:
+    """A tree-path component as a name; None for sequence indices (the
+    position of an optax state in a chain, which moves when the chain
+    changes)."""
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return None
+    name = getattr(k, "key", getattr(k, "name", k))
+    return None if isinstance(name, int) or str(name).isdigit() else str(name)
+
+
+def _named_leaves(tree) -> dict:
+    """{path of names (indices dropped): leaf}; a name shared by several
+    leaves maps to None (ambiguous)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(n for n in map(_key_name, path) if n is not None)
+        out[key] = None if key in out else leaf
+    return out
+
+
+def read_state(state_dir: str) -> dict:
+    """A checkpoint's whole `state` item as host numpy arrays, in the tree
+    it was saved with (no target needed).
+
+    Raises:
+      Any Orbax / TensorStore error of an unreadable checkpoint.
+    """
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(state_dir).item_metadata
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(meta))
+    args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args))
+
+
+def transplant_state(saved: dict, abstract_state, state_sharding, where: str):
+    """A train state for the current optimizer from a checkpoint written with
+    another one (gradient clipping added, Adam -> AdamW, ...).
+
+    The step and every parameter must match exactly (else ValueError listing
+    each mismatch). Optimizer-state leaves are taken from the checkpoint where
+    a leaf with the same name path (chain positions ignored), shape and dtype
+    exists (Adam's count, mu, nu), and re-initialised (zeros) otherwise.
 
     Returns:
-      (state, step) or (None, None).
+      (state placed in `state_sharding`, [names of re-initialised leaves]).
     """
-    step = manager.latest_step()
-    if step is None:
-        return None, None
+    problems = compare_trees(abstract_state["params"], saved["params"], "params/")
+    if problems:
+        raise ValueError(f"checkpoint {where} does not match the model in "
+                         f"{len(problems)} place(s):\n  " + "\n  ".join(problems))
+    old = _named_leaves(saved["opt_state"])
+    fresh = []
+
+    def take(path, a, s):
+        key = "/".join(n for n in map(_key_name, path) if n is not None)
+        leaf = old.get(key)
+        if leaf is None or leaf.shape != a.shape or leaf.dtype != a.dtype:
+            fresh.append(key)
+            leaf = np.zeros(a.shape, a.dtype)
+        return jax.device_put(leaf, s)
+
+    opt_state = jax.tree_util.tree_map_with_path(
+        take, abstract_state["opt_state"], state_sharding["opt_state"])
+    state = {"step": jax.device_put(np.asarray(saved["step"], np.int32),
+                                    state_sharding["step"]),
+             "params": jax.tree.map(jax.device_put, saved["params"],
+                                    state_sharding["params"]),
+             "opt_state": opt_state}
+    return state, fresh
+
+
+def _set_aside(step_dir: str, folder: str) -> str:
+    """Moves a checkpoint step folder to WORKDIR/<folder>/<step> (nothing is
+    deleted) and returns the new path."""
+    src = epath.Path(step_dir)
+    dest = src.parent.parent / folder / src.name
+    n = 1
+    while dest.exists():
+        dest = src.parent.parent / folder / f"{src.name}.{n}"
+        n += 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+    return str(dest)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The finished checkpoint steps of a run's workdir, ascending."""
+    root = epath.Path(writers.absolute(workdir)) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir()
+                  if d.name.isdigit() and _finished(d))
+
+
+def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
+    """Opens the run's checkpoints and restores the newest readable one.
+
+    - A checkpoint that cannot be read (a corrupt or truncated file) is moved
+      to WORKDIR/corrupt_checkpoints/<step> with a warning naming it, and the
+      previous one is taken.
+    - A checkpoint whose parameters differ from the model's (a changed
+      model.* setting) is refused, listing every mismatch.
+    - A checkpoint written with another optimizer (gradient clipping added,
+      weight decay changed) keeps its step, parameters and data position;
+      the optimizer-state leaves that match are restored, the others
+      re-initialised, and both are logged.
+
+    Returns:
+      (CheckpointManager, state or None, step or None, notes: list of str).
+
+    Raises:
+      ValueError: the parameters of the newest readable checkpoint do not
+        match the model (every mismatch listed, with the workdir).
+    """
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, state_sharding)
-    state = restore(manager, step, abstract_sharded, data_iter)
-    logging.info("Resumed from %s at step %d.", manager.directory, step)
-    return state, step
+    notes = []
+    for step in reversed(checkpoint_steps(workdir)):
+        step_dir = os.path.join(writers.absolute(workdir), "checkpoints", str(step))
+        state_dir = os.path.join(step_dir, "state")
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+            problems = compare_trees(abstract_state["params"], meta["params"],
+                                     "params/")
+        except Exception as e:  # unreadable metadata: a damaged checkpoint
+            moved = _set_aside(step_dir, "corrupt_checkpoints")
+            notes.append(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: "
+                         f"{str(e)[:200]}); moved to {moved}, trying the previous one")
+            logging.warning(notes[-1])
+            continue
+        if problems:
+            raise ValueError(
+                f"the checkpoint of step {step} in {workdir} does not match the "
+                f"configured model in {len(problems)} place(s) (a resumed run must "
+                "keep model.*; fine-tune or train into a new workdir):\n  "
+                + "\n  ".join(problems))
+        manager = make_manager(workdir, keep)
+        try:
+            state = restore(manager, step, abstract_sharded, data_iter)
+            logging.info("Resumed from %s at step %d.", manager.directory, step)
+            return manager, state, step, notes
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            saved = read_state(state_dir)
+            manager.restore(step, args=ocp.args.Composite(
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+            state, fresh = transplant_state(saved, abstract_state, state_sharding,
+                                            state_dir)
+            notes.append(f"the optimizer changed since checkpoint {step}: restored "
+                         "its step, parameters, data position and the optimizer "
+                         f"state that matches; re-initialised {fresh or 'nothing'}")
+            logging.warning(notes[-1])
+            return manager, state, step, notes
+        except Exception as e:  # unreadable arrays: a damaged checkpoint
+            manager.close()
+            moved = _set_aside(step_dir, "corrupt_checkpoints")
+            notes.append(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: "
+                         f"{str(e)[:200]}); moved to {moved}, trying the previous one")
+            logging.warning(notes[-1])
+    return make_manager(workdir, keep), None, None, notes
+
+
+def set_aside_from(manager: ocp.CheckpointManager, first_step: int,
+                   folder: str = "poisoned_checkpoints") -> list[str]:
+    """Moves the checkpoints of steps >= `first_step` out of the run (to
+    WORKDIR/<folder>/<step>), so that a resume cannot pick them. Waits for a
+    save in progress first. Returns the new paths."""
+    manager.wait_until_finished()
+    moved = []
+    for step in sorted(s for s in manager.all_steps() if s >= first_step):
+        moved.append(_set_aside(os.path.join(str(manager.directory), str(step)),
+                                folder))
+    manager.reload()
+    return moved
 
 
 # ----------------------------------------------------------------------------

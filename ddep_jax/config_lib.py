@@ -18,10 +18,12 @@ The ConfigDicts are locked by the entry point, so a misspelt
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
 import ml_collections
+import numpy as np
 
 from ddep_jax.models.fast_conv import CONV_IMPLS
 from ddep_jax.models.hybrid_vit import VIT_SIZES
@@ -208,6 +210,11 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
                 ok = False
         require(ok, "mesh.sharding_rules", rule, "each rule is (regex, spec) with "
                 "spec 'replicated', 'fsdp' or 'dim=N'")
+    f32_max = float(np.finfo(np.float32).max)
+    for key in ("learning_rate", "weight_decay", "grad_clip_norm", "b1", "b2"):
+        require(math.isfinite(o[key]) and abs(o[key]) <= f32_max, f"optimizer.{key}",
+                o[key], "must be finite and representable in float32 (|x| <= "
+                f"{f32_max:.3g})")
     require(config.total_steps > 0 or config.num_epochs > 0, "total_steps",
             config.total_steps, "set total_steps > 0 or num_epochs > 0")
     require(o.learning_rate >= 0, "optimizer.learning_rate", o.learning_rate,

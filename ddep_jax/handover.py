@@ -54,7 +54,8 @@ def source_record(state_dir: str) -> dict | None:
 
 def load_collections(path: str, collections: Sequence[str], abstract_params: dict,
                      param_shardings: dict, step: int = -1, *,
-                     pos_grid: tuple[int, int] | None = None) -> tuple[dict, dict]:
+                     pos_grid: tuple[int, int] | None = None,
+                     num_groups: int | None = None) -> tuple[dict, dict]:
     """Reads `collections` of the model's params from `path`, exactly.
 
     Args:
@@ -67,6 +68,8 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
       step: which checkpoint of a workdir; -1 = the latest.
       pos_grid: (h, w) token grid of the model's position embedding
         (image_size // 16), for resampling an .npz's; None = square.
+      num_groups: the encoder's GroupNorm groups, checked against the public
+        checkpoints' 32 when reading an .npz (None: not checked).
 
     Returns:
       ({collection: params placed in `param_shardings`}, provenance dict:
@@ -85,7 +88,8 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
                              "from it.")
         flat = vit_import.load_npz(path)
         encoder, report = vit_import.npz_to_encoder_params(
-            flat, abstract_params["encoder"], source=path, target_grid=pos_grid)
+            flat, abstract_params["encoder"], source=path, target_grid=pos_grid,
+            num_groups=num_groups)
         params = {"encoder": jax.device_put(encoder, param_shardings["encoder"])}
         leaves = jax.tree.leaves(params)
         return params, {"checkpoint": writers.absolute(path), "step": -1,
@@ -103,7 +107,8 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
 def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
                collections: Sequence[str], workdir: str, *, step: int = -1,
                record: dict[str, Any] | None = None,
-               pos_grid: tuple[int, int] | None = None) -> dict:
+               pos_grid: tuple[int, int] | None = None,
+               num_groups: int | None = None) -> dict:
     """A fresh train state with `collections` taken from `checkpoint`, and
     WORKDIR/init.json written (on process 0).
 
@@ -115,7 +120,7 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
       checkpoint: see `load_collections`; '' or no `collections` keeps
         `state` (init.json then says the weights are new).
       record: extra entries for init.json (e.g. the stage-3 init mode).
-      pos_grid: see `load_collections`.
+      pos_grid, num_groups: see `load_collections`.
 
     Returns:
       The state (the same object when nothing is restored).
@@ -126,7 +131,7 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
         restored, found = load_collections(checkpoint, collections, abstract,
                                            state_sharding["params"], step,
-                                           pos_grid=pos_grid)
+                                           pos_grid=pos_grid, num_groups=num_groups)
         provenance.update(found)
         params = {**state["params"], **restored}
         opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])

@@ -43,10 +43,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
 
 
 class _QuietLibraries:
-    """Drops INFO records from Orbax and grain, which log every checkpoint step."""
+    """Drops INFO records from Orbax and grain, which log every checkpoint
+    step, and Orbax's warning about the optional per-step metadata file that
+    every restore of a checkpoint without one prints."""
 
     def filter(self, record) -> bool:
         noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+        if "/orbax/" in record.pathname and str(record.msg).startswith(
+                "Metadata file does not exist"):
+            return False
         return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
 
 
@@ -64,7 +69,19 @@ def main(argv):
         loop.trainer(config.get("stage", "ddep"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    result = loop.run(config, _WORKDIR.value)
+    try:
+        result = loop.run(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        # The errors the project raises on purpose name what is wrong and what
+        # to do: the message is the last thing printed, as one line (bugs of
+        # other types keep their traceback).
+        logging.flush()
+        sys.stderr.write(f"ddep_jax.main: error: {e}\n")
+        sys.exit(1)
+    if result.get("already_finished"):
+        logging.info("Already finished at step %d (loss %.4f): nothing to do for "
+                     "workdir %s.", result["step"], result["loss"], _WORKDIR.value)
+        return
     if result.get("preempted"):
         logging.warning("Preempted at step %d (checkpoint saved); exiting with %d: "
                         "rerun on --workdir=%s to resume.", result["step"],

@@ -1,10 +1,46 @@
-"""PNG grids of clean / noisy / denoised images."""
+"""PNG grids of clean / noisy / denoised images (optionally labelled rows) and
+segmentation panels (optionally with a legend of class colours)."""
 
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from ddep_jax import writers
+from ddep_jax.data.seg_datasets import IGNORE_LABEL
+
+TEXT_COLOR = (0, 0, 0)
+"""Colour of row labels and legend names (on white)."""
+
+
+@functools.cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font (Pillow's built-in, no font file needed)."""
+    return ImageFont.load_default()
+
+
+def _text_width(text: str) -> int:
+    """Width in pixels of `text` in the default font."""
+    left, _, right, _ = _font().getbbox(text)
+    return max(0, right - left)
+
+
+@functools.cache
+def _line_metrics() -> tuple[int, int]:
+    """(top, height): the ink of a line of text drawn at y spans rows
+    ``y + top .. y + top + height`` (the same for every text)."""
+    _, top, _, bottom = _font().getbbox("Ag|")
+    return top, bottom - top
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, x: int, y_center: float, text: str) -> None:
+    """Draws `text` from column `x`, its line vertically centred on `y_center`."""
+    top, height = _line_metrics()
+    draw.text((x, round(y_center - height / 2 - top)), text, fill=TEXT_COLOR,
+              font=_font())
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -12,13 +48,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_image_grid(path: str, rows: list[np.ndarray], pad: int = 2) -> None:
+def save_image_grid(path: str, rows: list[np.ndarray], pad: int = 2,
+                    row_labels: Sequence[str] | None = None) -> None:
     """Saves rows of images as one PNG, one row per array.
 
     Args:
       path: output .png file.
       rows: arrays float [N, H, W, 3] in [-1, 1] (e.g. clean, noisy, denoised),
         all of the same shape.
+      pad: white pixels around and between the images.
+      row_labels: optional text of each row (e.g. ``'clean'``, ``'noisy 19.4
+        dB'``, ``'denoised 24.1 dB'``), drawn in PIL's default font in a white
+        strip to the left of the grid, vertically centred on its row (text
+        taller than a row is clipped to it). ``None``: no strip, the grid alone.
+
+    Raises:
+      ValueError: `row_labels` does not have one entry per row.
     """
     rows = [to_uint8(r) for r in rows]
     n, h, w, _ = rows[0].shape
@@ -27,7 +72,24 @@ def save_image_grid(path: str, rows: list[np.ndarray], pad: int = 2) -> None:
         for j in range(n):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y:y + h, x:x + w] = row[j]
+    if row_labels is not None:
+        grid = _with_row_labels(grid, [str(t) for t in row_labels], len(rows), h, pad)
     writers.save_png(path, grid)
+
+
+def _with_row_labels(grid: np.ndarray, labels: list[str], num_rows: int, h: int,
+                     pad: int) -> np.ndarray:
+    """`grid` with a white strip on its left holding each row's label."""
+    if len(labels) != num_rows:
+        raise ValueError(f"{len(labels)} row_labels for {num_rows} rows.")
+    margin = max(pad, 4)
+    width = max([_text_width(t) for t in labels] + [0]) + 2 * margin
+    strip = Image.new("RGB", (width, grid.shape[0]), (255, 255, 255))
+    for i, text in enumerate(labels):
+        cell = Image.new("RGB", (width, h), (255, 255, 255))  # clips to the row
+        _draw_text(ImageDraw.Draw(cell), margin, h / 2, text)
+        strip.paste(cell, (0, pad + i * (h + pad)))
+    return np.concatenate([np.asarray(strip, np.uint8), grid], axis=1)
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -94,8 +156,11 @@ def overlay(image: np.ndarray, color_mask: np.ndarray, alpha: float = 0.5,
 
 def save_segmentation_panel(path: str, image: np.ndarray, prediction: np.ndarray,
                             label: np.ndarray | None, palette: np.ndarray,
-                            alpha: float = 0.5, pad: int = 2) -> None:
-    """Writes a PNG: image | prediction colours | ground truth colours | overlay.
+                            alpha: float = 0.5, pad: int = 2,
+                            class_names: Sequence[str] | None = None,
+                            legend_classes: Sequence[int] | None = None) -> None:
+    """Writes a PNG: image | prediction colours | ground truth colours | overlay,
+    and, with `class_names`, a legend below them.
 
     Args:
       path: output .png file.
@@ -107,9 +172,18 @@ def save_segmentation_panel(path: str, image: np.ndarray, prediction: np.ndarray
       palette: uint8 [P, 3] (see `colorize`).
       alpha: mask weight of the overlay panel (prediction over the image).
       pad: white pixels between panels.
+      class_names: names of class ids ``0..C-1``; given, a legend (a colour
+        swatch and the name of each class, in PIL's default font, wrapped over
+        as many lines as needed) is drawn in a white strip below the panels
+        (widening the image if one entry is wider than the panels). ``None``:
+        no legend, the panels alone.
+      legend_classes: the class ids to list (default: those in the prediction
+        or the ground truth, in id order; ``'void'`` is added, black, when the
+        ground truth has void pixels).
 
     Raises:
-      ValueError: sizes differ, or as `colorize` / `overlay`.
+      ValueError: sizes differ, a `legend_classes` id has no name, or as
+        `colorize` / `overlay`.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -133,4 +207,73 @@ def save_segmentation_panel(path: str, image: np.ndarray, prediction: np.ndarray
     for i, p in enumerate(panels):
         x = pad + i * (w + pad)
         canvas[pad:pad + h, x:x + w] = p
+    if class_names is not None:
+        entries = _legend_entries(prediction, label, palette, class_names,
+                                  legend_classes)
+        legend = _legend(entries, canvas.shape[1], pad)
+        if legend.shape[1] > canvas.shape[1]:
+            canvas = np.pad(canvas, ((0, 0), (0, legend.shape[1] - canvas.shape[1]),
+                                     (0, 0)), constant_values=255)
+        canvas = np.concatenate([canvas, legend], axis=0)
     writers.save_png(path, canvas)
+
+
+def _legend_entries(prediction, label, palette, class_names, legend_classes
+                    ) -> list[tuple[tuple[int, int, int], str]]:
+    """(colour, name) of each class to list in a panel's legend."""
+    palette = np.asarray(palette, np.uint8)
+    num = len(class_names)
+    if legend_classes is None:
+        ids = np.unique(prediction)
+        if label is not None:
+            ids = np.union1d(ids, np.unique(label))
+        classes = [int(c) for c in ids if 0 <= c < num]
+    else:
+        classes = [int(c) for c in legend_classes]
+        bad = [c for c in classes if not 0 <= c < num]
+        if bad:
+            raise ValueError(f"legend_classes {bad} have no name ({num} class_names).")
+    entries = []
+    for c in classes:
+        color = palette[c] if c < len(palette) else np.zeros(3, np.uint8)
+        entries.append((tuple(int(v) for v in color), str(class_names[c])))
+    if legend_classes is None and label is not None and np.any(
+            label == IGNORE_LABEL):
+        void = palette[IGNORE_LABEL] if IGNORE_LABEL < len(palette) else (0, 0, 0)
+        entries.append((tuple(int(v) for v in void), "void"))
+    return entries
+
+
+LEGEND_OUTLINE = (128, 128, 128)
+"""Outline of the legend's colour swatches (so white or black classes show)."""
+
+
+def _legend(entries: list[tuple[tuple[int, int, int], str]], width: int,
+            pad: int) -> np.ndarray:
+    """uint8 [h, max(width, widest entry), 3]: white strip with each entry's
+    swatch and name, flowing left to right over as many lines as needed."""
+    _, line_height = _line_metrics()
+    swatch = line_height + 2
+    line_step = swatch + 4
+    gap, spacing = 4, 12
+    sizes = [swatch + gap + _text_width(name) for _, name in entries]
+    inner = max([width - 2 * pad] + sizes)
+    lines: list[list[tuple[int, tuple[tuple[int, int, int], str]]]] = []
+    x = 0
+    for entry, size in zip(entries, sizes):
+        if not lines or (x > 0 and x + size > inner):
+            lines.append([])
+            x = 0
+        lines[-1].append((x, entry))
+        x += size + spacing
+    strip = Image.new("RGB", (inner + 2 * pad, len(lines) * line_step + pad),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for r, line in enumerate(lines):
+        y = r * line_step + 2
+        for x, (color, name) in line:
+            x0 = pad + x
+            draw.rectangle([x0, y, x0 + swatch - 1, y + swatch - 1], fill=color,
+                           outline=LEGEND_OUTLINE)
+            _draw_text(draw, x0 + swatch + gap, y + swatch / 2, name)
+    return np.asarray(strip, np.uint8)

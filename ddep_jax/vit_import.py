@@ -17,10 +17,15 @@ flat '/'-joined keys; what differs from our Linen layout
   token's row first (classifier='token'); we have no class token, so the row
   is dropped, and the sqrt(N) x sqrt(N) grid is resampled to ours
   (image_size // 16 per side) when it differs, with
-  `hybrid_vit.resize_pos_embedding` (jax.image.resize, bilinear, half-pixel
-  centres), the same function the model uses for other input sizes. Upstream
-  fine-tuning uses scipy.ndimage.zoom(order=1) instead, which aligns corners,
-  so resampled values differ slightly from upstream's.
+  `hybrid_vit.resize_pos_embedding`, the same function the model uses for
+  other input sizes; it computes what upstream fine-tuning (`load_pretrained`)
+  and TransUNet's `load_from` compute, scipy.ndimage.zoom(order=1): linear,
+  aligned corners, no antialiasing.
+- GroupNorm's group count is not in any shape: every public hybrid checkpoint
+  (R50+ViT-B/16 and the other R+ViT files) has a ResNet stem whose
+  GroupNorms use 32 groups (flax's default, upstream `models_resnet`), so
+  an import into a hybrid encoder with `model.encoder.num_groups` != 32 is
+  refused (it would load and compute wrong features).
 - `cls`, `head/*` and `pre_logits/*` are the classifier's, not the encoder's:
   they are skipped and listed in the report.
 - StdConv kernels are stored raw in both (standardised at use), so they are
@@ -75,6 +80,9 @@ _LINEN_ONLY = re.compile(
     r"^Transformer/encoderblock_\d+/(MultiHeadDotProductAttention_0|LayerNorm_1|"
     r"MlpBlock_0)/")
 _GROUPNORM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
+# GroupNorm groups of every public checkpoint's ResNet stem (upstream
+# `models_resnet`: nn.GroupNorm() with flax's default num_groups=32).
+UPSTREAM_NUM_GROUPS = 32
 # Parameters of the upstream classifier, not of the encoder.
 _CLASSIFIER = re.compile(r"^(cls|head/.*|pre_logits/.*)$")
 
@@ -219,7 +227,8 @@ def _pos_embedding(array: np.ndarray, want_shape: tuple[int, ...], has_cls: bool
 
 def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
                           source: str = "<npz>",
-                          target_grid: tuple[int, int] | None = None):
+                          target_grid: tuple[int, int] | None = None,
+                          num_groups: int | None = None):
     """Maps an upstream checkpoint onto our encoder's parameter tree.
 
     Args:
@@ -231,6 +240,10 @@ def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
       source: the file name, used in the report and in error messages.
       target_grid: (h, w) token grid of our position embedding; None infers a
         square grid from its shape (give it for non-square image sizes).
+      num_groups: the encoder's GroupNorm groups (`model.encoder.num_groups`),
+        which its parameter shapes do not show; None = not checked. Checked
+        only when the encoder has GroupNorm parameters (the hybrid; the plain
+        ViT has none).
 
     Returns:
       (params, report): params is a tree of the same structure as
@@ -245,7 +258,8 @@ def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
         parameter whose upstream key is missing (with that key), a shape
         mismatch (both shapes), a non-floating array, or a checkpoint array the
         model has no place for (other than cls/head/pre_logits, which are
-        skipped), e.g. a ResNet unit or encoder block the model lacks.
+        skipped), e.g. a ResNet unit or encoder block the model lacks; or
+        `num_groups` given, not 32, for an encoder with GroupNorm.
     """
 
     naming = detect_naming(flat)
@@ -288,6 +302,16 @@ def npz_to_encoder_params(flat: Mapping[str, np.ndarray], abstract_encoder, *,
             return None
         return array.astype(want_dtype)
 
+    has_groupnorm = any(
+        _GROUPNORM.search(path_str(path)) for path, _ in
+        jax.tree_util.tree_flatten_with_path(abstract_encoder)[0])
+    if (num_groups is not None and has_groupnorm
+            and int(num_groups) != UPSTREAM_NUM_GROUPS):
+        problems.append(
+            f"model.encoder.num_groups={num_groups}: the public checkpoints' ResNet "
+            f"stems use GroupNorm with {UPSTREAM_NUM_GROUPS} groups (not visible in "
+            "the shapes; the arrays would load and compute wrong features); set "
+            f"model.encoder.num_groups={UPSTREAM_NUM_GROUPS}")
     params = jax.tree_util.tree_map_with_path(convert_leaf, abstract_encoder)
     unused = sorted(set(flat) - used)
     skipped = [k for k in unused if _CLASSIFIER.match(k)]
@@ -337,7 +361,8 @@ def convert(npz_path: str, model_config, output_dir: str) -> dict:
     Raises:
       FileExistsError: `output_dir` exists and is not an empty folder (checked
         first; nothing there is touched).
-      FileNotFoundError, ValueError: see `load_npz`, `npz_to_encoder_params`.
+      FileNotFoundError, ValueError: see `load_npz`, `npz_to_encoder_params`
+        (which checks `model_config.encoder.num_groups`).
     """
     output_dir = writers.absolute(output_dir)  # local or gs://
     out = epath.Path(output_dir)
@@ -349,7 +374,8 @@ def convert(npz_path: str, model_config, output_dir: str) -> dict:
     h, w = tuple(model_config.encoder.image_size)
     params, report = npz_to_encoder_params(
         flat, abstract, source=writers.absolute(npz_path),
-        target_grid=(h // 16, w // 16))
+        target_grid=(h // 16, w // 16),
+        num_groups=model_config.encoder.num_groups)
     writers.makedirs(output_dir)
     state_dir = os.path.join(output_dir, "state")
     device = jax.local_devices()[0]

@@ -14,7 +14,9 @@ import os
 import time
 
 import jax
+import numpy as np
 from etils import epath
+from tensorboardX import SummaryWriter
 
 
 def is_remote(path) -> bool:
@@ -76,18 +78,26 @@ class MetricWriter:
     most every `remote_flush_seconds` and at `close`.
     """
 
-    def __init__(self, workdir: str, remote_flush_seconds: float = 60.0):
+    def __init__(self, workdir: str, remote_flush_seconds: float = 60.0,
+                 resume_step: int | None = None):
+        """`resume_step`: the step a resumed run restarted from; lines of later
+        steps (written before the run was killed, and about to be redone)
+        are cut from metrics.jsonl, so that every step appears once."""
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        from tensorboardX import SummaryWriter
-
         self._path = os.path.join(workdir, "metrics.jsonl")
         self._remote = is_remote(workdir)
         self._flush_every = remote_flush_seconds
+        p = epath.Path(self._path)
+        lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+        if resume_step is not None:
+            kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
+            if len(kept) != len(lines):
+                lines = kept
+                write_bytes(self._path, "".join(lines).encode())
         if self._remote:
-            p = epath.Path(self._path)
-            self._lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+            self._lines = lines
             self._flushed = time.monotonic()
         else:
             self._jsonl = open(self._path, "a")
@@ -108,6 +118,16 @@ class MetricWriter:
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
 
+    def write_image(self, step: int, name: str, image) -> None:
+        """A uint8 [H, W, 3] image to TensorBoard (its Images tab)."""
+        if self.active:
+            self._tb.add_image(name, np.asarray(image), int(step), dataformats="HWC")
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        """Text to TensorBoard (its Text tab), e.g. the run's config."""
+        if self.active:
+            self._tb.add_text(name, text, int(step))
+
     def _flush_remote(self) -> None:
         write_bytes(self._path, "".join(self._lines).encode())
         self._flushed = time.monotonic()
@@ -122,3 +142,50 @@ class MetricWriter:
             self._jsonl.close()
         self._tb.close()
         self.active = False
+
+
+class WorkdirLock:
+    """WORKDIR/run.lock, held while a run works in its workdir (process 0;
+    local file systems): a second run on the same workdir is refused with the
+    owner's host and pid. The lock is an `fcntl.flock` on the file, which the
+    operating system releases when the owner dies, so a lock left by a killed
+    run is stale and simply taken over. Object stores (gs://) have no locks:
+    there it does nothing.
+
+    Raises (on `acquire`):
+      RuntimeError: another live process holds the lock, naming it.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(absolute(workdir), "run.lock")
+        self._file = None
+
+    def acquire(self) -> "WorkdirLock":
+        import fcntl
+        import socket
+
+        if is_remote(self.path) or jax.process_index() != 0:
+            return self
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise RuntimeError(
+                f"workdir {os.path.dirname(self.path)} is in use by another run "
+                f"({owner}; lock {self.path}): wait for it or stop it, or use "
+                "another --workdir.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()} pid {os.getpid()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

@@ -70,7 +70,7 @@ run "$PYTHON" -m ddep_jax.main \
 
 echo "== stage 2: DDeP on CamVid images, stage-1 encoder frozen"
 run "$PYTHON" -m ddep_jax.main \
-  --config="configs/ddep_camvid.py:steps=$STAGE2_STEPS,encoder=$STAGE1" \
+  --config="configs/ddep_camvid.py:steps=$STAGE2_STEPS,ckpt=$STAGE1" \
   --config.data.data_dir="$DATA_DIR" --workdir="$STAGE2"
 
 echo "== stage 3: fine-tuning on 1/30 of CamVid's labels, test mIoU"

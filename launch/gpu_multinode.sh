@@ -8,7 +8,7 @@
 #
 # Usage: launch/gpu_multinode.sh --hosts=FILE [options] -- MAIN_FLAGS...
 #   e.g. launch/gpu_multinode.sh --hosts=hosts.txt -- \
-#          --config=configs/ddep_imagenet21k.py:encoder=/shared/encoders/r50 \
+#          --config=configs/ddep_imagenet21k.py:ckpt=/shared/encoders/r50 \
 #          --workdir=/shared/runs/ddep_r50
 # MAIN_FLAGS go to python -m ddep_jax.main unchanged (any quoting survives).
 #

@@ -76,6 +76,40 @@ def stage_step(config, mesh_devices: int = 1, num_steps: int = 10, seed: int = 0
     return stage, ts, loop.jit_train_step(stage, ts, config, mesh)
 
 
+TINY_OVERRIDES = {
+    "model.encoder.vit_size": "mu", "model.encoder.resnet_width": 8,
+    "model.encoder.image_size": (32, 32), "model.encoder.num_groups": 4,
+    "model.decoder_widths": (32, 16, 16, 8, 8), "model.decoder_num_groups": 4,
+    "data.num_threads": 1, "data.prefetch": 1, "log_every": 1,
+    "image_grid_every": 0, "image_grid_size": 2,
+}
+
+
+def flags(overrides: dict) -> list[str]:
+    """--config.<key>=<value> command-line overrides."""
+    def text(v):
+        return f"({','.join(map(str, v))})" if isinstance(v, tuple) else str(v)
+    return [f"--config.{k}={text(v)}" for k, v in overrides.items()]
+
+
+def default_config(**overrides):
+    """The README's first config (configs/ddep_default.py) at the tiny sizes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddep_default",
+                                                  REPO / "configs" / "ddep_default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return apply_overrides(module.get_config(), {**TINY_OVERRIDES, **overrides})
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a child run: the session's XLA compilation cache
+    (conftest), so that a rerun of the same program compiles nothing."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **extra}
+
+
 @pytest.fixture
 def camvid_dir():
     path = SHARED_DATA / "camvid"

@@ -23,7 +23,7 @@ ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal",
         "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"],
         "classify_cifar10.py": [None, "steps=10,batch=64"],
         "classify_imagenet21k.py": [None, "vit=L,dtype=bfloat16,accum=4"],
-        "classify_imagenet2012.py": [None, "init=x"]}
+        "classify_imagenet2012.py": [None, "ckpt=x"]}
 
 
 def _load(path):

@@ -185,3 +185,15 @@ def test_segmentation_panel(tmp_path):
     path = tmp_path / "panel.png"
     visualize.save_segmentation_panel(str(path), img, labels.clip(0, 2), labels, palette)
     assert Image.open(path).size == (4 * 2 + 5 * 2, 2 + 4)
+    # With class names: the same panels above a legend (widened to fit it).
+    visualize.save_segmentation_panel(str(path), img, labels.clip(0, 2), labels,
+                                      palette, class_names=["red", "green", "blue"])
+    with_legend = np.asarray(Image.open(path).convert("RGB"))
+    assert with_legend.shape[0] > 2 + 4 and with_legend.shape[1] > 4 * 2 + 5 * 2
+    legend = with_legend[2 + 4:]
+    colors = {tuple(c) for c in legend.reshape(-1, 3)}
+    assert {(255, 0, 0), (0, 255, 0), (0, 0, 255)} <= colors
+    with pytest.raises(ValueError, match="no name"):
+        visualize.save_segmentation_panel(str(path), img, labels.clip(0, 2), labels,
+                                          palette, class_names=["r"],
+                                          legend_classes=[2])

@@ -55,6 +55,8 @@ def test_metrics_match_numpy_reference():
     assert m["excluded_class_names"] == [f"n{ABSENT}"]
     assert m["present_classes"] == [c for c in range(C) if c != ABSENT]
     assert m["per_class_iou"][ABSENT] is None
+    assert m["per_class"] == dict(zip(names, m["per_class_iou"]))  # name -> IoU
+    assert m["per_class"][f"n{ABSENT}"] is None
     assert m["per_class_iou"][ONLY_PRED] == 0.0
     assert ONLY_PRED in ious and ious[ONLY_PRED] == 0.0
     for c in range(C):
@@ -138,3 +140,7 @@ def test_errors():
         M.accumulate(np.zeros((3, 3), np.int64), np.zeros((4, 4), np.int32))
     m = M.segmentation_metrics(np.eye(3, dtype=np.int64))
     assert m["miou"] == 1.0 and not math.isnan(m["pixel_accuracy"])
+    assert "per_class" not in m  # no names, no name -> IoU mapping
+    # A repeated name cannot hide a class: its entries get their ids.
+    m = M.segmentation_metrics(np.eye(3, dtype=np.int64), ["a", "b", "a"])
+    assert m["per_class"] == {"a (id 0)": 1.0, "b": 1.0, "a (id 2)": 1.0}

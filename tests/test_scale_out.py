@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 import pytest
-from conftest import REPO, apply_overrides, stage_step, tiny_config, tiny_finetune_config
+from conftest import (REPO, TINY_OVERRIDES, default_config as _default_config,
+                      flags as _flags, stage_step, subprocess_env as _subprocess_env,
+                      tiny_config, tiny_finetune_config)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dataclasses
@@ -204,38 +206,6 @@ def test_distributed_flag_errors_name_the_flags():
 # ----------------------------------------------------------------------------
 # The tiny model of `tiny_config`, on the embedded photographs, as overrides of
 # configs/ddep_default.py (the subprocesses cannot import the test fixtures).
-TINY_OVERRIDES = {
-    "model.encoder.vit_size": "mu", "model.encoder.resnet_width": 8,
-    "model.encoder.image_size": (32, 32), "model.encoder.num_groups": 4,
-    "model.decoder_widths": (32, 16, 16, 8, 8), "model.decoder_num_groups": 4,
-    "data.num_threads": 1, "data.prefetch": 1, "log_every": 1,
-    "image_grid_every": 0, "image_grid_size": 2,
-}
-
-
-def _flags(overrides: dict) -> list[str]:
-    def text(v):
-        return f"({','.join(map(str, v))})" if isinstance(v, tuple) else str(v)
-    return [f"--config.{k}={text(v)}" for k, v in overrides.items()]
-
-
-def _default_config(**overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ddep_default",
-                                                  REPO / "configs" / "ddep_default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return apply_overrides(module.get_config(), {**TINY_OVERRIDES, **overrides})
-
-
-def _subprocess_env(**extra) -> dict:
-    """The environment of a child run: the session's XLA compilation cache
-    (conftest), so that a rerun of the same program compiles nothing."""
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1", **extra}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -269,7 +239,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     assert "process 1 of 2, 4 local / 8 global devices" in outputs[1]
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     # Each step written once (by process 0).
-    assert [l["step"] for l in lines] == [1, 2], outputs[0][-6000:]
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2], outputs[0][-6000:]
     assert sorted(os.listdir(workdir / "images")) == ["denoise_00000002.png"]
     iter_files = sorted(os.listdir(workdir / "checkpoints" / "2" / "data_iter"))
     assert any("process_0" in f for f in iter_files), iter_files

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 from conftest import tiny_config
 
 from ddep_jax import checkpointing, vit_import
@@ -26,10 +27,11 @@ POS = "Transformer/posembed_input/pos_embedding"
 # ----------------------------------------------------------------------------
 # A synthetic checkpoint in the upstream layout.
 # ----------------------------------------------------------------------------
-def upstream_npz(seed=0, *, plain=False, pos_grid=2):
+def upstream_npz(seed=0, *, plain=False, pos_grid=2, width=WIDTH):
     """Random arrays under the keys and shapes of an upstream pre-Linen file:
     GroupNorm as [1, 1, 1, C], the class token's row in the position
-    embedding, and the classifier's cls/head/pre_logits."""
+    embedding, and the classifier's cls/head/pre_logits; ResNet root width
+    `width`."""
     rng = np.random.RandomState(seed)
     f32 = lambda *shape, scale=0.3, mean=0.0: (  # noqa: E731
         mean + scale * rng.randn(*shape)).astype(np.float32)
@@ -43,11 +45,11 @@ def upstream_npz(seed=0, *, plain=False, pos_grid=2):
         flat["embedding/kernel"] = f32(16, 16, 3, D, scale=0.05)
     else:
         # Raw kernels with an offset, so that standardisation matters.
-        flat["conv_root/kernel"] = f32(7, 7, 3, WIDTH, mean=0.5)
-        gn("gn_root", WIDTH)
-        cin = WIDTH
+        flat["conv_root/kernel"] = f32(7, 7, 3, width, mean=0.5)
+        gn("gn_root", width)
+        cin = width
         for s in range(3):
-            f = WIDTH * 2**s
+            f = width * 2**s
             u = f"block{s + 1}/unit1"
             flat[f"{u}/conv1/kernel"] = f32(1, 1, cin, f, mean=0.2)
             flat[f"{u}/conv2/kernel"] = f32(3, 3, f, f, mean=-0.1)
@@ -100,10 +102,11 @@ def to_linen_names(flat):
     return out
 
 
-def encoder_config(plain=False):
+def encoder_config(plain=False, **encoder):
     cfg = tiny_config()
     if plain:
         cfg.model.encoder.resnet_layers = ()
+    cfg.model.encoder.update(encoder)
     return cfg.model
 
 
@@ -289,17 +292,30 @@ def test_weight_standardization_is_the_formula():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def np_bilinear_upsample(grid, new):
-    """Half-pixel-centre bilinear resampling with edge clamping, axis by axis."""
-    def along(x, axis, n_new):
-        n = x.shape[axis]
-        src = np.clip((np.arange(n_new) + 0.5) * n / n_new - 0.5, 0, n - 1)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, n - 1)
-        frac = (src - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
-        return np.take(x, lo, axis) * (1 - frac) + np.take(x, hi, axis) * frac
+def scipy_zoom(grid, new):
+    """What upstream vision_transformer (`load_pretrained`) and TransUNet
+    (`load_from`) do to a [gh, gw, D] position-embedding grid."""
+    gh, gw, _ = grid.shape
+    out = scipy.ndimage.zoom(grid, (new[0] / gh, new[1] / gw, 1), order=1)
+    assert out.shape[:2] == tuple(new)
+    return out
 
-    return along(along(grid, 0, new[0]), 1, new[1])
+
+@pytest.mark.parametrize("old,new", [((14, 14), (24, 24)), ((24, 24), (14, 14)),
+                                     ((2, 3), (5, 4)), ((6, 6), (2, 2)),
+                                     ((3, 4), (1, 2)), ((1, 2), (3, 5))])
+def test_resize_pos_embedding_is_scipy_zoom_order_1(old, new):
+    """Growing, shrinking (no antialiasing), non-square, 1-token axes."""
+    grid = np.random.RandomState(sum(old + new)).randn(*old, 6).astype(np.float32)
+    pos = jnp.asarray(grid.reshape(1, -1, 6))
+    want = scipy_zoom(grid, new).reshape(1, -1, 6)
+    got = hybrid_vit.resize_pos_embedding(pos, old, new)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    jitted = jax.jit(hybrid_vit.resize_pos_embedding, static_argnums=(1, 2))
+    np.testing.assert_allclose(jitted(pos, old, new), want, rtol=1e-6, atol=1e-6)
+    assert hybrid_vit.resize_pos_embedding(pos.astype(jnp.bfloat16), old,
+                                           new).dtype == jnp.bfloat16
 
 
 def _pos_only(pos, model_tokens, cls=True):
@@ -324,7 +340,7 @@ def test_pos_embedding_cls_row_and_grid_resampling():
         "pos_embedding"]["resampled"]
 
     # Upsample 3x3 -> 4x6 (non-square target given explicitly): a linear ramp
-    # and random values equal an explicit numpy bilinear.
+    # and random values equal upstream's scipy.ndimage.zoom(order=1).
     r, c = np.meshgrid(np.arange(3.0), np.arange(3.0), indexing="ij")
     ramp = np.stack([2.0 * r + 0.5 * c, -r + 3.0 * c], -1)  # [3, 3, 2]
     pos = np.concatenate([np.full((1, 1, 2), 1e6), ramp.reshape(1, 9, 2)], 1)
@@ -336,22 +352,20 @@ def test_pos_embedding_cls_row_and_grid_resampling():
     assert report["pos_embedding"]["from_grid"] == [3, 3]
     assert report["pos_embedding"]["to_grid"] == [4, 6]
     assert report["pos_embedding"]["resampled"]
-    want = np_bilinear_upsample(ramp, (4, 6))
+    want = scipy_zoom(ramp, (4, 6))
     np.testing.assert_allclose(out.reshape(4, 6, 2), want, rtol=1e-5, atol=1e-5)
-    # Inside the clamped border the ramp stays a ramp at the sampled positions.
-    src_r = (np.arange(4) + 0.5) * 3 / 4 - 0.5
-    src_c = (np.arange(6) + 0.5) * 3 / 6 - 0.5
-    inner = np.ix_((src_r >= 0) & (src_r <= 2), (src_c >= 0) & (src_c <= 2))
-    sr, sc = np.meshgrid(src_r, src_c, indexing="ij")
-    np.testing.assert_allclose(out.reshape(4, 6, 2)[..., 0][inner],
-                               (2.0 * sr + 0.5 * sc)[inner], rtol=1e-5, atol=1e-5)
+    # Corners aligned: output (i, j) samples input (i * 2 / 3, j * 2 / 5), where
+    # the ramp stays a ramp everywhere (no clamped border).
+    sr, sc = np.meshgrid(np.arange(4) * 2 / 3, np.arange(6) * 2 / 5, indexing="ij")
+    np.testing.assert_allclose(out.reshape(4, 6, 2)[..., 0], 2.0 * sr + 0.5 * sc,
+                               rtol=1e-5, atol=1e-5)
     grid = rng.randn(3, 3, 4)
     flat, abstract = _pos_only(np.concatenate([np.zeros((1, 1, 4)),
                                                grid.reshape(1, 9, 4)], 1), 25)
     out = vit_import.npz_to_encoder_params(flat, abstract)[0]
     np.testing.assert_allclose(
         np.asarray(out["Transformer"]["posembed_input"]["pos_embedding"]).reshape(
-            5, 5, 4), np_bilinear_upsample(grid, (5, 5)), rtol=1e-5, atol=1e-5)
+            5, 5, 4), scipy_zoom(grid, (5, 5)), rtol=1e-5, atol=1e-5)
 
     # Downsample 4x4 -> 2x2: shape, and a constant grid stays constant.
     flat, abstract = _pos_only(np.full((1, 17, 3), 0.25), 4)
@@ -421,14 +435,17 @@ def test_load_npz_errors_name_the_file(tmp_path):
 
 
 def test_convert_writes_a_checkpoint_restore_collections_reads(tmp_path):
-    flat = upstream_npz()
+    # The public checkpoints' 32 GroupNorm groups need a root width >= 32.
+    flat = upstream_npz(width=32)
     npz = tmp_path / "R-mu.npz"
     np.savez(npz, **flat)
     out = tmp_path / "encoder"
-    cfg = encoder_config()
+    cfg = encoder_config(resnet_width=32, num_groups=32)
     report = vit_import.convert(str(npz), cfg, str(out))
     assert report["naming"] == "pre-linen" and report["checkpoint"] == str(out / "state")
     assert json.loads((out / "init.json").read_text()) == json.loads(json.dumps(report))
+
+    assert report["architecture"]["resnet_width"] == 32
 
     model = build_model(cfg)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -457,6 +474,30 @@ def test_convert_writes_a_checkpoint_restore_collections_reads(tmp_path):
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
         vit_import.convert(str(npz), cfg, str(out))
     assert sorted(p.name for p in out.iterdir()) == ["init.json", "state"]
+
+
+def test_groupnorm_groups_other_than_32_are_refused(tmp_path):
+    """The group count is in no shape: a 4-group hybrid would load the arrays
+    and compute wrong features, so the import refuses it (and names the key)."""
+    flat = upstream_npz()
+    with pytest.raises(ValueError) as err:
+        vit_import.npz_to_encoder_params(flat, abstract_encoder(),
+                                         source="/x/R-mu.npz", num_groups=4)
+    message = str(err.value)
+    assert "/x/R-mu.npz" in message and "1 place(s)" in message
+    assert "model.encoder.num_groups=4" in message
+    assert "ResNet stems use GroupNorm with 32 groups" in message
+    # None = not checked; the plain ViT has no GroupNorm, so any count passes.
+    vit_import.npz_to_encoder_params(flat, abstract_encoder(), num_groups=None)
+    vit_import.npz_to_encoder_params(upstream_npz(plain=True),
+                                     abstract_encoder(plain=True), num_groups=4)
+    # `convert` passes model.encoder.num_groups and writes nothing.
+    npz = tmp_path / "R-mu.npz"
+    np.savez(npz, **flat)
+    with pytest.raises(ValueError,
+                       match=r"(?s)R-mu\.npz.*model\.encoder\.num_groups=4"):
+        vit_import.convert(str(npz), encoder_config(), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_plain_vit_imports_and_transunet_runs():

@@ -31,6 +31,16 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 
+_MAX_LISTED_SHARDS = 8
+"""A read error lists every shard file of a split with at most this many."""
+
+
+class CorruptRecordError(OSError):
+    """A record of a prepared dataset cannot be read from its ``array_record``
+    shard (the file is truncated or corrupt); the message names the dataset,
+    split, record index and shard file(s), and the preparation command."""
+
+
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
     return os.path.expanduser(
@@ -88,6 +98,11 @@ class TfdsDataSource:
 
     Raises (from ``__getitem__``):
       IndexError: index out of range.
+      CorruptRecordError: the record cannot be read from its ``array_record``
+        shard (a truncated or corrupt file, e.g. an interrupted copy); the
+        message names the dataset, split, record index, the shard file that
+        holds the record and the split's shard files, and how to prepare the
+        dataset again.
       ValueError: the record cannot be decoded (e.g. a truncated JPEG); the
         message names the dataset, split, record index and, when the record's
         non-image fields are readable, its ``file_name``.
@@ -125,7 +140,7 @@ class TfdsDataSource:
                 f"Record index {index} out of range for {self.name}/{self.split} "
                 f"({length} records)."
             )
-        record = source.data_source[index]  # Raw serialized bytes.
+        record = self._read(index)  # Raw serialized bytes.
         features = source.dataset_info.features
         try:
             return features.deserialize_example_np(record, decoders=source.decoders)
@@ -143,8 +158,57 @@ class TfdsDataSource:
         images (``'#index'`` when the dataset has no such feature)."""
         source = self.tfds_source
         name = _readable_file_name(source.dataset_info.features,
-                                   source.data_source[operator.index(index)], key)
+                                   self._read(operator.index(index)), key)
         return name if name is not None else f"#{index}"
+
+    def _read(self, index: int) -> bytes:
+        """The raw serialized record `index` (in range); CorruptRecordError,
+        naming the shard files, when the ArrayRecord/Riegeli read fails."""
+        try:
+            return self.tfds_source.data_source[index]
+        except Exception as e:  # pylint: disable=broad-except
+            raise CorruptRecordError(self._read_error_message(index, e)) from e
+
+    def shard_files(self) -> list[str]:
+        """Paths of this split's ``array_record`` shard files, in record order
+        (for a sliced split such as ``'train[:10]'``, the shards it reads)."""
+        return list(dict.fromkeys(
+            os.fspath(f.filename) for f in self._file_instructions()))
+
+    def _file_instructions(self) -> list[Any]:
+        return list(self.dataset_info.splits[self.split].file_instructions)
+
+    def _read_error_message(self, index: int, error: Exception) -> str:
+        try:
+            instructions = self._file_instructions()
+        except Exception:  # pylint: disable=broad-except
+            instructions = []
+        files = list(dict.fromkeys(os.fspath(f.filename) for f in instructions))
+        holder, start = None, 0
+        for f in instructions:  # the shard holding record `index`
+            if index < start + f.take:
+                holder = os.fspath(f.filename)
+                break
+            start += f.take
+        lines = [
+            f"Cannot read record {index} of dataset {self.name!r}, split "
+            f"{self.split!r} in {self.data_dir}: {type(error).__name__}: {error}"]
+        if holder is not None:
+            lines.append(f"  shard file: {holder}")
+        if len(files) <= _MAX_LISTED_SHARDS:
+            lines.append(f"  shard files of split {self.split!r}: "
+                         + ", ".join(files))
+        elif files:
+            lines.append(
+                f"  shard files of split {self.split!r}: {len(files)} files, "
+                f"{files[0]} ... {files[-1]}")
+        folder = os.path.dirname(holder or (files[0] if files else "")) or (
+            f"{self.data_dir}/{_base_name(self.name)}/<version>")
+        lines.append(
+            "The file looks truncated or corrupt (an interrupted copy, download "
+            f"or preparation?). Delete {folder} and prepare the dataset again:\n  "
+            + prepare_command(_base_name(self.name), self.data_dir))
+        return "\n".join(lines)
 
     def __iter__(self):
         for i in range(len(self)):

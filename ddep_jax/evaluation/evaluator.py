@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from ddep_jax import visualize
 from ddep_jax.data.seg_datasets import SegDatasetSpec
@@ -84,6 +87,42 @@ def _score(probs: jax.Array, label, num_classes: int):
     return prediction, metrics.confusion_matrix(label, prediction, num_classes)
 
 
+def panel_name(source, i: int, spec: SegDatasetSpec,
+               used: set[str] | None = None) -> str:
+    """File name (without ``.png``) of image `i`'s panel: the stem of its
+    record's `spec.id_key` (file name), e.g. ``'0016E5_08059'`` for
+    ``0016E5_08059.jpg`` (``'n01440764/x.JPEG'`` -> ``'x'``; characters other
+    than letters, digits, ``._-`` become ``_``), else the index ``'00007'``.
+    A name already in `used` gets ``_<index>`` appended; the name is added to
+    `used`.
+
+    `source` is a `SegmentationSource` (its records' ``record_name`` reads the
+    file name without decoding the images); other sources get the index.
+    """
+    stem = None
+    records = getattr(source, "records", None)
+    if spec.id_key and records is not None and hasattr(source, "record_index"):
+        j = source.record_index(i)
+        name_of = getattr(records, "record_name", None)
+        if name_of is not None:
+            name = name_of(j, spec.id_key)
+            if name != f"#{j}":  # `record_name`'s answer when there is none
+                stem = name
+        else:
+            record = records[j]
+            if spec.id_key in record:
+                stem = spec.record_id(record, j)
+    if stem is not None:
+        stem = os.path.splitext(os.path.basename(stem.replace("\\", "/")))[0]
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")
+    name = stem or f"{i:05d}"
+    if used is not None:
+        if name in used:
+            name = f"{name}_{i:05d}"
+        used.add(name)
+    return name
+
+
 def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
              kwargs: dict[str, Any], *, max_images: int = 0,
              visualize_dir: str | None = None, num_visualize: int = 0,
@@ -97,18 +136,28 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
       mode, kwargs: the protocol (see `protocol`).
       max_images: evaluate the first N images only (0 = all).
       visualize_dir: where to write image | prediction | ground truth |
-        overlay PNGs of the first `num_visualize` images (host 0 only).
+        overlay PNGs (with a legend of the classes shown) of the first
+        `num_visualize` images (host 0 only), each named after its image's
+        file (``<stem>.png``, e.g. ``0016E5_08059.png``; `panel_name`).
       process_index, process_count: this host takes every process_count-th
         image; the confusion matrices of all hosts are summed.
 
+    A progress bar over the images is shown on stderr when stderr is a
+    terminal (not in logs or redirected output), by host 0 only; it is
+    removed when the evaluation ends.
+
     Returns:
-      `metrics.segmentation_metrics` of the global confusion matrix, plus
-      'num_images'.
+      `metrics.segmentation_metrics` of the global confusion matrix (with
+      ``per_class``: {class name: IoU}), plus 'num_images'.
     """
     n = len(source) if max_images <= 0 else min(max_images, len(source))
     total = None
     palette = spec.palette()
-    for i in range(process_index, n, process_count):
+    used_names: set[str] = set()
+    indices = range(process_index, n, process_count)
+    for i in tqdm(indices, total=len(indices), desc=f"eval {spec.name}",
+                  unit="image", file=sys.stderr, dynamic_ncols=True, leave=False,
+                  disable=not sys.stderr.isatty() or process_index != 0):
         example = source[i]
         image, label = example["image"], example["label"]
         probs = predict_at_base_scale(logits_fn, to_float_images(image),
@@ -116,9 +165,11 @@ def evaluate(logits_fn, source, spec: SegDatasetSpec, mode: str,
         prediction, cm = _score(probs, label, spec.num_classes)
         total = metrics.accumulate(total, cm)
         if visualize_dir and process_index == 0 and i < num_visualize:
+            name = panel_name(source, i, spec, used_names)
             visualize.save_segmentation_panel(
-                os.path.join(visualize_dir, f"{i:05d}.png"), image,
-                np.asarray(prediction, np.uint8), label, palette)
+                os.path.join(visualize_dir, name + ".png"), image,
+                np.asarray(prediction, np.uint8), label, palette,
+                class_names=spec.class_names)
     if total is None:
         total = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     if process_count > 1:

@@ -137,12 +137,15 @@ def segmentation_metrics(confusion: np.ndarray,
     Args:
       confusion: integer [C, C], rows ground truth, columns prediction (e.g.
         from `accumulate`).
-      class_names: optional C names, used for ``excluded_class_names``.
+      class_names: optional C names, used for ``per_class`` and
+        ``excluded_class_names``.
 
     Returns:
       A JSON-serialisable dict (plain Python floats / ints / lists / None):
         ``miou``: mean IoU over present classes (float in [0, 1]).
         ``per_class_iou``: C floats, ``None`` for excluded classes.
+        ``per_class``: ``{class name: IoU or None}`` in id order (only if
+          `class_names` given; a name used twice gets `` (id N)`` appended).
         ``pixel_accuracy``: trace / total (float).
         ``mean_class_accuracy``: mean over classes present in the ground truth
           of ``TP / (TP + FN)`` (recall); undefined for the others.
@@ -194,7 +197,15 @@ def segmentation_metrics(confusion: np.ndarray,
         "num_classes": int(num_classes),
     }
     if class_names is not None:
-        out["excluded_class_names"] = [str(class_names[c]) for c in excluded]
+        names = [str(n) for n in class_names]
+        repeated = {n for n in names if names.count(n) > 1}
+        keys = [f"{n} (id {c})" if n in repeated else n for c, n in enumerate(names)]
+        # Right after per_class_iou (dicts, and so the JSON report, keep order).
+        items = list(out.items())
+        at = [k for k, _ in items].index("per_class_iou") + 1
+        items.insert(at, ("per_class", dict(zip(keys, out["per_class_iou"]))))
+        out = dict(items)
+        out["excluded_class_names"] = [names[c] for c in excluded]
     return out
 
 

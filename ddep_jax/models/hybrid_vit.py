@@ -178,22 +178,67 @@ class EncoderBlock(nn.Module):
 
 def resize_pos_embedding(pos_emb: jax.Array, old_grid: tuple[int, int],
                          new_grid: tuple[int, int]) -> jax.Array:
-    """Bilinearly resamples a learned position embedding to another token grid.
+    """Resamples a learned position embedding to another token grid, as upstream.
+
+    Computes `scipy.ndimage.zoom(grid, (h / gh, w / gw, 1), order=1)` on the
+    [gh, gw, D] grid: per axis, linear interpolation with aligned corners
+    (scipy's default grid_mode=False: output i samples input coordinate
+    i * (g - 1) / (n - 1); a 1-token output axis samples coordinate 0, a
+    1-token input axis is copied), no antialiasing when shrinking. Source:
+    google-research/vision_transformer's checkpoint loading
+    (`vit_jax/checkpoint.py` `load_pretrained`, which resamples
+    `Transformer/posembed_input/pos_embedding` of `models_vit.AddPositionEmbs`
+    for fine-tuning at another resolution) and TransUNet's `load_from`
+    (`networks/vit_seg_modeling.py`), both with `scipy.ndimage.zoom(order=1)`;
+    the public checkpoints were fine-tuned with it.
+
+    Traceable with static grids (a constant [n, g] weight matrix per axis and
+    two einsums at HIGHEST precision, in float32 or wider), so the encoder can
+    resample its embedding to the input's token grid inside `jit`.
 
     Args:
-      pos_emb: [1, gh * gw, D] without a class-token row.
+      pos_emb: [B, gh * gw, D] (B = 1 for the parameter), no class-token row.
       old_grid: (gh, gw) the embedding was learned for.
       new_grid: (h, w) wanted.
 
     Returns:
-      [1, h * w, D]; `pos_emb` itself when the grids are equal.
+      [B, h * w, D] of `pos_emb`'s dtype; `pos_emb` itself when the grids are
+      equal.
+
+    Raises:
+      ValueError: `pos_emb` is not [B, gh * gw, D].
     """
-    if tuple(old_grid) == tuple(new_grid):
+    old_grid = tuple(int(g) for g in old_grid)
+    new_grid = tuple(int(g) for g in new_grid)
+    if old_grid == new_grid:
         return pos_emb
-    d = pos_emb.shape[-1]
-    grid = pos_emb.reshape(1, *old_grid, d)
-    grid = jax.image.resize(grid, (1, *new_grid, d), method="bilinear")
-    return grid.reshape(1, new_grid[0] * new_grid[1], d)
+    if pos_emb.ndim != 3 or pos_emb.shape[1] != old_grid[0] * old_grid[1]:
+        raise ValueError(f"pos_emb {tuple(pos_emb.shape)} is not [B, gh * gw, D] "
+                         f"for old_grid {old_grid}")
+
+    def weights(n: int, g: int) -> list[list[float]]:
+        """[n][g] order-1 zoom weights along one axis (rows sum to 1)."""
+        step = (g - 1) / (n - 1) if n > 1 else 0.0  # scipy: factor 1 if n == 1
+        rows = []
+        for i in range(n):
+            coord = min(max(i * step, 0.0), g - 1.0)
+            lo = min(int(coord), g - 1)
+            hi = min(lo + 1, g - 1)
+            row = [0.0] * g
+            row[lo] += 1.0 - (coord - lo)
+            row[hi] += coord - lo
+            rows.append(row)
+        return rows
+
+    b, _, d = pos_emb.shape
+    compute = jnp.promote_types(pos_emb.dtype, jnp.float32)
+    rows = jnp.asarray(weights(new_grid[0], old_grid[0]), compute)
+    cols = jnp.asarray(weights(new_grid[1], old_grid[1]), compute)
+    grid = pos_emb.astype(compute).reshape(b, *old_grid, d)
+    highest = jax.lax.Precision.HIGHEST
+    grid = jnp.einsum("ig,bghd->bihd", rows, grid, precision=highest)
+    grid = jnp.einsum("jh,bihd->bijd", cols, grid, precision=highest)
+    return grid.reshape(b, new_grid[0] * new_grid[1], d).astype(pos_emb.dtype)
 
 
 class PosEmbedding(nn.Module):
@@ -262,7 +307,8 @@ class HybridViT(nn.Module):
       resnet_width: W, channels of the root conv (64 upstream); unused when
         `resnet_layers=()`.
       image_size: (H, W) pixels the position embedding is learned for; other
-        input sizes are served by bilinear resampling of the embedding.
+        input sizes are served by resampling the embedding as upstream does
+        (`resize_pos_embedding`: scipy.ndimage.zoom, order 1).
       num_groups: GroupNorm groups (32 upstream).
       dropout_rate: dropout in the transformer blocks (stage 1).
       conv: the ResNet convolutions' `conv_general_dilated`

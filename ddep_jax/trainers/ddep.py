@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+from PIL import Image
 
 from ddep_jax import config_lib, visualize
 from ddep_jax.data import pipeline
@@ -193,26 +195,56 @@ def make_denoise_fn(config, model):
     return denoise
 
 
-def make_image_grid_hook(config, model, mesh):
-    """The `after_step` hook writing WORKDIR/images/denoise_<step>.png every
-    `image_grid_every` steps and at the last step (None when 0). Every host
-    runs the denoiser (the arrays span all hosts); process 0 writes."""
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of float images in [-1, 1] against `reference`, both shown
+    as uint8 (`visualize.to_uint8`: clipped), peak 255."""
+    diff = (visualize.to_uint8(images).astype(np.float64)
+            - visualize.to_uint8(reference).astype(np.float64))
+    return float(10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-10)))
+
+
+def grid_images(config, source) -> np.ndarray:
+    """The fixed images of the denoising grid: the first `image_grid_size`
+    images of the training source, resized and centre-cropped to the model's
+    input size. uint8 [n, H, W, 3]."""
+    h, w = config.model.encoder.image_size
+    n = min(config.image_grid_size, len(source))
+    return np.stack([pipeline.resize_centre_crop(np.asarray(source[i]["image"]),
+                                                 (h, w), 1.0) for i in range(n)])
+
+
+def make_image_grid_hook(config, model, mesh, source):
+    """The `after_step` hook of the denoising grid (None when
+    `image_grid_every` is 0): every `image_grid_every` steps and at the last
+    step, the same images (`grid_images`) with the same noise (the run's
+    'images' key) are denoised; WORKDIR/images/denoise_<step>.png gets rows
+    'clean', 'noisy <PSNR> dB', 'denoised <PSNR> dB'; the PSNRs are written
+    as `denoise/psnr_noisy` and `denoise/psnr_denoised`, the grid to
+    TensorBoard. Every host runs the denoiser on the replicated batch;
+    process 0 writes."""
     every = config.image_grid_every
-    if not every:
+    if not every or source is None:
         return None
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     denoise = jax.jit(make_denoise_fn(config, model), out_shardings=replicated)
+    images = jax.device_put(grid_images(config, source), replicated)
 
     def after_step(run: loop.RunContext, state, batch, step: int) -> None:
+        del batch
         if step % every and step != run.num_steps:
             return
-        images = batch["image"]
-        n = min(config.image_grid_size, images.shape[0])
-        grid = jax.device_get(denoise(state["params"], images[:n],
-                                      jax.random.fold_in(run.keys["images"], step)))
+        clean, noisy, denoised = jax.device_get(
+            denoise(state["params"], images, run.keys["images"]))
+        scores = {"denoise/psnr_noisy": psnr(noisy, clean),
+                  "denoise/psnr_denoised": psnr(denoised, clean)}
+        run.writer.write_scalars(step, scores)
         if jax.process_index() == 0:
-            visualize.save_image_grid(os.path.join(
-                run.workdir, "images", f"denoise_{step:08d}.png"), grid)
+            path = os.path.join(run.workdir, "images", f"denoise_{step:08d}.png")
+            visualize.save_image_grid(path, [clean, noisy, denoised], row_labels=[
+                "clean", f"noisy {scores['denoise/psnr_noisy']:.1f} dB",
+                f"denoised {scores['denoise/psnr_denoised']:.1f} dB"])
+            with epath.Path(path).open("rb") as f:
+                run.writer.write_image(step, "denoise", np.asarray(Image.open(f)))
 
     return after_step
 
@@ -255,5 +287,5 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         summary=(f"{'DDeP' if 'encoder' in frozen else 'DeP'} on "
                  f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
                  f"images ({d.noise_type} noise, sigma {d.sigma}, {d.target} target)"),
-        after_step=make_image_grid_hook(config, model, mesh),
+        after_step=make_image_grid_hook(config, model, mesh, source),
     )

@@ -10,13 +10,16 @@ functions the loop calls: `prepare` and `loss_fn` inside the jitted step,
 `evaluate` and `after_step` on the host. `run(config, workdir)` does the rest,
 the same for all of them:
 
-  validate, workdir, config.json, mesh (`start_run`) -> stage -> optimizer and
-  shape-first sharded train state (`build_state`) -> resume from the workdir
-  (Orbax state + grain iterator) or initialise with the hand-over
-  (`handover.initialise`) -> compile the step ahead of time with its report
-  (`compile_step`) -> the `for step` loop (`guarded`: profiler trace, metric
-  queue, NaN stop, preemption, log line, checkpoints; periodic evaluation;
-  `after_step` hooks) -> final evaluation -> close.
+  signal handlers (`Preemption`) -> validate -> workdir lock -> a resume's
+  config checked against config.json (`check_resume`) -> stage ->
+  config.json -> optimizer and shape-first sharded train state
+  (`build_state`) -> resume from the newest readable checkpoint (Orbax
+  state + grain iterator; `checkpointing.resume`) or initialise with the
+  hand-over (`handover.initialise`) -> a finished run stops here -> compile
+  the step ahead of time with its report (`compile_step`) -> the `for step`
+  loop (`guarded`: profiler trace, metric queue, NaN stop, preemption, log
+  line, checked checkpoints; periodic evaluation; `after_step` hooks) ->
+  final evaluation -> done.json -> close.
 
 The train step (`make_train_step`) is shared too:
 
@@ -40,10 +43,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import math
 import os
 import pkgutil
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -53,6 +58,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -288,37 +294,148 @@ def global_batch_spec(stage: Stage, mesh) -> dict:
             for k, s in stage.batch_spec.items()}
 
 
+# ----------------------------------------------------------------------------
+# Resuming: which config changes a run survives.
+# ----------------------------------------------------------------------------
+RESUME_SAFE_KEYS = (
+    "log_every", "checkpoint_every", "keep_checkpoints", "image_grid_every",
+    "image_grid_size", "eval.", "profile.", "mesh.", "init.", "data.num_threads",
+    "data.prefetch", "data.data_dir", "optimizer.learning_rate",
+    "optimizer.warmup_steps", "optimizer.grad_clip_norm", "optimizer.weight_decay",
+    "grad_accum_steps")
+"""Config keys (or prefixes, ending in '.') a resumed run may change: how
+often it logs, checkpoints, evaluates and draws; the device layout; where the
+data lives and how many threads read it; `init.*` (read only by a new run);
+and the optimizer settings a diverged run is resumed with (learning rate,
+warm-up, clipping, weight decay; the optimizer state that still fits is
+kept). `grad_accum_steps` keeps the batch but changes the float summation
+order, so the continuation is no longer bit-identical. Every other key
+(model, batch size, seed, data, schedule length, objective) defines the run:
+a change is refused."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes that break the run, changes it survives) between the config
+    a workdir was run with (its config.json) and the new one, as
+    'key: old -> new' lines (see `RESUME_SAFE_KEYS`)."""
+    a, b = _flat(old), _flat(json.loads(json.dumps(new)))
+    breaking, safe = [], []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        ok = any(key == k or (k.endswith(".") and key.startswith(k))
+                 for k in RESUME_SAFE_KEYS)
+        (safe if ok else breaking).append(line)
+    return breaking, safe
+
+
+def check_resume(config, workdir: str) -> None:
+    """Compares `config` with the workdir's config.json when the workdir holds
+    checkpoints: logs the changes a resume survives, refuses the others.
+
+    Raises:
+      ValueError: naming every key whose change would mix two runs, with both
+        values, and what to do.
+    """
+    if not checkpointing.checkpoint_steps(workdir):
+        return
+    old = writers.read_json(os.path.join(workdir, "config.json"))
+    if old is None:
+        return
+    breaking, safe = resume_changes(old, config.to_dict())
+    if breaking:
+        raise ValueError(
+            f"{workdir} holds checkpoints of a run with another config; resuming "
+            "would mix two runs. Changed (config.json -> now):\n  "
+            + "\n  ".join(breaking) + "\nUse the old values to resume, or a new "
+            "--workdir for the new run. (Keys a resume may change: "
+            f"{', '.join(RESUME_SAFE_KEYS)}.)")
+    if safe:
+        logging.warning("Resuming %s with changed settings: %s.", workdir,
+                        "; ".join(safe))
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+DONE_FILE = "done.json"
+"""WORKDIR/done.json: written when a run has finished its last step and its
+final evaluation; a rerun of a finished run reads it and does nothing."""
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         stop_after_step: int | None = None) -> dict:
     """Runs (or resumes) the stage `config.stage` in `workdir`.
 
     `stop_after_step` ends this call early (with a checkpoint) as a killed or
     preempted run would; calling again on the same workdir continues exactly.
-    A SIGTERM does the same at the step it arrives in (`Preemption`).
+    A SIGTERM or a first Ctrl-C (SIGINT), at any time from the start of the
+    call to its end, does the same at the step it arrives in (`Preemption`);
+    a second Ctrl-C aborts. A rerun of a finished run says so and returns
+    (no compile); one killed during its final evaluation redoes it.
 
-    Writes: config.json, init.json (where the initial weights came from),
-    metrics.jsonl, tensorboard/, compile_report.json, checkpoints/<step>/
-    (params, optimizer state, step, data-iterator state), loss_history.json,
-    and what the stage's hooks write (eval/*.json, images/*.png).
+    Writes: config.json (once the run is accepted), init.json (where the
+    initial weights came from), metrics.jsonl, tensorboard/,
+    compile_report.json, checkpoints/<step>/ (params, optimizer state, step,
+    data-iterator state), loss_history.json, done.json, run.lock (while it
+    runs), and what the stage's hooks write (eval/*.json, images/*.png).
 
     Returns:
       {'step': last step run, 'loss': last logged loss, 'history': [(step,
       loss)] of this call, 'state': the final train state (sharded arrays),
       'eval': {split: report} of the final evaluation (empty if none ran),
-      'preempted': True if a SIGTERM (or the hosts' preemption sync point)
-      stopped the run after saving the checkpoint of 'step'}.
+      'preempted': True if a signal stopped the run after saving the
+      checkpoint of 'step', 'already_finished': True if the workdir held a
+      finished run}.
 
     Raises:
       ValueError: invalid config (before compiling), naming the key; a
-        hand-over checkpoint that does not match the model (every mismatch);
+        resume whose config changes the run (naming the keys); a hand-over or
+        resumed checkpoint that does not match the model (every mismatch);
         a bad record (naming it).
       FileNotFoundError: dataset not prepared (names the preparation command),
         or no checkpoint at `config.init.checkpoint`.
-      FloatingPointError: non-finite loss, naming the step; checkpoints written
-        before it are kept.
+      FloatingPointError: non-finite loss or parameters, naming the step and
+        the last checked checkpoint; the checkpoints that hold the parameters
+        which produced it are moved to WORKDIR/poisoned_checkpoints.
+      RuntimeError: another run holds the workdir (its host and pid).
     """
-    module = trainer(config.get("stage", "ddep"))
-    mesh = start_run(config, workdir, module.validate)
+    with Preemption() as preemption:
+        module = trainer(config.get("stage", "ddep"))
+        num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+        module.validate(config, num_devices, jax.process_count())
+        workdir = writers.absolute(workdir)
+        created = not epath.Path(workdir).exists()
+        writers.makedirs(workdir)
+        lock = writers.WorkdirLock(workdir).acquire()
+        try:
+            return _run(module, config, workdir, make_mesh(num_devices), preemption,
+                        stop_after_step)
+        except BaseException:
+            if created:  # a run refused before it wrote anything leaves nothing
+                left = {p.name for p in epath.Path(workdir).iterdir()}
+                if left <= {"run.lock"}:
+                    lock.release()
+                    epath.Path(workdir).rmtree()
+            raise
+        finally:
+            lock.release()
+
+
+def _run(module, config, workdir: str, mesh, preemption: "Preemption",
+         stop_after_step: int | None) -> dict:
+    check_resume(config, workdir)
     stage = module.stage(config, mesh, workdir)
     num_steps = total_steps(config, stage.num_examples)
     keys = dict(zip(stage.keys, jax.random.split(jax.random.key(config.seed),
@@ -326,31 +443,76 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     ts = build_state(stage, config, num_steps, mesh, keys["init"])
     data_iter = iter(stage.dataset)
 
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    state, _ = checkpointing.restore_latest(manager, ts.abstract, ts.sharding,
-                                            data_iter)
+    manager, state, _, _ = checkpointing.resume(
+        workdir, config.keep_checkpoints, ts.abstract, ts.sharding, data_iter)
+    preemption.manager = manager
     if state is None:
         state = handover.initialise(
             ts.init(keys["init"]), ts.tx, ts.sharding, config.init.checkpoint,
             stage.init_collections, workdir, step=config.init.step,
             record={"stage": stage.name, **stage.init_record},
-            pos_grid=handover.token_grid(config.model))
+            pos_grid=handover.token_grid(config.model),
+            num_groups=config.model.encoder.num_groups)
+    if jax.process_index() == 0:  # the run is accepted: its config is recorded
+        write_config(config, workdir)
+    start = int(jax.device_get(state["step"]))
+    writer = writers.MetricWriter(workdir, resume_step=start)
+    ctx = RunContext(config, workdir, mesh, writer, keys, num_steps)
+    done_path = os.path.join(workdir, DONE_FILE)
+    result = {"step": start, "loss": float("nan"), "history": [], "state": state,
+              "eval": {}, "preempted": False, "already_finished": False}
+
+    def finish(step: int):
+        """Final evaluation and done.json, once the last step is saved."""
+        manager.wait_until_finished()
+        manager.close()
+        if stage.evaluate is not None:
+            logging.info("Final evaluation at step %d.", step)
+            result["eval"] = stage.evaluate(ctx, state["params"], step, True)
+        if jax.process_index() == 0:
+            writers.write_json(done_path, {"step": step, "eval": {
+                split: {k: v for k, v in report.items()
+                        if isinstance(v, (int, float, str))}
+                for split, report in result["eval"].items()}})
+
+    if start >= num_steps:
+        done = writers.read_json(done_path)
+        if done is not None and done.get("step") == num_steps:
+            logging.info("%s already finished at step %d (%s): nothing to do; "
+                         "python -m ddep_jax.evaluate re-evaluates a checkpoint.",
+                         workdir, num_steps, done_path)
+            manager.close()
+            writer.close()
+            history = writers.read_json(os.path.join(workdir, "loss_history.json"))
+            result.update(already_finished=True, eval=done.get("eval", {}),
+                          loss=history[-1][1] if history else float("nan"))
+            return result
+        logging.info("%s finished training at step %d but not its final "
+                     "evaluation: evaluating now.", workdir, num_steps)
+        with guarded(config, workdir, manager, writer, None, preemption):
+            finish(num_steps)
+        writer.close()
+        return result
 
     train_key = keys["train"]
+    logging.info("Compiling the train step (%d devices, global batch %d)...",
+                 mesh.size, config.batch_size)
     train_step = compile_step(jit_train_step(stage, ts, config, mesh),
                               (state, global_batch_spec(stage, mesh), train_key),
                               workdir, config.batch_size, mesh.size)
-    writer = writers.MetricWriter(workdir)
-    ctx = RunContext(config, workdir, mesh, writer, keys, num_steps)
+    if jax.process_index() == 0 and start == 0:
+        writer.write_text(0, "config", "<pre>" + config.to_json_best_effort(
+            indent=2, sort_keys=True) + "</pre>")
     batch_sharding = NamedSharding(mesh, P("data"))
-    start = int(jax.device_get(state["step"]))
     last_step = min(num_steps, stop_after_step or num_steps)
     logging.info("%s: steps %d..%d of %d.", stage.summary or stage.name, start + 1,
                  last_step, num_steps)
     log = MetricLog(writer, manager, start, num_steps, stage.describe)
-    preempted = False
-    with guarded(config, workdir, manager, writer, log) as control:
+    preempted = preemption.reached(start)  # a signal during start-up
+    with guarded(config, workdir, manager, writer, log, preemption) as control:
         for step in range(start + 1, last_step + 1):
+            if preempted:
+                break
             control.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 host = next(data_iter)
@@ -368,20 +530,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                     and step % stage.eval_every == 0 and step != num_steps):
                 stage.evaluate(ctx, state["params"], step, False)
                 log.restart_clock(step)
-
-    manager.wait_until_finished()
-    manager.close()
-    reports = {}
-    if stage.evaluate is not None and last_step == num_steps and not preempted:
-        reports = stage.evaluate(ctx, state["params"], num_steps, True)
+        result["state"] = state
+        if preempted:
+            last_step = int(jax.device_get(state["step"]))
+            manager.wait_until_finished()
+            manager.close()
+        elif last_step == num_steps:
+            finish(num_steps)  # a signal now lets the evaluation finish
+        else:
+            manager.wait_until_finished()
+            manager.close()
     writer.close()
     if jax.process_index() == 0:
-        writers.write_json(os.path.join(workdir, "loss_history.json"), log.history)
+        path = os.path.join(workdir, "loss_history.json")
+        earlier = [tuple(h) for h in writers.read_json(path) or [] if h[0] <= start]
+        writers.write_json(path, earlier + log.history)
     if preempted:
         logging.warning("Preempted: checkpoint of step %d saved in %s; run again on "
                         "this workdir to resume.", last_step, workdir)
-    return {"step": last_step, "loss": log.last_loss, "history": log.history,
-            "state": state, "eval": reports, "preempted": preempted}
+    result.update(step=last_step, loss=log.last_loss, history=log.history,
+                  preempted=preempted)
+    return result
+
+
+def _format_eta(seconds: float) -> str:
+    """'2d 03:04:05' or '03:04:05' (no wrap at 24 h)."""
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hms = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {hms}" if days else hms
 
 
 class MetricLog:
@@ -394,6 +571,10 @@ class MetricLog:
       num_steps: the run's last step (for the ETA).
       describe: metrics dict (host values) -> the stage's part of the log
         line, e.g. 'loss 0.6123 | lr 0.001'.
+
+    Each log writes one progress line (also to log files): step, the stage's
+    metrics, steps/s (smoothed: an exponential moving average over logs) and
+    the ETA with days; on a terminal a tqdm bar shows every step.
     """
 
     def __init__(self, writer, manager, start: int, num_steps: int,
@@ -402,29 +583,45 @@ class MetricLog:
         self.describe = describe
         self.history: list[tuple[int, float]] = []
         self._pending: list[tuple[int, dict]] = []
+        self._rate = None
+        self._bar = tqdm.tqdm(total=num_steps, initial=start, unit="step",
+                              dynamic_ncols=True, smoothing=0.1,
+                              disable=not sys.stderr.isatty()
+                              or jax.process_index() != 0)
         self.restart_clock(start)
 
     def add(self, step: int, metrics: dict) -> None:
         """Queues one step's metrics (device arrays; nothing is fetched)."""
         self._pending.append((step, metrics))
+        self._bar.update(1)
 
     def flush(self) -> list[tuple[int, dict]]:
         """Fetches the queued metrics and extends the history.
 
         Raises:
-          FloatingPointError: a non-finite loss, naming its step and the last
-            checkpoint (saved before it, since `flush` runs before each save).
+          FloatingPointError: a non-finite loss at step j, naming it. The
+            parameters of step j - 1 produced it, so the checkpoints of steps
+            >= j - 1 are moved to WORKDIR/poisoned_checkpoints; the message
+            names the newest remaining (checked) checkpoint, or says there is
+            none.
         """
         fetched = jax.device_get(self._pending)
         self._pending.clear()
         for step, m in fetched:
             if not np.isfinite(m["loss"]):
-                self.manager.wait_until_finished()
+                moved = checkpointing.set_aside_from(self.manager, step - 1)
+                good = self.manager.latest_step()
+                where = (f"The last checked checkpoint is step {good} in "
+                         f"{self.manager.directory}: a rerun resumes from it"
+                         if good is not None else
+                         "No checkpoint was saved before it: a rerun starts "
+                         "afresh")
                 raise FloatingPointError(
-                    f"non-finite loss ({m['loss']}) at step {step}: stopping. The "
-                    f"last good checkpoint is step {self.manager.latest_step()} in "
-                    f"{self.manager.directory} (resume from it, e.g. with a lower "
-                    "optimizer.learning_rate or optimizer.grad_clip_norm).")
+                    f"non-finite loss ({m['loss']}) at step {step}: stopping. "
+                    + (f"Checkpoints {moved} hold the parameters that produced it "
+                       "and were set aside. " if moved else "") + where
+                    + "; lower optimizer.learning_rate or set "
+                    "optimizer.grad_clip_norm (a resume may change both).")
         self.history.extend((s, float(m["loss"])) for s, m in fetched)
         return fetched
 
@@ -436,16 +633,23 @@ class MetricLog:
             return {}
         s, m = fetched[-1]
         rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
+        self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
         self.writer.write_scalars(s, {**m, "steps_per_sec": rate})
-        eta = (self.num_steps - step) / max(rate, 1e-9)
-        logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, self.num_steps,
-                     self.describe(m), rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        eta = (self.num_steps - step) / max(self._rate, 1e-9)
+        line = (f"step {step}/{self.num_steps} | {self.describe(m)} | "
+                f"{self._rate:.2f} steps/s | ETA {_format_eta(eta)}")
+        self._bar.clear()  # the log line goes above the bar (terminals only)
+        logging.info(line)
+        self._bar.refresh()
         self.restart_clock(step)
         return m
 
     def restart_clock(self, step: int) -> None:
         """Starts timing steps/s afresh (after an evaluation, say)."""
         self._t0, self._s0 = time.perf_counter(), step
+
+    def close(self) -> None:
+        self._bar.close()
 
     @property
     def last_loss(self) -> float:
@@ -473,65 +677,70 @@ def total_steps(config, num_examples: int) -> int:
     return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
 
 
-def start_run(config, workdir: str, validate) -> jax.sharding.Mesh:
-    """The start of every stage's job: `validate(config, num_devices,
-    num_processes)` (raises ValueError naming the key, before anything is
-    compiled), WORKDIR created, config.json written by process 0 (see
-    `write_config`), and the 'data' mesh over `config.mesh.data` devices."""
-    num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
-    validate(config, num_devices, jax.process_count())
-    writers.makedirs(workdir)
-    if jax.process_index() == 0:
-        write_config(config, workdir)
-    return make_mesh(num_devices)
-
-
 PREEMPTED_EXIT_CODE = 75
 """Exit status of `python -m ddep_jax.main` after a preemption checkpoint
 (EX_TEMPFAIL): run it again on the same workdir to resume."""
 
 
 class Preemption:
-    """Notices that the platform wants the machine back.
+    """Notices that the platform (or the user) wants the machine back.
 
-    On one host a SIGTERM handler sets a flag (Cloud TPU, GCE spot VMs, SLURM
-    and Kubernetes send SIGTERM before they stop a job); on several hosts
-    JAX's preemption sync manager (started by `jax.distributed.initialize`)
-    catches the signal and `manager.reached_preemption(step)` makes every
-    host agree on the same step, so that all of them save it (Orbax's
-    preemption checkpointing). The trainers ask `reached(step)` after every
-    step; on True they save that step's checkpoint and stop with
-    `PREEMPTED_EXIT_CODE`.
+    A context manager held for the whole of `run`. On one host, handlers for
+    SIGTERM (Cloud TPU, GCE spot VMs, SLURM and Kubernetes send it before
+    they stop a job) and SIGINT (Ctrl-C) set a flag; a second SIGINT aborts the
+    process at once. On several hosts JAX's preemption sync manager
+    (started by `jax.distributed.initialize`) catches SIGTERM and
+    `manager.reached_preemption(step)` makes every host agree on the same
+    step, so that all of them save it (Orbax's preemption checkpointing).
+    The loop asks `reached(step)` before the first step and after every
+    step; on True it saves that step's checkpoint and stops with
+    `PREEMPTED_EXIT_CODE`. A signal during the final evaluation lets it
+    finish (a run killed before it ends redoes it when rerun).
     """
 
     _UNSET = object()
 
-    def __init__(self, manager):
+    def __init__(self, manager=None):
         self.manager = manager
         self.signalled = False
-        self._previous = self._UNSET
+        self._previous = {}
+
+    def __enter__(self) -> "Preemption":
         main_thread = threading.current_thread() is threading.main_thread()
         if jax.process_count() == 1 and main_thread:
-            # None: the previous handler was installed from C; SIG_DFL restores
-            # the default (terminate) then.
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                # None: a handler installed from C; SIG_DFL restores the default.
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
 
-    def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        if signum == signal.SIGINT and self.signalled:
+            # A second Ctrl-C: abort now, as Ctrl-C does without the handler
+            # (an exception raised here could land in a library callback and
+            # be swallowed).
+            logging.warning("SIGINT again: aborting.")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
         self.signalled = True
-        logging.warning("SIGTERM received: saving a checkpoint after this step "
-                        "and stopping.")
+        logging.warning("%s received: saving a checkpoint after this step and "
+                        "stopping%s.", signal.Signals(signum).name,
+                        " (Ctrl-C again aborts)" if signum == signal.SIGINT else "")
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 and self.manager is not None:
             return bool(self.manager.reached_preemption(step))
         return self.signalled
 
     def close(self) -> None:
-        """Puts back the SIGTERM handler that was there before."""
-        if self._previous is not self._UNSET:
-            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-            self._previous = self._UNSET
+        """Puts back the handlers that were there before."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous or signal.SIG_DFL)
+        self._previous = {}
 
 
 def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
@@ -553,54 +762,83 @@ def compile_step(jitted, args: tuple, workdir: str, batch_size: int,
     return compiled
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 class StepControl:
-    """What happens around each step of a training loop (all three stages):
-    the profiler trace window, queuing the metrics, the preemption check,
-    the periodic log line and checkpoint. Made by `guarded`."""
+    """What happens around each step of a training loop (all stages): the
+    profiler trace window, queuing the metrics, the preemption check, the
+    periodic log line and checkpoint. Made by `guarded`."""
 
     def __init__(self, config, log: MetricLog, trace, preemption: Preemption):
         self.config, self.log, self.trace, self.preemption = config, log, trace, preemption
         self.manager = preemption.manager
+        self._first = True
 
     def before(self, step: int) -> None:
         self.trace.before(step)
 
     def after(self, step: int, metrics, last_step: int, state, data_iter) -> bool:
-        """Queues `metrics`, logs every `log_every` steps, saves `state` and
-        `data_iter`'s position (`checkpointing.save`) every `checkpoint_every`
-        steps, at `last_step` and on preemption.
+        """Queues `metrics`, logs at the first step, every `log_every` steps
+        and at the end, and saves `state` and `data_iter`'s position
+        (`checkpointing.save`) every `checkpoint_every` steps, at `last_step`
+        and on preemption, after checking the loss of every step so far and
+        the parameters to be saved.
 
         Returns:
           True if the run was preempted: the checkpoint of `step` is saved and
           the loop must stop.
+
+        Raises:
+          FloatingPointError: a non-finite loss (see `MetricLog.flush`) or
+            non-finite parameters to be saved (nothing is saved).
         """
         self.trace.after(step, metrics)
         self.log.add(step, metrics)
         preempted = self.preemption.reached(step)  # every step, on every host
-        if step % self.config.log_every == 0 or step == last_step or preempted:
+        if (step % self.config.log_every == 0 or step == last_step or preempted
+                or self._first):  # the first step shows compile + first step
             self.log.log(step)
+            self._first = False
         if step % self.config.checkpoint_every == 0 or step == last_step or preempted:
             self.log.flush()  # never save parameters that produced a NaN
+            if not bool(_all_finite(state["params"])):
+                raise FloatingPointError(
+                    f"the parameters after step {step} are not finite although its "
+                    "loss was: not saved. Lower optimizer.learning_rate or set "
+                    "optimizer.grad_clip_norm and resume from the last checkpoint "
+                    f"({self.manager.latest_step()}).")
             checkpointing.save(self.manager, step, state, data_iter)
         return preempted
 
 
 @contextlib.contextmanager
-def guarded(config, workdir: str, manager, writer, log: MetricLog):
+def guarded(config, workdir: str, manager, writer, log: MetricLog | None,
+            preemption: Preemption):
     """The training loop's context: yields a `StepControl` and, however the
-    loop ends, stops the profiler trace and puts back the SIGTERM handler;
-    when it raises (a NaN loss, a bad record), the metric writer is closed
-    too, so that buffered metrics (gs://) are not lost."""
-    preemption = Preemption(manager)
+    loop ends, stops the profiler trace and the progress bar. When it raises
+    (a NaN loss, a bad record, a second Ctrl-C), the checkpoint being written
+    is waited for (so that it is complete, not left as a temporary folder)
+    and the metric writer closed (buffered metrics on gs:// are kept), and
+    the error propagates unchanged."""
     trace = step_trace(config, workdir)
     try:
-        yield StepControl(config, log, trace, preemption)
+        yield StepControl(config, log, trace, preemption) if log else None
     except BaseException:
+        try:
+            manager.wait_until_finished()
+            manager.close()
+        except Exception as e:  # the original error matters more
+            logging.error("While stopping: could not finish the checkpoint being "
+                          "written: %s", e)
         writer.close()
         raise
     finally:
         trace.close()
-        preemption.close()
+        if log is not None:
+            log.close()
 
 
 def step_trace(config, workdir: str):
