@@ -39,23 +39,28 @@ from ddep_jax.evaluation.inference import EVAL_MODES
 from ddep_jax.evaluation.segmentation import load_finetuned, run_evaluation
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)
-_SPLIT = flags.DEFINE_string("split", "test", "Split: train, validation or test, or "
-                             "one of the dataset's own split names.")
-_MODE = flags.DEFINE_enum("mode", None, EVAL_MODES, "Protocol (default: the run's "
-                          "config.eval.mode).")
-_BASE_SCALE = flags.DEFINE_float("base_scale", None, "Resize every image by this "
-                                 "before segmenting it (default: the run's "
-                                 "config.data.base_scale).")
-_FLIP = flags.DEFINE_boolean("flip", None, "--mode=whole: also average with the "
-                             "flipped image (default: the run's config.eval.flip; "
-                             "the other modes always do).")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1 = latest).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output folder (default "
-                                  "WORKDIR/eval_standalone).")
-_NUM_VISUALIZE = flags.DEFINE_integer("num_visualize", 8, "Images to render.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the "
-                                "run's config.data.data_dir).")
+def define_flags() -> None:
+    """The command line's flags, defined only when the module runs as a
+    program (or a test asks), so that it can be imported beside other
+    entry points that define flags of the same names."""
+    flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)
+    flags.DEFINE_string("split", "test", "Split: train, validation or test, or "
+        "one of the dataset's own split names.")
+    flags.DEFINE_enum("mode", None, EVAL_MODES, "Protocol (default: the run's "
+        "config.eval.mode).")
+    flags.DEFINE_float("base_scale", None, "Resize every image by this "
+        "before segmenting it (default: the run's "
+        "config.data.base_scale).")
+    flags.DEFINE_boolean("flip", None, "--mode=whole: also average with the "
+        "flipped image (default: the run's config.eval.flip; "
+        "the other modes always do).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1 = latest).")
+    flags.DEFINE_string("output_dir", None, "Output folder (default "
+        "WORKDIR/eval_standalone).")
+    flags.DEFINE_integer("num_visualize", 8, "Images to render.")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the "
+        "run's config.data.data_dir).")
+
 
 
 def split_names(spec: seg_datasets.SegDatasetSpec) -> list[str]:
@@ -117,33 +122,32 @@ def apply_overrides(config, *, mode: str | None = None,
     if data_dir is not None:
         config.data.data_dir = data_dir
 
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     # Bad flags end in one line, before a (possibly long) checkpoint restore.
-    early = _spec_of_workdir(_WORKDIR.value)
+    early = _spec_of_workdir(flags.FLAGS.workdir)
     try:
         if early is not None:
-            check_split(early, _SPLIT.value)
-        if _BASE_SCALE.value is not None and not _BASE_SCALE.value > 0:
-            raise ValueError(f"--base_scale={_BASE_SCALE.value} must be > 0.")
+            check_split(early, flags.FLAGS.split)
+        if flags.FLAGS.base_scale is not None and not flags.FLAGS.base_scale > 0:
+            raise ValueError(f"--base_scale={flags.FLAGS.base_scale} must be > 0.")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    run = load_finetuned(_WORKDIR.value, _STEP.value)
+    run = load_finetuned(flags.FLAGS.workdir, flags.FLAGS.step)
     config, spec = run["config"], run["spec"]
     try:
-        split = check_split(spec, _SPLIT.value)
+        split = check_split(spec, flags.FLAGS.split)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    apply_overrides(config, mode=_MODE.value, base_scale=_BASE_SCALE.value,
-                    flip=_FLIP.value, data_dir=_DATA_DIR.value)
-    out_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval_standalone")
+    apply_overrides(config, mode=flags.FLAGS.mode, base_scale=flags.FLAGS.base_scale,
+                    flip=flags.FLAGS.flip, data_dir=flags.FLAGS.data_dir)
+    out_dir = flags.FLAGS.output_dir or os.path.join(flags.FLAGS.workdir, "eval_standalone")
     name = f"{split}_{config.eval.mode}_{run['step']:08d}"
     result = run_evaluation(config, spec, run["model"], run["params"], split,
                             out_dir, run["step"], name=name,
-                            num_visualize=_NUM_VISUALIZE.value,
+                            num_visualize=flags.FLAGS.num_visualize,
                             extra={"checkpoint": run["checkpoint"]})
     mode = result["mode"]
     print(metrics.format_table(result, spec.class_names))
@@ -153,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -219,33 +219,38 @@ def segment_folder(workdir: str, images: str, output_dir: str, *,
                           size_multiple=size_multiple)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)
-_IMAGES = flags.DEFINE_string(
-    "images", None, "A folder, image files or glob patterns ('dir/*.png', "
-    "'dir/**/*.jpg'), comma-separated.", required=True)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
-_MODE = flags.DEFINE_enum("mode", None, EVAL_MODES, "Protocol (default: the run's "
-                          "config.eval.mode).")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1 = latest).")
-_SIZE_MULTIPLE = flags.DEFINE_integer(
-    "size_multiple", DEFAULT_SIZE_MULTIPLE, "Pad model inputs to multiples of this "
-    "(a positive multiple of 16; 0: the run's config.eval.size_multiple, exactly "
-    "evaluation's): coarser = fewer compilations, slightly different predictions.")
-flags.register_validator("size_multiple", lambda v: v == 0 or (v >= 16 and v % 16 == 0),
-                         message="--size_multiple must be 0 or a positive multiple of 16.")
+def define_flags() -> None:
+    """The command line's flags, defined only when the module runs as a
+    program (or a test asks), so that it can be imported beside other
+    entry points that define flags of the same names."""
+    flags.DEFINE_string("workdir", None, "Fine-tuning workdir.", required=True)
+    flags.DEFINE_string(
+        "images", None, "A folder, image files or glob patterns ('dir/*.png', "
+        "'dir/**/*.jpg'), comma-separated.", required=True)
+    flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
+    flags.DEFINE_enum("mode", None, EVAL_MODES, "Protocol (default: the run's "
+        "config.eval.mode).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1 = latest).")
+    flags.DEFINE_integer(
+        "size_multiple", DEFAULT_SIZE_MULTIPLE, "Pad model inputs to multiples of this "
+        "(a positive multiple of 16; 0: the run's config.eval.size_multiple, exactly "
+        "evaluation's): coarser = fewer compilations, slightly different predictions.")
+    flags.register_validator("size_multiple", lambda v: v == 0 or (v >= 16 and v % 16 == 0),
+        message="--size_multiple must be 0 or a positive multiple of 16.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    failed = segment_folder(_WORKDIR.value, _IMAGES.value, _OUTPUT_DIR.value,
-                            mode=_MODE.value, step=_STEP.value,
-                            size_multiple=_SIZE_MULTIPLE.value)
+    failed = segment_folder(flags.FLAGS.workdir, flags.FLAGS.images, flags.FLAGS.output_dir,
+                            mode=flags.FLAGS.mode, step=flags.FLAGS.step,
+                            size_multiple=flags.FLAGS.size_multiple)
     if failed:
         raise SystemExit("could not read these files (the others were written):\n  "
                          + "\n  ".join(f"{p}: {m}" for p, m in failed.items()))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -153,7 +153,8 @@ class WorkdirLock:
     there it does nothing.
 
     Raises (on `acquire`):
-      RuntimeError: another live process holds the lock, naming it.
+      RuntimeError: another live process holds the lock, naming it; or the
+        lock file cannot be written (a read-only workdir, a full disk).
     """
 
     def __init__(self, workdir: str):
@@ -166,7 +167,11 @@ class WorkdirLock:
 
         if is_remote(self.path) or jax.process_index() != 0:
             return self
-        f = open(self.path, "a+")
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise RuntimeError(f"cannot write the lock file {self.path} ({e}): is "
+                               "the workdir writable (and the disk not full)?") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -160,6 +160,8 @@ def _run_main(module, *args):
     """`module.main` with `args` parsed as its flags (restored afterwards)."""
     from absl import flags
 
+    if "num_visualize" not in flags.FLAGS:  # evaluate's flags, defined once
+        module.define_flags()
     with flagsaver.flagsaver():
         try:
             module.main(flags.FLAGS([module.__name__, *args]))
