@@ -107,7 +107,7 @@ def test_stage1_trains_resumes_and_hands_its_encoder_to_stage2(cifar_subset, tmp
     records = class_datasets.open_split(_spec(), "test", data_dir)
     images = np.stack([records[i]["image"] for i in range(len(records))])
     labels = np.array([records[i]["label"] for i in range(len(records))])
-    logits = np.asarray(model.apply({"params": jax.device_get(
+    logits = np.asarray(jax.jit(model.apply)({"params": jax.device_get(
         result["state"]["params"])}, to_float_images(images)))
     top5 = np.argsort(-logits, axis=-1, kind="stable")[:, :5]
     # At most one image may differ (a near-tie resolved by float rounding of

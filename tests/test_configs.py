@@ -23,7 +23,8 @@ ARGS = {"ddep_imagenet21k.py": [None, "decoder=2", "vit=L,dep", "runlocal",
         "finetune_pascal_context.py": ["ckpt=x", "init=encoder,ckpt=x,fraction=5%"],
         "classify_cifar10.py": [None, "steps=10,batch=64"],
         "classify_imagenet21k.py": [None, "vit=L,dtype=bfloat16,accum=4"],
-        "classify_imagenet2012.py": [None, "ckpt=x"]}
+        "classify_imagenet2012.py": [None, "ckpt=x"],
+        "ddep_default.py": [None, "steps=20,seed=1"]}
 
 
 def _load(path):
@@ -104,3 +105,11 @@ def test_paper_configs_scale_out_arguments(name, arg):
     if "dtype" in arg:
         assert config.model.dtype == "bfloat16"
         assert config.grad_accum_steps in (4, 8)
+
+
+def test_default_config_takes_its_arguments():
+    """configs/ddep_default.py parses its arguments (strictly) like every config."""
+    c = _load(REPO / "configs" / "ddep_default.py").get_config("steps=20,seed=1")
+    assert (c.total_steps, c.seed, c.data.name) == (20, 1, "embedded")
+    with pytest.raises(ValueError, match="'stpes' is unknown"):
+        _load(REPO / "configs" / "ddep_default.py").get_config("stpes=20")

@@ -23,7 +23,8 @@ def stage_config(request):
         return tiny_classify_config(data_dir, total_steps=4, checkpoint_every=2)
     return tiny_finetune_config(total_steps=4, checkpoint_every=2, **{
         "data.data_dir": request.getfixturevalue("camvid_tfds"),
-        "data.label_fraction": "16", "eval.num_visualize": 0})
+        "data.label_fraction": "16", "eval.num_visualize": 0,
+        "data.base_scale": 0.125})  # small evaluation images: a fast final eval
 
 
 @pytest.mark.parametrize("stage_config", ["classify", "ddep", "finetune"],
@@ -80,3 +81,22 @@ def test_stage_batch_spec_and_example_batch_agree():
         assert batch.keys() == stage.batch_spec.keys()
         for k, spec in stage.batch_spec.items():
             assert batch[k].shape == spec.shape and batch[k].dtype == spec.dtype
+
+
+def test_progress_eta_shows_days():
+    assert loop._format_eta(59) == "00:00:59"
+    assert loop._format_eta(3 * 86400 + 3600 + 61) == "3d 01:01:01"  # no wrap at 24 h
+
+
+def test_resume_changes_split_into_breaking_and_safe():
+    old = {"batch_size": 8, "log_every": 10, "optimizer": {"learning_rate": 1e-3,
+                                                           "b1": 0.9},
+           "model": {"encoder": {"vit_size": "mu"}}, "eval": {"every_steps": 0}}
+    new = {"batch_size": 12, "log_every": 5, "optimizer": {"learning_rate": 1e-4,
+                                                           "b1": 0.8},
+           "model": {"encoder": {"vit_size": "Ti"}}, "eval": {"every_steps": 50}}
+    breaking, safe = loop.resume_changes(old, new)
+    assert breaking == ["batch_size: 8 -> 12", "model.encoder.vit_size: 'mu' -> 'Ti'",
+                        "optimizer.b1: 0.9 -> 0.8"]
+    assert safe == ["eval.every_steps: 0 -> 50", "log_every: 10 -> 5",
+                    "optimizer.learning_rate: 0.001 -> 0.0001"]

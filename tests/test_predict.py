@@ -95,13 +95,15 @@ def test_cli_empty_input_one_line_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned_workdir(tmp_path_factory, camvid_tfds):
-    """A tiny CamVid fine-tuning (1 step, from scratch, base_scale 0.25)."""
+    """A tiny CamVid fine-tuning (from scratch, base_scale 0.25) stopped with
+    its checkpoint after step 1 of 2, before the final evaluation (which
+    predict does not need)."""
     from ddep_jax.trainers import loop
 
     workdir = str(tmp_path_factory.mktemp("ft_predict"))
-    loop.run(tiny_finetune_config(total_steps=1, **{
+    loop.run(tiny_finetune_config(total_steps=2, **{
         "data.data_dir": camvid_tfds, "eval.final_splits": (),
-        "eval.num_visualize": 0}), workdir)
+        "eval.num_visualize": 0}), workdir, stop_after_step=1)
     return workdir
 
 
