@@ -111,8 +111,15 @@ def mesh_config() -> ml_collections.ConfigDict:
     return m
 
 
-def add_run_options(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Options every stage shares: gradient accumulation and profiling."""
+def add_run_options(c: ml_collections.ConfigDict, *, log_every: int = 50,
+                    checkpoint_every: int = 1000,
+                    keep_checkpoints: int = 2) -> ml_collections.ConfigDict:
+    """Options every stage shares: the mesh, how often it logs and
+    checkpoints, gradient accumulation and profiling. Returns `c`."""
+    c.mesh = mesh_config()
+    c.log_every = log_every
+    c.checkpoint_every = checkpoint_every
+    c.keep_checkpoints = keep_checkpoints
     # The batch of one optimizer step is processed as this many equal
     # micro-batches whose gradients are summed (a batch of 512 on any device
     # count); batch_size must be divisible by devices x grad_accum_steps.

@@ -86,11 +86,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 10000
     c.optimizer.weight_decay = 0.03
     c.optimizer.grad_clip_norm = 1.0
-    c.mesh = config_lib.mesh_config()
-
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 2
     return config_lib.add_run_options(c)
 
 

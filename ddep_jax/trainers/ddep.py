@@ -75,14 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.total_steps = 0  # > 0 overrides num_epochs
 
     c.optimizer = config_lib.optimizer_config()  # learning_rate 0: the paper's
-    c.mesh = config_lib.mesh_config()
-
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
     c.image_grid_every = 500  # and at the end; 0: no image grids
     c.image_grid_size = 8
-    return config_lib.add_run_options(c)
+    return config_lib.add_run_options(c, keep_checkpoints=3)
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:

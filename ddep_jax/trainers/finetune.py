@@ -90,11 +90,6 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.optimizer = config_lib.optimizer_config(learning_rate=1e-4)
     c.optimizer.weight_decay = 1e-4
-    c.mesh = config_lib.mesh_config()
-
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 2
     return config_lib.add_run_options(c)
 
 
