@@ -100,3 +100,7 @@ def test_resume_changes_split_into_breaking_and_safe():
                         "optimizer.b1: 0.9 -> 0.8"]
     assert safe == ["eval.every_steps: 0 -> 50", "log_every: 10 -> 5",
                     "optimizer.learning_rate: 0.001 -> 0.0001"]
+    # A setting added since the workdir was written (e.g. model.conv) is not a change.
+    breaking, safe = loop.resume_changes(old, {**old, "model": {
+        "encoder": {"vit_size": "mu"}, "conv": "auto"}})
+    assert breaking == [] and safe == ["model.conv: '<absent>' -> 'auto'"]

@@ -327,15 +327,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def resume_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(changes that break the run, changes it survives) between the config
     a workdir was run with (its config.json) and the new one, as
-    'key: old -> new' lines (see `RESUME_SAFE_KEYS`)."""
+    'key: old -> new' lines (see `RESUME_SAFE_KEYS`; keys present on one side
+    only, i.e. settings added or removed by a newer version, are survivable)."""
     a, b = _flat(old), _flat(json.loads(json.dumps(new)))
     breaking, safe = [], []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key, "<absent>") == b.get(key, "<absent>"):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        ok = any(key == k or (k.endswith(".") and key.startswith(k))
-                 for k in RESUME_SAFE_KEYS)
+        # A key the workdir's config.json lacks is a setting added since that
+        # run was written (its default keeps the old behaviour); one the new
+        # config lacks is no longer read.
+        ok = key not in a or key not in b or any(
+            key == k or (k.endswith(".") and key.startswith(k))
+            for k in RESUME_SAFE_KEYS)
         (safe if ok else breaking).append(line)
     return breaking, safe
 
