@@ -1,5 +1,7 @@
-"""Train-step benchmark of the three stages at their paper configurations.
+"""Train-step benchmark of the three stages at the paper's and the CPU recipes'
+configurations.
 
+--recipe=paper (default):
   stage 1 classify: configs/classify_imagenet21k.py (R50+ViT-B/16 classifier,
                     224x224, 21843 classes, sigmoid cross-entropy)
   stage 2 ddep:     configs/ddep_imagenet21k.py (R50+ViT-B/16 frozen encoder +
@@ -7,6 +9,14 @@
   stage 3 finetune: configs/finetune_cityscapes.py (1024x1024 crops, 19 classes;
                     the model is built for the encoder's 224x224 and fed the
                     crop, its position embedding resampled, as in training)
+--recipe=cpu (what runs on a 2-core CPU; the configs' own batch sizes):
+  stage 1 classify: configs/classify_cifar10.py (32x32, batch 128)
+  stage 2 ddep:     configs/ddep_camvid.py (96x96, batch 16)
+  stage 3 finetune: configs/finetune_camvid.py (96x96 crops, batch 8)
+  With --loop_steps=N each stage also runs the real training loop
+  (`loop.run`, its prepared dataset and input pipeline, logging) for N steps
+  in a temporary workdir, and prints the loop's steps/s next to the bare
+  step's (datasets not prepared: said, and skipped).
 
 Every stage is built as `loop.run` builds it, without a dataset:
 `loop.trainer(name).stage(config, mesh, None, data=False)`, its optimizer and
@@ -32,6 +42,8 @@ device kind is a known accelerator. A human-readable block, then one
   python benchmarks/train_step.py --image_size=64 --steps=1    # smoke run
   python benchmarks/train_step.py --stages=ddep,finetune --decoder_widths=512,256,128,64,16
       # TransUNet's own decoder widths instead of the config's
+  python benchmarks/train_step.py --recipe=cpu --loop_steps=60
+      # the CPU recipes: bare step and the training loop with real data
 
 FLOPs are XLA's cost analysis of the compiled step, which counts a loop
 body once. So on CPU the step is built and compiled a second time from a
@@ -53,6 +65,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,17 +82,32 @@ from ddep_jax.trainers import loop
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("classify", "ddep", "finetune")
 STAGE_NUMBER = {"classify": 1, "ddep": 2, "finetune": 3}
-CONFIG_FILES = {"classify": "configs/classify_imagenet21k.py",
-                "ddep": "configs/ddep_imagenet21k.py",
-                "finetune": "configs/finetune_cityscapes.py"}
-# Small enough for a 2-core CPU (224x224 for stages 1-2, 1024x1024 for 3).
-DEFAULT_BATCH = {"classify": 2, "ddep": 2, "finetune": 1}
+RECIPES = {
+    "paper": {"classify": "configs/classify_imagenet21k.py",
+              "ddep": "configs/ddep_imagenet21k.py",
+              "finetune": "configs/finetune_cityscapes.py"},
+    "cpu": {"classify": "configs/classify_cifar10.py",
+            "ddep": "configs/ddep_camvid.py",
+            "finetune": "configs/finetune_camvid.py"},
+}
+# Paper recipe, small enough for a 2-core CPU (224x224 for stages 1-2,
+# 1024x1024 for 3); the CPU recipe runs its configs' own batch sizes.
+DEFAULT_BATCH = {"paper": {"classify": 2, "ddep": 2, "finetune": 1}, "cpu": {}}
 SCHEDULE_STEPS = 1000  # the learning-rate schedule's length: no effect on speed
 
 _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, of {STAGES}.")
+_RECIPE = flags.DEFINE_enum("recipe", "paper", list(RECIPES),
+                            "Which configs: the paper's or the CPU recipes'.")
+_LOOP_STEPS = flags.DEFINE_integer(
+    "loop_steps", 0,
+    "> 0: also run the training loop with real data for this many steps "
+    "(--recipe=cpu; steps/s from the log intervals after the first).")
+_LOOP_LOG_EVERY = flags.DEFINE_integer("loop_log_every", 10,
+                                       "The loop's log period (its rate interval).")
 _BATCH_PER_DEVICE = flags.DEFINE_integer(
     "batch_per_device", None,
-    f"Per-device batch of every stage (default per stage: {DEFAULT_BATCH}).")
+    f"Per-device batch of every stage (default per stage: {DEFAULT_BATCH}; "
+    "'cpu': the config's).")
 _BATCH = flags.DEFINE_string(
     "batch", "", "Per-stage per-device batch overrides, e.g. 'ddep:8,finetune:1'.")
 _PAPER_DEVICES = flags.DEFINE_integer(
@@ -116,6 +144,8 @@ _DECODER_WIDTHS = flags.DEFINE_string(
     "config.model.decoder_widths of the ddep and finetune stages, with "
     "model.decoder_num_groups lowered to the largest count dividing the config's "
     "and every width (GroupNorm; 16 for that example); '' keeps the config's.")
+_CONV = flags.DEFINE_enum("conv", "", ["", "auto", "xla", "tap_gemm"],
+                          "config.model.conv ('' keeps the config's).")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices on the 'data' mesh axis.")
 _PARAM_SHARDING = flags.DEFINE_string(
     "param_sharding", "", "'' keeps the config's; 'replicated' or 'fsdp'.")
@@ -125,7 +155,7 @@ _CLASSIFY_CLASSES = flags.DEFINE_integer(
     "R50+ViT-B/16 checkpoints; this project's imagenet21k builder (winter 2021) "
     "has 19167.")
 _MATMUL_N = flags.DEFINE_integer(
-    "matmul_n", 0, "n of the n x n matmul peak; 0: 2048 on CPU, 16384 otherwise.")
+    "matmul_n", 0, "n of the n x n matmul peak; 0: 4096 on CPU, 16384 otherwise.")
 _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Matmul peak: best of N.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and input seed.")
 
@@ -236,8 +266,12 @@ NUM_OUTPUTS_FLAGS = {"classify": _CLASSIFY_CLASSES}
 dataset's class count, which a stage built without data may not know)."""
 
 
+def config_file(stage: str) -> str:
+    return RECIPES[_RECIPE.value][stage]
+
+
 def load_config(stage: str):
-    path = REPO / CONFIG_FILES[stage]
+    path = REPO / config_file(stage)
     spec = importlib.util.spec_from_file_location(f"_train_step_config_{stage}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -264,11 +298,14 @@ def make_config(name: str, per_device_batch: int, num_devices: int,
     """The stage's paper config with the flags' overrides; `grad_accum`
     overrides --grad_accum_steps."""
     config = load_config(name)
+    per_device_batch = per_device_batch or config.batch_size // num_devices
     config.batch_size = per_device_batch * num_devices
     config.model.dtype = _DTYPE.value
     config.mesh.data = num_devices
     if _PARAM_SHARDING.value:
         config.mesh.param_sharding = _PARAM_SHARDING.value
+    if _CONV.value:
+        config.model.conv = _CONV.value
     grad_accum = _GRAD_ACCUM.value if grad_accum is None else grad_accum
     if grad_accum:
         config.grad_accum_steps = grad_accum
@@ -414,7 +451,7 @@ def per_device_batch(name: str, overrides: dict) -> int:
             raise ValueError(f"{name}: paper batch {paper} is not divisible by "
                              f"--paper_devices={_PAPER_DEVICES.value}.")
         return paper // _PAPER_DEVICES.value
-    return _BATCH_PER_DEVICE.value or DEFAULT_BATCH[name]
+    return _BATCH_PER_DEVICE.value or DEFAULT_BATCH[_RECIPE.value].get(name, 0)
 
 
 def parse_batch_overrides(text: str) -> dict:
@@ -432,7 +469,7 @@ _MATMUL_CACHE: dict = {}
 
 
 def measured_peak(dtype: str) -> tuple[float, int]:
-    n = _MATMUL_N.value or (2048 if jax.default_backend() == "cpu" else 16384)
+    n = _MATMUL_N.value or (4096 if jax.default_backend() == "cpu" else 16384)
     if dtype not in _MATMUL_CACHE:
         _MATMUL_CACHE[dtype] = matmul_peak(dtype, n, _MATMUL_REPS.value)
     return _MATMUL_CACHE[dtype], n
@@ -442,6 +479,7 @@ def run_stage(name: str, batch: int, mesh) -> dict:
     num_devices = mesh.shape["data"]
     device = mesh.devices.flat[0]
     bench = build(name, make_config(name, batch, num_devices), mesh)
+    batch = bench.global_batch // num_devices
     trainable, total = bench.param_counts()
     compiled, compile_s = bench.compile()
     report = bench.report(compiled)
@@ -462,7 +500,7 @@ def run_stage(name: str, batch: int, mesh) -> dict:
             report[k] = flops_report[k]
     limit = device_memory_limit()
     result = {
-        "stage": name, "config": CONFIG_FILES[name], "platform": device.platform,
+        "stage": name, "config": config_file(name), "recipe": _RECIPE.value, "platform": device.platform,
         "device_kind": device.device_kind, "num_devices": num_devices,
         "dtype": _DTYPE.value, "param_sharding": bench.config.mesh.param_sharding,
         "batch_per_device": batch, "global_batch": bench.global_batch,
@@ -521,8 +559,46 @@ def run_stage(name: str, batch: int, mesh) -> dict:
                 "mfu_nominal": achieved / nominal if nominal else None,
             })
         result["loss"] = loss
+    if _LOOP_STEPS.value and not _COMPILE_ONLY.value:
+        result.update(run_loop(bench))
     print_block(bench, result)
     return result
+
+
+def run_loop(bench: Bench) -> dict:
+    """The real training loop of `bench`'s config for --loop_steps steps in a
+    temporary workdir: `loop.run` with the stage's dataset and input pipeline,
+    logging every --loop_log_every steps, no image grids, no periodic
+    evaluation (and, as the run stops early, no final one). Returns the loop's
+    steps/s (median of the logged intervals after the first, which holds the
+    compile) next to the bare step's, or a note when the data is missing."""
+    config = bench.config.copy_and_resolve_references()
+    config.log_every = _LOOP_LOG_EVERY.value
+    config.checkpoint_every = 10**9
+    if "image_grid_every" in config:
+        config.image_grid_every = 0
+    if "eval" in config and "every_steps" in config.eval:
+        config.eval.every_steps = 0
+    steps = _LOOP_STEPS.value
+    with tempfile.TemporaryDirectory(prefix="train_step_loop_") as workdir:
+        try:
+            loop.run(config, workdir, stop_after_step=steps)
+        except FileNotFoundError as e:  # dataset not prepared
+            print(f"loop: skipped ({e})".splitlines()[0], flush=True)
+            return {"loop_note": f"skipped: {e}"}
+        with open(Path(workdir) / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+    rates = [(r["step"], r["steps_per_sec"]) for r in rows if "steps_per_sec" in r]
+    timed = [rate for _, rate in rates[1:]]
+    if not timed:
+        return {"loop_note": f"no logged interval after the first in {steps} steps: "
+                             "raise --loop_steps"}
+    loop_rate = float(np.median(timed))
+    out = {"loop_steps": steps, "loop_log_every": config.log_every,
+           "loop_intervals_steps_per_s": [round(r, 3) for r in timed],
+           "loop_steps_per_s": loop_rate,
+           "loop_images_per_s": loop_rate * bench.global_batch}
+    return out
 
 
 def _si(x: float, unit: str) -> str:
@@ -576,6 +652,16 @@ def print_block(bench: Bench, r: dict) -> None:
         ]
     if r.get("loss") is not None:
         lines.append(f"loss after the timed steps: {r['loss']:.4f}")
+    if "loop_steps_per_s" in r:
+        bare = 1.0 / r["step_s_median"]
+        lines.append(
+            f"training loop (real data, {r['loop_steps']} steps, log every "
+            f"{r['loop_log_every']}): {r['loop_steps_per_s']:.3f} steps/s "
+            f"({r['loop_images_per_s']:.2f} images/s) vs bare step {bare:.3f} "
+            f"steps/s: loop/bare {r['loop_steps_per_s'] / bare:.1%}")
+        r["loop_vs_bare"] = r["loop_steps_per_s"] / bare
+    elif "loop_note" in r:
+        lines.append(f"training loop: {r['loop_note']}")
     print("\n".join(lines))
     print("RESULT " + json.dumps(_rounded(r), sort_keys=False), flush=True)
 
@@ -599,6 +685,9 @@ def main(argv):
     if _DEVICES.value > jax.device_count():
         raise app.UsageError(f"--devices={_DEVICES.value}: only "
                              f"{jax.device_count()} devices.")
+    if _LOOP_STEPS.value and _RECIPE.value != "cpu":
+        raise app.UsageError("--loop_steps needs --recipe=cpu (the paper datasets "
+                             "are not at hand on a CPU machine).")
     overrides = parse_batch_overrides(_BATCH.value)
     decoder_widths()  # a malformed --decoder_widths fails before compiling
     mesh = make_mesh(_DEVICES.value)

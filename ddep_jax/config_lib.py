@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddep_jax.data.cache import CACHE_MODES
 from ddep_jax.models.fast_conv import CONV_IMPLS
 from ddep_jax.models.hybrid_vit import VIT_SIZES
 from ddep_jax.sharding import PARAM_SHARDING_MODES, check_spec
@@ -192,8 +193,14 @@ def validate_classes_and_splits(config, spec, splits) -> None:
 
 def validate_run(config, num_devices: int, num_processes: int) -> None:
     """Checks shared by the stages: batch, steps, optimizer, mesh, profile,
-    and the log / checkpoint periods."""
+    the input pipeline's threads and cache, and the log / checkpoint periods."""
     o = config.optimizer
+    d = config.data
+    require(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
+    require(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
+    require(d.cache in CACHE_MODES, "data.cache", d.cache,
+            f"expected one of {CACHE_MODES}")
+    require(d.cache_max_mib >= 0, "data.cache_max_mib", d.cache_max_mib, "must be >= 0")
     require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
     require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
             f"must be divisible by the {num_devices} devices on the data axis")

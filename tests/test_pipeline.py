@@ -90,3 +90,44 @@ def test_embedded_images_are_real_rgb_photos():
         image = source[i]["image"]
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
         assert min(image.shape[:2]) >= 128 and image.std() > 10
+
+
+# ----------------------------------------------------------------------------
+# Decoding once into memory (`data.cache`).
+# ----------------------------------------------------------------------------
+def test_cache_keeps_read_only_records_and_respects_the_budget():
+    from ddep_jax.data.cache import cache_in_memory
+
+    source = _Source(6)
+    assert cache_in_memory(source, mode="none") is source
+    assert cache_in_memory(source, mode="auto", max_mib=1e-3) is source  # too big
+    cached = cache_in_memory(source, mode="auto", max_mib=1.0)
+    assert len(cached) == 6
+    np.testing.assert_array_equal(cached[5]["image"], source[5]["image"])
+    with np.testing.assert_raises(ValueError):  # an augmentation writing in place
+        cached[5]["image"][0, 0, 0] = 1
+    with np.testing.assert_raises_regex(ValueError, "data.cache='disk'"):
+        cache_in_memory(source, mode="disk")
+
+
+def test_cached_stream_equals_the_uncached_one_on_real_images(cifar_subset):
+    """Real CIFAR-10 JPEGs through TFDS: the same batches cached or not, and
+    the iterator state of one resumes the other."""
+    from ddep_jax.data.tfds_sources import load_data_source
+
+    _, data_dir, _ = cifar_subset
+    source = load_data_source("cifar10_jpeg", "train", data_dir)
+
+    def stream(cache):
+        return pipeline.make_train_dataset(source, image_size=(24, 24), batch_size=16,
+                                           seed=3, num_threads=2, prefetch=1,
+                                           keep=("label",), cache=cache)
+
+    plain, cached = iter(stream("none")), iter(stream("memory"))
+    for _ in range(6):  # 80 images: crosses an epoch boundary
+        a, b = next(plain), next(cached)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    resumed = iter(stream("none"))
+    resumed.set_state(cached.get_state())
+    np.testing.assert_array_equal(next(resumed)["image"], next(cached)["image"])

@@ -119,3 +119,23 @@ def test_source_maps_and_validates_records():
         seg_pipeline.SegmentationSource(_records(11), spec, split="train")[0]
     with pytest.raises(ValueError, match=r"size mismatch in frame_0007\.jpg"):
         seg_pipeline.SegmentationSource(_records(3, (6, 7)), spec, split="train")[0]
+
+
+def test_cached_pairs_equal_the_decoded_ones_on_real_camvid(camvid_tfds):
+    """Real CamVid pairs (a 6-image labelled subset): the fine-tuning stream
+    is the same whether the pairs are decoded once into memory or per crop."""
+    spec = seg_datasets.get_spec("camvid")
+    records = seg_datasets.open_split(spec, "train", camvid_tfds)
+    source = seg_pipeline.SegmentationSource(records, spec, [3, 50, 7, 200, 11, 90],
+                                             split="train")
+
+    def stream(cache):
+        return iter(seg_pipeline.make_seg_train_dataset(
+            source, crop_size=(32, 48), batch_size=4, seed=1, scale_range=(0.2, 0.4),
+            num_threads=2, prefetch=1, cache=cache))
+
+    plain, cached = stream("none"), stream("memory")
+    for _ in range(3):
+        a, b = next(plain), next(cached)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])

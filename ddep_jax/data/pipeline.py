@@ -1,6 +1,7 @@
 """Input pipeline: a random-access image source read through grain.
 
-source -> this host's shard -> seeded shuffle (reshuffled every epoch) ->
+source -> this host's shard -> (decoded once into memory, `data.cache`) ->
+seeded shuffle (reshuffled every epoch) ->
 repeat -> inception-style random crop + horizontal flip (seeded per element)
 -> batch -> threaded prefetch. The same seed gives the same batches, and the
 iterator state (saved with the checkpoint) resumes exactly.
@@ -13,6 +14,8 @@ import math
 import grain
 import numpy as np
 from PIL import Image
+
+from ddep_jax.data.cache import cache_in_memory
 
 
 def sample_crop_box(rng: np.random.Generator, height: int, width: int,
@@ -86,8 +89,9 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
                        flip: bool = True, keep: tuple[str, ...] = (),
-                       num_threads: int = 8,
-                       prefetch: int = 4) -> grain.IterDataset:
+                       num_threads: int = 8, prefetch: int = 4,
+                       cache: str = "none",
+                       cache_max_mib: float = 2048) -> grain.IterDataset:
     """The training stream of this host.
 
     Args:
@@ -99,6 +103,9 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
       seed: shuffling and augmentation seed.
       process_index, process_count: this host's shard of the source.
       keep: record keys batched along with the image (e.g. ('label',)).
+      cache, cache_max_mib: hold this host's decoded records in memory
+        (`cache.cache_in_memory`: 'auto' | 'memory' | 'none'); the batches
+        are the same either way.
 
     Returns:
       grain.IterDataset of {'image': uint8 [batch_size, H, W, 3], **keep};
@@ -113,6 +120,8 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
     if len(ds) < batch_size:
         raise ValueError(f"host {process_index} has {len(ds)} examples, fewer than "
                          f"its batch of {batch_size}: lower batch_size or add data.")
+    ds = cache_in_memory(ds, mode=cache, max_mib=cache_max_mib,
+                         num_threads=num_threads, name="training images")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
                                       keep),

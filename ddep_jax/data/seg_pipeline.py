@@ -4,7 +4,8 @@ A TFDS record source is wrapped by `SegmentationSource` (decode + label
 mapping + validation through the dataset's `SegDatasetSpec`), restricted to
 the labelled subset, then read through grain exactly like the DDeP stream:
 
-source -> labelled subset -> this host's shard -> seeded shuffle (reshuffled
+source -> labelled subset -> this host's shard -> (decoded once into memory,
+`data.cache`) -> seeded shuffle (reshuffled
 every epoch) -> repeat -> random scale + random crop (void-padded) + flip,
 applied identically to image and mask -> batch -> threaded prefetch.
 """
@@ -17,6 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ddep_jax.data.cache import cache_in_memory
 from ddep_jax.data.pipeline import augment_seed
 from ddep_jax.data.seg_datasets import IGNORE_LABEL, SegDatasetSpec
 
@@ -119,8 +121,9 @@ def make_seg_train_dataset(source: SegmentationSource, *, crop_size,
                            batch_size: int, seed: int, scale_range=(0.5, 2.0),
                            base_scale: float = 1.0, flip: bool = True,
                            process_index: int = 0, process_count: int = 1,
-                           num_threads: int = 8,
-                           prefetch: int = 4) -> grain.IterDataset:
+                           num_threads: int = 8, prefetch: int = 4,
+                           cache: str = "none",
+                           cache_max_mib: float = 2048) -> grain.IterDataset:
     """The fine-tuning stream of this host.
 
     Args:
@@ -128,6 +131,8 @@ def make_seg_train_dataset(source: SegmentationSource, *, crop_size,
       crop_size: (H, W) of the training crops.
       batch_size: per-host batch size.
       seed: shuffling and augmentation seed.
+      cache, cache_max_mib: hold this host's decoded pairs in memory
+        (`cache.cache_in_memory`); the batches are the same either way.
 
     Returns:
       grain.IterDataset of ``{'image': uint8 [B, H, W, 3], 'label': uint8
@@ -141,6 +146,8 @@ def make_seg_train_dataset(source: SegmentationSource, *, crop_size,
     if len(ds) == 0:
         raise ValueError(f"host {process_index} of {process_count} has no labelled "
                          "examples: use a larger label fraction or fewer hosts.")
+    ds = cache_in_memory(ds, mode=cache, max_mib=cache_max_mib,
+                         num_threads=num_threads, name="labelled training pairs")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(RandomScaleCropFlip(crop_size, scale_range, base_scale, flip),
                        seed=augment_seed(seed, process_index))

@@ -68,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.flip = True
     c.data.num_threads = 8
     c.data.prefetch = 4
+    c.data.cache = "auto"  # data.cache.CACHE_MODES: decoded records held in memory
+    c.data.cache_max_mib = 2048  # 'auto' caches up to this size per host
 
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
@@ -260,7 +262,8 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
             scale_range=tuple(config.data.scale_range),
             base_scale=config.data.base_scale, flip=config.data.flip,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+            num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+            cache=config.data.cache, cache_max_mib=config.data.cache_max_mib)
     eh, ew = config.model.encoder.image_size
     b, (h, w) = config.batch_size, config.data.crop_size
 

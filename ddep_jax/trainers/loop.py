@@ -300,9 +300,9 @@ def global_batch_spec(stage: Stage, mesh) -> dict:
 RESUME_SAFE_KEYS = (
     "log_every", "checkpoint_every", "keep_checkpoints", "image_grid_every",
     "image_grid_size", "eval.", "profile.", "mesh.", "init.", "data.num_threads",
-    "data.prefetch", "data.data_dir", "optimizer.learning_rate",
-    "optimizer.warmup_steps", "optimizer.grad_clip_norm", "optimizer.weight_decay",
-    "grad_accum_steps")
+    "data.prefetch", "data.cache", "data.cache_max_mib", "data.data_dir",
+    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
+    "optimizer.weight_decay", "grad_accum_steps")
 """Config keys (or prefixes, ending in '.') a resumed run may change: how
 often it logs, checkpoints, evaluates and draws; the device layout; where the
 data lives and how many threads read it; `init.*` (read only by a new run);
