@@ -318,7 +318,8 @@ def make_config(name: str, per_device_batch: int, num_devices: int,
         overrides["model.decoder_widths"] = widths
         overrides["model.decoder_num_groups"] = math.gcd(
             config.model.decoder_num_groups, *widths)
-    if name in NUM_OUTPUTS_FLAGS and not config.model.num_outputs:
+    if (name in NUM_OUTPUTS_FLAGS and not config.model.num_outputs
+            and _RECIPE.value == "paper"):  # the CPU recipes: the dataset's classes
         overrides["model.num_outputs"] = NUM_OUTPUTS_FLAGS[name].value
     config.update_from_flattened_dict(overrides)
     return config

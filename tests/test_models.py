@@ -125,8 +125,10 @@ def test_upsample2x_equals_jax_image_resize():
 
 
 @pytest.mark.parametrize("shape,kernel,strides", [
-    ((2, 9, 7, 5), (3, 3, 5, 4), (1, 1)),   # fast path
-    ((2, 8, 6, 5), (1, 1, 5, 4), (1, 1)),   # fast path, 1x1
+    ((2, 9, 7, 16), (3, 3, 16, 17), (1, 1)),   # fast path, per-tap kernel gradient
+    ((2, 6, 9, 18), (3, 5, 18, 16), (1, 1)),   # fast path, 3x5 kernel
+    ((2, 8, 6, 16), (1, 1, 16, 16), (1, 1)),   # fast path, 1x1
+    ((2, 9, 7, 5), (3, 3, 5, 4), (1, 1)),   # fast path, XLA's kernel gradient (< 16 ch)
     ((2, 9, 7, 5), (3, 3, 5, 4), (2, 2)),   # falls back to lax
 ])
 def test_fast_conv_matches_lax_values_and_gradients(shape, kernel, strides):
@@ -153,11 +155,30 @@ def test_fast_conv_matches_lax_values_and_gradients(shape, kernel, strides):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl,fast", [("auto", True), ("tap_gemm", True),
-                                       ("xla", False)])
-def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast):
-    """`model.conv`: 'auto' is the per-tap GEMM path on this (CPU) backend,
-    'xla' plain convolutions; the model's program says which it got."""
+def test_per_tap_kernel_gradient_matches_lax_with_few_channels():
+    """`fast_conv.kernel_gradient` itself (used from 16 channels) is exact
+    for any channel count, batch and odd kernel."""
+    from jax import lax
+
+    from ddep_jax.models.fast_conv import kernel_gradient
+
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5, 2))
+    dy = jax.random.normal(jax.random.key(1), (3, 7, 5, 3))
+    for kh, kw in ((3, 3), (5, 3), (1, 1)):
+        w = jnp.zeros((kh, kw, 2, 3))
+        conv = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        want = jax.vjp(conv, w)[1](dy)[0]
+        np.testing.assert_allclose(kernel_gradient(x, dy, kh, kw), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,fast,ynn", [("auto", False, True), ("tap_gemm", True, True),
+                                           ("xla", False, False)])
+def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast, ynn):
+    """`model.conv`: 'auto' is XLA's convolution compiled with YNNPACK dots on
+    this (CPU) backend, 'tap_gemm' the per-tap kernel gradient, 'xla' plain
+    convolutions and default options; the model's program says which it got."""
     from conftest import tiny_config
 
     from ddep_jax.models import fast_conv
@@ -170,8 +191,10 @@ def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast):
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
     assert ("custom_vjp_call" in jaxpr) == fast
-    with pytest.raises(ValueError, match="model.conv='cudnn'"):
-        fast_conv.resolve("cudnn")
+    assert (fast_conv.compiler_options(impl) == fast_conv.YNN_DOT_OPTIONS) == ynn
+    for bad in (fast_conv.resolve, fast_conv.compiler_options):
+        with pytest.raises(ValueError, match="model.conv='cudnn'"):
+            bad("cudnn")
 
 
 def test_build_model_from_config():
@@ -180,3 +203,62 @@ def test_build_model_from_config():
     model = build_model(tiny_config().model)
     out = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert set(out["params"]) == {"encoder", "decoder", "head"}
+
+
+@pytest.mark.parametrize("model_kind", ["transunet", "classifier"])
+def test_cpu_fast_paths_are_as_accurate_as_plain_convolutions(model_kind):
+    """Loss and gradients of every parameter in float32 with model.conv
+    'auto' (XLA compiled with YNNPACK dots on CPU) and 'tap_gemm' (per-tap
+    kernel gradients; decoder widths >= 16 so that path runs), against the
+    same model computed in float64: each is as close to it as plain
+    convolutions ('xla') are (within 3x, or 1e-5). (The float32 paths differ
+    from each other by up to ~0.4% in some leaves of this small random
+    network, because XLA's and YNNPACK's summation orders differ; float64
+    says both are ~1e-6 accurate.)"""
+    from conftest import tiny_config
+
+    from ddep_jax.models import fast_conv
+    from ddep_jax.models.classifier import build_classifier
+
+    config = tiny_config(**{"model.decoder_widths": (32, 16, 16, 16, 16)})
+    rng = np.random.RandomState(0)
+    images = rng.uniform(-1, 1, (4, 32, 32, 3))
+    targets = rng.randn(4, 32, 32, 3)
+    labels = rng.randint(0, 10, 4)
+
+    def grads(impl, dtype):
+        with config.unlocked():
+            config.model.update(conv=impl, dtype=dtype)
+        if model_kind == "transunet":
+            model = build_model(config.model)
+            error = lambda out: jnp.mean((out - targets.astype(dtype)) ** 2)
+        else:
+            model = build_classifier(config.model, 10)
+            error = lambda out: -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(4), labels])
+        params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype))["params"]
+        # The classifier's zero-initialised head would zero every other
+        # gradient: the same small random offsets on every parameter.
+        offsets = np.random.RandomState(1)
+        params = jax.tree.map(lambda p: (np.asarray(p, np.float64) + 0.02 * offsets.randn(
+            *p.shape)).astype(dtype), params)
+        loss = lambda p: error(model.apply({"params": p}, images.astype(dtype), train=False))
+        return jax.device_get(jax.jit(jax.value_and_grad(loss),
+                                      compiler_options=fast_conv.compiler_options(impl))(params))
+
+    def errors(result, truth):
+        (loss, g), (true_loss, true_g) = result, truth
+        leaves = [(jax.tree_util.keystr(k), a, b) for (k, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(true_g))]
+        # Attention key biases have zero gradient in exact arithmetic (softmax
+        # is shift-invariant): their float32 values are rounding noise.
+        return abs(loss - true_loss) / abs(true_loss), max(
+            np.linalg.norm(a - b) / np.linalg.norm(b) for k, a, b in leaves
+            if not ("key" in k and "bias" in k))
+
+    with jax.enable_x64(True):
+        truth = grads("xla", "float64")
+        plain = errors(grads("xla", "float32"), truth)
+        for impl in ("auto", "tap_gemm"):
+            got = errors(grads(impl, "float32"), truth)
+            for what, e, ref in zip(("loss", "gradient"), got, plain):
+                assert e <= max(3 * ref, 1e-5), (impl, what, e, ref)

@@ -65,6 +65,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddep_jax import checkpointing, handover, optim, profiling, writers
 import ddep_jax.trainers as trainers_package
+from ddep_jax.models import fast_conv
 from ddep_jax.sharding import make_mesh, state_shardings
 
 def stage_names() -> list[str]:
@@ -278,13 +279,15 @@ def make_train_step(stage: Stage, tx, schedule, grad_accum_steps: int = 1,
 
 def jit_train_step(stage: Stage, state: TrainState, config, mesh):
     """`make_train_step` jitted with the state's shardings, the batch split
-    over 'data' and the state donated."""
+    over 'data', the state donated and the compiler options of the model's
+    convolution setting (`fast_conv.compiler_options(config.model.conv)`)."""
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     step = make_train_step(stage, state.tx, state.schedule, config.grad_accum_steps,
                            state.sharding["params"])
     return jax.jit(step, in_shardings=(state.sharding, batch_sharding, replicated),
-                   out_shardings=(state.sharding, replicated), donate_argnums=(0,))
+                   out_shardings=(state.sharding, replicated), donate_argnums=(0,),
+                   compiler_options=fast_conv.compiler_options(config.model.conv))
 
 
 def global_batch_spec(stage: Stage, mesh) -> dict:
