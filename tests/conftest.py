@@ -53,6 +53,7 @@ def tiny_config(**overrides):
     c.data.source = "embedded"
     c.data.num_threads = 1
     c.data.prefetch = 1
+    c.data.cache = "none"  # a few steps read fewer images than the source holds
     c.batch_size = 8
     c.total_steps = 4
     c.optimizer.learning_rate = 1e-3
@@ -80,7 +81,7 @@ TINY_OVERRIDES = {
     "model.encoder.vit_size": "mu", "model.encoder.resnet_width": 8,
     "model.encoder.image_size": (32, 32), "model.encoder.num_groups": 4,
     "model.decoder_widths": (32, 16, 16, 8, 8), "model.decoder_num_groups": 4,
-    "data.num_threads": 1, "data.prefetch": 1, "log_every": 1,
+    "data.num_threads": 1, "data.prefetch": 1, "data.cache": "none", "log_every": 1,
     "image_grid_every": 0, "image_grid_size": 2,
 }
 
@@ -149,6 +150,7 @@ def tiny_finetune_config(**overrides):
     c.data.scale_range = (0.75, 1.25)
     c.data.num_threads = 1
     c.data.prefetch = 1
+    c.data.cache = "none"  # decoding up front is slower for a few steps
     c.data.label_fraction = "1/30"
     c.eval.split = "validation"
     c.eval.final_splits = ()
@@ -170,7 +172,7 @@ def tiny_classify_config(data_dir, **overrides):
     c = classify.default_config()
     c.model.encoder.update(tiny_config().model.encoder.to_dict())
     c.data.update(name="cifar10", data_dir=data_dir, image_size=(32, 32),
-                  eval_crop_fraction=1.0, num_threads=1, prefetch=1)
+                  eval_crop_fraction=1.0, num_threads=1, prefetch=1, cache="none")
     c.eval.update(splits=("test",), batch_size=32)
     c.update(batch_size=8, total_steps=2, log_every=1, checkpoint_every=1)
     c.optimizer.update(learning_rate=1e-3, warmup_steps=0)

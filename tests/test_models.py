@@ -205,43 +205,31 @@ def test_build_model_from_config():
     assert set(out["params"]) == {"encoder", "decoder", "head"}
 
 
-@pytest.mark.parametrize("model_kind", ["transunet", "classifier"])
-def test_cpu_fast_paths_are_as_accurate_as_plain_convolutions(model_kind):
-    """Loss and gradients of every parameter in float32 with model.conv
-    'auto' (XLA compiled with YNNPACK dots on CPU) and 'tap_gemm' (per-tap
-    kernel gradients; decoder widths >= 16 so that path runs), against the
-    same model computed in float64: each is as close to it as plain
-    convolutions ('xla') are (within 3x, or 1e-5). (The float32 paths differ
-    from each other by up to ~0.4% in some leaves of this small random
-    network, because XLA's and YNNPACK's summation orders differ; float64
-    says both are ~1e-6 accurate.)"""
+def test_cpu_fast_path_is_as_accurate_as_plain_convolutions():
+    """Loss and gradients of every parameter of a TransUNet (encoder
+    included) in float32 with model.conv 'auto' (XLA compiled with YNNPACK
+    dots on CPU), against the same model computed in float64: as close to it
+    as plain convolutions ('xla') are (within 3x, or 1e-5). (The two float32
+    paths differ from each other by up to ~0.4% in some leaves of this small
+    random network, as XLA's and YNNPACK's summation orders differ; float64
+    says both are ~1e-6 accurate.) 'tap_gemm' is checked against lax above."""
     from conftest import tiny_config
 
     from ddep_jax.models import fast_conv
-    from ddep_jax.models.classifier import build_classifier
 
     config = tiny_config(**{"model.decoder_widths": (32, 16, 16, 16, 16)})
     rng = np.random.RandomState(0)
-    images = rng.uniform(-1, 1, (4, 32, 32, 3))
-    targets = rng.randn(4, 32, 32, 3)
-    labels = rng.randint(0, 10, 4)
+    images = rng.uniform(-1, 1, (2, 32, 32, 3))
+    targets = rng.randn(2, 32, 32, 3)
 
     def grads(impl, dtype):
         with config.unlocked():
             config.model.update(conv=impl, dtype=dtype)
-        if model_kind == "transunet":
-            model = build_model(config.model)
-            error = lambda out: jnp.mean((out - targets.astype(dtype)) ** 2)
-        else:
-            model = build_classifier(config.model, 10)
-            error = lambda out: -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(4), labels])
+        model = build_model(config.model)
         params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype))["params"]
-        # The classifier's zero-initialised head would zero every other
-        # gradient: the same small random offsets on every parameter.
-        offsets = np.random.RandomState(1)
-        params = jax.tree.map(lambda p: (np.asarray(p, np.float64) + 0.02 * offsets.randn(
-            *p.shape)).astype(dtype), params)
-        loss = lambda p: error(model.apply({"params": p}, images.astype(dtype), train=False))
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        loss = lambda p: jnp.mean((model.apply({"params": p}, images.astype(dtype),
+                                               train=False) - targets.astype(dtype)) ** 2)
         return jax.device_get(jax.jit(jax.value_and_grad(loss),
                                       compiler_options=fast_conv.compiler_options(impl))(params))
 
@@ -258,7 +246,6 @@ def test_cpu_fast_paths_are_as_accurate_as_plain_convolutions(model_kind):
     with jax.enable_x64(True):
         truth = grads("xla", "float64")
         plain = errors(grads("xla", "float32"), truth)
-        for impl in ("auto", "tap_gemm"):
-            got = errors(grads(impl, "float32"), truth)
-            for what, e, ref in zip(("loss", "gradient"), got, plain):
-                assert e <= max(3 * ref, 1e-5), (impl, what, e, ref)
+        got = errors(grads("auto", "float32"), truth)
+    for what, e, ref in zip(("loss", "gradient"), got, plain):
+        assert e <= max(3 * ref, 1e-5), (what, e, ref)
