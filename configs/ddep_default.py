@@ -4,7 +4,7 @@
   python -m ddep_jax.main --config=configs/ddep_default.py --workdir=workdirs/default
 
 Needs no dataset preparation and no network. Arguments (comma-separated k=v):
-  steps   training steps (default 250: about 2 minutes on 2 CPU cores)
+  steps   training steps (default 250: about 1.5 minutes on 2 CPU cores)
   target  'x' (default, Eq. 2) or 'eps' (Eq. 6, the paper's objective)
   seed    init and data-order seed
 
