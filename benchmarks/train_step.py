@@ -501,7 +501,8 @@ def run_stage(name: str, batch: int, mesh) -> dict:
             report[k] = flops_report[k]
     limit = device_memory_limit()
     result = {
-        "stage": name, "config": config_file(name), "recipe": _RECIPE.value, "platform": device.platform,
+        "stage": name, "config": config_file(name), "recipe": _RECIPE.value,
+        "platform": device.platform,
         "device_kind": device.device_kind, "num_devices": num_devices,
         "dtype": _DTYPE.value, "param_sharding": bench.config.mesh.param_sharding,
         "batch_per_device": batch, "global_batch": bench.global_batch,
@@ -562,6 +563,8 @@ def run_stage(name: str, batch: int, mesh) -> dict:
         result["loss"] = loss
     if _LOOP_STEPS.value and not _COMPILE_ONLY.value:
         result.update(run_loop(bench))
+        if "loop_steps_per_s" in result and "step_s_median" in result:
+            result["loop_vs_bare"] = result["loop_steps_per_s"] * result["step_s_median"]
     print_block(bench, result)
     return result
 
@@ -589,17 +592,15 @@ def run_loop(bench: Bench) -> dict:
             return {"loop_note": f"skipped: {e}"}
         with open(Path(workdir) / "metrics.jsonl") as f:
             rows = [json.loads(line) for line in f]
-    rates = [(r["step"], r["steps_per_sec"]) for r in rows if "steps_per_sec" in r]
-    timed = [rate for _, rate in rates[1:]]
+    timed = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r][1:]
     if not timed:
         return {"loop_note": f"no logged interval after the first in {steps} steps: "
                              "raise --loop_steps"}
     loop_rate = float(np.median(timed))
-    out = {"loop_steps": steps, "loop_log_every": config.log_every,
-           "loop_intervals_steps_per_s": [round(r, 3) for r in timed],
-           "loop_steps_per_s": loop_rate,
-           "loop_images_per_s": loop_rate * bench.global_batch}
-    return out
+    return {"loop_steps": steps, "loop_log_every": config.log_every,
+            "loop_intervals_steps_per_s": [round(r, 3) for r in timed],
+            "loop_steps_per_s": loop_rate,
+            "loop_images_per_s": loop_rate * bench.global_batch}
 
 
 def _si(x: float, unit: str) -> str:
@@ -653,14 +654,12 @@ def print_block(bench: Bench, r: dict) -> None:
         ]
     if r.get("loss") is not None:
         lines.append(f"loss after the timed steps: {r['loss']:.4f}")
-    if "loop_steps_per_s" in r:
-        bare = 1.0 / r["step_s_median"]
+    if "loop_vs_bare" in r:
         lines.append(
             f"training loop (real data, {r['loop_steps']} steps, log every "
             f"{r['loop_log_every']}): {r['loop_steps_per_s']:.3f} steps/s "
-            f"({r['loop_images_per_s']:.2f} images/s) vs bare step {bare:.3f} "
-            f"steps/s: loop/bare {r['loop_steps_per_s'] / bare:.1%}")
-        r["loop_vs_bare"] = r["loop_steps_per_s"] / bare
+            f"({r['loop_images_per_s']:.2f} images/s) vs bare step "
+            f"{1.0 / r['step_s_median']:.3f} steps/s: loop/bare {r['loop_vs_bare']:.1%}")
     elif "loop_note" in r:
         lines.append(f"training loop: {r['loop_note']}")
     print("\n".join(lines))

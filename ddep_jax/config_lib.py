@@ -112,6 +112,24 @@ def mesh_config() -> ml_collections.ConfigDict:
     return m
 
 
+def add_data_loading(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The input pipeline keys every stage's `config.data` shares (reading
+    threads, prefetched batches, the in-memory cache of `data.cache`).
+    Returns `data`."""
+    data.num_threads = 8
+    data.prefetch = 4
+    data.cache = "auto"  # data.cache.CACHE_MODES: decoded records held in memory
+    data.cache_max_mib = 2048  # 'auto' caches up to this size per host
+    return data
+
+
+def data_loading(data: ml_collections.ConfigDict) -> dict:
+    """The `add_data_loading` keys of `data` as keyword arguments of the
+    pipelines' `make_*_dataset`."""
+    return {"num_threads": data.num_threads, "prefetch": data.prefetch,
+            "cache": data.cache, "cache_max_mib": data.cache_max_mib}
+
+
 def add_run_options(c: ml_collections.ConfigDict, *, log_every: int = 50,
                     checkpoint_every: int = 1000,
                     keep_checkpoints: int = 2) -> ml_collections.ConfigDict:

@@ -142,8 +142,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 YNN_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-"""XLA CPU compiler options: XLA's dots (and the convolutions it lowers to
-dots) run through YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`)."""
+"""XLA CPU compiler options: YNNPACK's dot fusions on, as
+`--xla_cpu_experimental_ynn_fusion_type=dot` would for the whole process
+(the kernel-gradient convolutions get faster with it; see above)."""
 
 
 def compiler_options(impl: str) -> dict[str, str] | None:

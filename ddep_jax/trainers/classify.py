@@ -65,10 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.crop_aspect_range = (3 / 4, 4 / 3)
     c.data.flip = True
     c.data.eval_crop_fraction = 0.875  # eval: resize to size/f, centre crop size
-    c.data.num_threads = 8
-    c.data.prefetch = 4
-    c.data.cache = "auto"  # data.cache.CACHE_MODES: decoded records held in memory
-    c.data.cache_max_mib = 2048  # 'auto' caches up to this size per host
+    config_lib.add_data_loading(c.data)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.type = "softmax"  # LOSS_TYPES
@@ -192,9 +189,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
             process_index=jax.process_index(), process_count=jax.process_count(),
             area_range=config.data.crop_area_range,
             aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
-            keep=("label",), num_threads=config.data.num_threads,
-            prefetch=config.data.prefetch, cache=config.data.cache,
-            cache_max_mib=config.data.cache_max_mib)
+            keep=("label",), **config_lib.data_loading(config.data))
     model = build_classifier(config.model, num_classes, config.model.head_bias_init)
     eh, ew = config.model.encoder.image_size
     b, (h, w) = config.batch_size, config.data.image_size

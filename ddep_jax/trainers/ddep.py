@@ -67,10 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
     c.data.crop_aspect_range = (3 / 4, 4 / 3)
     c.data.flip = True
-    c.data.num_threads = 8
-    c.data.prefetch = 4
-    c.data.cache = "auto"  # data.cache.CACHE_MODES: decoded records held in memory
-    c.data.cache_max_mib = 2048  # 'auto' caches up to this size per host
+    config_lib.add_data_loading(c.data)
 
     c.batch_size = 512
     c.num_epochs = 100.0
@@ -260,8 +257,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
             seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count(), area_range=config.data.crop_area_range,
             aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
-            num_threads=config.data.num_threads, prefetch=config.data.prefetch,
-            cache=config.data.cache, cache_max_mib=config.data.cache_max_mib)
+            **config_lib.data_loading(config.data))
     conditioning = config.model.noise_conditioning
     frozen = tuple(config.frozen)
     d = config.denoising

@@ -66,10 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.scale_range = (0.5, 2.0)  # random scale (times base_scale)
     c.data.base_scale = 1.0  # resize every image by this first (train and eval)
     c.data.flip = True
-    c.data.num_threads = 8
-    c.data.prefetch = 4
-    c.data.cache = "auto"  # data.cache.CACHE_MODES: decoded records held in memory
-    c.data.cache_max_mib = 2048  # 'auto' caches up to this size per host
+    config_lib.add_data_loading(c.data)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
@@ -262,8 +259,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
             scale_range=tuple(config.data.scale_range),
             base_scale=config.data.base_scale, flip=config.data.flip,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            num_threads=config.data.num_threads, prefetch=config.data.prefetch,
-            cache=config.data.cache, cache_max_mib=config.data.cache_max_mib)
+            **config_lib.data_loading(config.data))
     eh, ew = config.model.encoder.image_size
     b, (h, w) = config.batch_size, config.data.crop_size
 
