@@ -6,6 +6,8 @@ its trainer module (`ddep_jax.trainers.<stage>`); the config files under
 
 - `parse_arg`: a config file's ':k=v,flag' argument, strictly (an unknown
   name or a malformed value is an error naming it);
+- `load_config_file` and `apply_overrides`: what `--config=FILE:ARG
+  --config.a.b=v` does, for Python callers (the experiment harness);
 - the sub-schemas every stage has (`model_config`, `optimizer_config`,
   `mesh_config`, `add_run_options`);
 - the checks shared by stages (`check_keys`, `require`, `validate_model`,
@@ -18,8 +20,11 @@ The ConfigDicts are locked by the entry point, so a misspelt
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -69,6 +74,46 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                 raise ValueError(f"config argument {name}={value!r} is not a "
                                  f"{type(default).__name__}.") from None
     return out
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (a `configs/*.py`), as
+    `--config=PATH:ARG` of the entry point loads it.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: the file has no `get_config`, or rejects `arg` (naming it).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found.")
+    name = "ddep_config_" + re.sub(r"\W", "_", os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config(arg).")
+    return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Sets dotted keys ('optimizer.learning_rate': 1e-3) of `config` in place,
+    as `--config.a.b=v` does; a tuple value replaces a tuple. Returns `config`.
+
+    Raises:
+      ValueError: 'config.<key> is not a known key' for a key the config lacks.
+    """
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ValueError(f"config.{key} is not a known key (no '{part}').")
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"config.{key} is not a known key.")
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
 
 
 def model_config() -> ml_collections.ConfigDict:

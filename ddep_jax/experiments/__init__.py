@@ -1,0 +1,1 @@
+"""Experiments built on the training loop: the label-efficiency harness."""

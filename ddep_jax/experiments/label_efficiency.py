@@ -1,0 +1,653 @@
+"""The label-efficiency harness: the paper's Figure 6 / Table 6 protocol as
+one resumable command.
+
+  python -m ddep_jax.experiments.label_efficiency --recipe=camvid_cpu --out=DIR \\
+      [--only=PATTERN,...] [--list] [--summary_only] [--data_dir=...] \\
+      [--checkpoint=NAME=PATH]
+
+A recipe (`ddep_jax.experiments.protocols`) names
+- the pretraining runs its rows need, each run once into OUT/pretrain/<name>
+  and shared by every row that uses it (stage 1 "supervised", stage 2 "ddep"
+  with that encoder frozen, "dep" denoising the whole model from scratch;
+  a paper recipe takes the public ImageNet-21k encoder as an external
+  checkpoint, `--checkpoint=supervised=PATH`);
+- the rows (initialisations: No pretraining, Supervised, DeP, DDeP, and any
+  other method through the same `Row` interface), the label fractions and the
+  seeds per fraction; each (row, fraction, seed) is one fine-tuning run into
+  OUT/finetune/<row>/<fraction>/s<seed>. The seed sets the labelled subset,
+  the initialisation and the data order together (the paper's repeated runs
+  with new labelled subsets, Sec. 5.1), so two rows with the same seed see
+  the same labelled images.
+
+Resumable: a run with a line in OUT/results.jsonl (or a finished workdir) is
+read, not redone; an interrupted run resumes from its last checkpoint
+(`loop.run`); `--only` restricts an invocation to some runs (fnmatch
+patterns over the run ids `pretrain/<name>` and
+`finetune/<row>/<fraction>/s<seed>`; the pretraining runs a selected
+fine-tuning needs are run first), so a grid can be spread over invocations or
+machines sharing OUT. A SIGTERM stops the running stage at a checkpoint and
+the harness with exit status 75 (`loop.PREEMPTED_EXIT_CODE`).
+
+Writes, after every finished run:
+- OUT/results.jsonl: one line per fine-tuning run (`RESULT_KEYS`);
+- OUT/pretraining.jsonl: one line per pretraining run (its cost and figures);
+- OUT/summary.md: mean +- std per cell, each row's difference against
+  Supervised and against No pretraining with a 95% confidence interval over
+  seeds (`stats.difference`), the sensitivity check at the lowest fraction
+  (each reference effect against twice the pooled seed std), per-class IoU at
+  the lowest fraction and the CPU hours;
+- OUT/label_efficiency.png (and _ablations.png for a recipe's second table):
+  mIoU against labelled images on a log axis, one line per row with a +- 1
+  std band (the paper's Fig. 6), drawn with matplotlib.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import pathlib
+import resource
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+from absl import logging
+
+from ddep_jax import config_lib, writers
+
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+"""The repository's configs/ folder (recipes name files in it)."""
+
+RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",
+               "miou", "per_class_iou", "pixel_accuracy", "split", "steps",
+               "cpu_seconds", "cpu_seconds_complete", "wall_seconds", "workdir",
+               "init_checkpoint")
+"""The fields of a results.jsonl line: mIoU and pixel accuracy in [0, 1] as
+the evaluation reports them, per-class IoU as {class name: IoU or null},
+CPU seconds (user + system, all threads) of the invocations that ran it
+(`cpu_seconds_complete` false when one of them was killed before it could
+count), the workdir relative to OUT."""
+
+COST_FILE = "harness_cost.json"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pretraining:
+    """A run whose checkpoint initialises rows.
+
+    name: its id (OUT/pretrain/<name>); description: one line for the summary;
+    config: a file under configs/, an absolute path, or a Python callable
+    `get_config(arg) -> ConfigDict`; '' marks an external
+    checkpoint, given as `--checkpoint=<name>=PATH` (e.g. the public
+    R50+ViT-B/16 ImageNet-21k encoder); arg: the config's ':k=v' argument;
+    overrides: dotted config keys set after loading; init_from: another
+    pretraining whose workdir becomes this run's `init.checkpoint` (DDeP
+    freezes the stage-1 encoder it reads).
+    """
+
+    name: str
+    description: str
+    config: str | Callable[[str | None], Any] = ""
+    arg: str = ""
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Row:
+    """An initialisation of the fine-tuning grid.
+
+    key: its id in run ids and results; name: the label in tables and plots;
+    init: the stage-3 `init.mode` ('scratch', 'encoder', 'pretrained');
+    pretraining: the `Pretraining` it reads ('' for scratch); group: 'main'
+    (the Figure-6 table) or 'ablation' (the second table); overrides: dotted
+    fine-tuning config keys of this row only (e.g. a noise-conditioned
+    decoder needs `model.noise_conditioning`).
+    """
+
+    key: str
+    name: str
+    init: str
+    pretraining: str = ""
+    group: str = "main"
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """A label-efficiency protocol: pretraining runs, rows, label fractions,
+    seeds per fraction, and the fine-tuning config.
+
+    overrides apply to every run of every stage (e.g. the model, which must
+    match across stages to hand weights over); finetune_overrides to the
+    fine-tuning runs; finetune_steps optionally sets `total_steps` per
+    fraction. metric_split: the split whose final mIoU is the result (CamVid
+    'test'; the paper reports Cityscapes, Pascal Context and ADE20K 'validation').
+    references: the row keys differences are taken against.
+    """
+
+    name: str
+    description: str
+    finetune_config: str | Callable[[str | None], Any]
+    rows: tuple[Row, ...]
+    pretrainings: tuple[Pretraining, ...]
+    fractions: tuple[str, ...]
+    seeds: Mapping[str, int]
+    finetune_arg: str = ""
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    finetune_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    metric_split: str = "test"
+    references: tuple[str, ...] = ("supervised", "scratch")
+
+    def row(self, key: str) -> Row:
+        for r in self.rows:
+            if r.key == key:
+                return r
+        raise ValueError(f"recipe {self.name!r} has no row {key!r}; rows: "
+                         f"{[r.key for r in self.rows]}.")
+
+    def pretraining(self, name: str) -> Pretraining:
+        for p in self.pretrainings:
+            if p.name == name:
+                return p
+        raise ValueError(f"recipe {self.name!r} has no pretraining {name!r}; "
+                         f"pretrainings: {[p.name for p in self.pretrainings]}.")
+
+    def check(self) -> None:
+        """Raises ValueError naming the first inconsistency (unknown
+        pretraining, a fraction without seeds, a dependency cycle...)."""
+        names = [p.name for p in self.pretrainings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipe {self.name!r}: pretraining names repeat: {names}.")
+        keys = [r.key for r in self.rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"recipe {self.name!r}: row keys repeat: {keys}.")
+        for p in self.pretrainings:
+            seen, q = {p.name}, p
+            while q.init_from:
+                q = self.pretraining(q.init_from)
+                if q.name in seen:
+                    raise ValueError(f"recipe {self.name!r}: pretraining {p.name!r} "
+                                     "depends on itself.")
+                seen.add(q.name)
+        for r in self.rows:
+            if r.init not in ("scratch", "encoder", "pretrained"):
+                raise ValueError(f"recipe {self.name!r}, row {r.key!r}: init "
+                                 f"{r.init!r} is not scratch|encoder|pretrained.")
+            if (r.init == "scratch") != (not r.pretraining):
+                raise ValueError(f"recipe {self.name!r}, row {r.key!r}: init "
+                                 f"{r.init!r} needs a pretraining iff not scratch.")
+            if r.pretraining:
+                self.pretraining(r.pretraining)
+        for f in self.fractions:
+            if self.seeds.get(f, 0) < 1:
+                raise ValueError(f"recipe {self.name!r}: fraction {f!r} has no seeds.")
+
+
+def fraction_slug(fraction: str) -> str:
+    """'1/30' -> '1-30', '100%' -> '100pct' (folder names)."""
+    return fraction.replace("/", "-").replace("%", "pct")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    row: str
+    fraction: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"finetune/{self.row}/{fraction_slug(self.fraction)}/s{self.seed}"
+
+
+class Failed(Exception):
+    """A run of the harness raised one of the project's named errors."""
+
+
+class Stopped(Exception):
+    """A signal stopped a run at a checkpoint (`loop.run` returned preempted)."""
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+class Harness:
+    """Runs (or resumes) a recipe's grid into `out`.
+
+    Args:
+      recipe: the protocol.
+      out: the output folder (local or gs://); shared by invocations.
+      data_dir: `config.data.data_dir` of every run ('' keeps the configs').
+      checkpoints: {pretraining name: path} of the external checkpoints.
+      only: fnmatch patterns over run ids; empty = every run.
+      seeds: per-fraction seed counts replacing the recipe's (e.g. fewer).
+      configs_dir: where recipe config names are found (the repository's).
+      run_fn: `loop.run` (tests may wrap it).
+
+    Raises (at construction):
+      ValueError: an inconsistent recipe, or an external checkpoint missing
+        from `checkpoints` (naming the --checkpoint flag to pass).
+    """
+
+    def __init__(self, recipe: Recipe, out: str, *, data_dir: str = "",
+                 checkpoints: Mapping[str, str] | None = None,
+                 only: Sequence[str] = (), seeds: Mapping[str, int] | None = None,
+                 configs_dir: str | os.PathLike = REPO_CONFIGS,
+                 run_fn: Callable | None = None):
+        recipe.check()
+        self.recipe = recipe
+        self.out = out
+        self.data_dir = data_dir
+        self.checkpoints = dict(checkpoints or {})
+        self.only = tuple(only)
+        self.seeds = dict(recipe.seeds, **(seeds or {}))
+        self.configs_dir = pathlib.Path(configs_dir)
+        if run_fn is None:
+            from ddep_jax.trainers import loop
+
+            run_fn = loop.run
+        self.run_fn = run_fn
+        self.failures: list[dict] = []
+        self.results = self._read_jsonl("results.jsonl")
+        self.pretraining_records = self._read_jsonl("pretraining.jsonl")
+
+    # ------------------------------------------------------------------ plan
+    def finetune_runs(self) -> list[FinetuneRun]:
+        """Every fine-tuning run of the grid, seed-major (each cell gets its
+        first seed before any cell gets its second), lowest fraction first."""
+        runs = []
+        for seed in range(max(self.seeds[f] for f in self.recipe.fractions)):
+            for fraction in self.recipe.fractions:
+                if seed < self.seeds[fraction]:
+                    runs.extend(FinetuneRun(r.key, fraction, seed) for r in self.recipe.rows)
+        return runs
+
+    def selected(self, run_id: str) -> bool:
+        return not self.only or any(fnmatch.fnmatchcase(run_id, p) for p in self.only)
+
+    def _needed_pretrainings(self, runs: Sequence[FinetuneRun]) -> list[str]:
+        """Pretraining names to run, dependencies first."""
+        wanted = [p.name for p in self.recipe.pretrainings
+                  if self.selected(f"pretrain/{p.name}")]
+        for run in runs:
+            name = self.recipe.row(run.row).pretraining
+            if name:
+                wanted.append(name)
+        order: list[str] = []
+
+        def visit(name: str):
+            p = self.recipe.pretraining(name)
+            if p.init_from:
+                visit(p.init_from)
+            if name not in order:
+                order.append(name)
+
+        for name in wanted:
+            visit(name)
+        return order
+
+    def plan(self) -> list[tuple[str, str]]:
+        """[(run id, status)] of the selected runs in the order they run;
+        status 'done', 'started' (a workdir with checkpoints) or 'pending'."""
+        runs = [r for r in self.finetune_runs() if self.selected(r.id)]
+        out = []
+        for name in self._needed_pretrainings(runs):
+            out.append((f"pretrain/{name}", self._status(self.pretrain_dir(name))))
+        done = {self._result_key(r) for r in self.results}
+        for run in runs:
+            key = (run.row, run.fraction, run.seed)
+            status = "done" if key in done else self._status(self.finetune_dir(run))
+            out.append((run.id, status))
+        return out
+
+    def _status(self, workdir: str) -> str:
+        if writers.read_json(os.path.join(workdir, "done.json")) is not None:
+            return "done"
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+            return "started"
+        return "pending"
+
+    # ---------------------------------------------------------------- paths
+    def pretrain_dir(self, name: str) -> str:
+        p = self.recipe.pretraining(name)
+        if not p.config:
+            if name not in self.checkpoints:
+                raise ValueError(
+                    f"recipe {self.recipe.name!r} reads pretraining {name!r} "
+                    f"({p.description}) from an existing checkpoint: pass "
+                    f"--checkpoint={name}=PATH.")
+            return self.checkpoints[name]
+        return os.path.join(self.out, "pretrain", name)
+
+    def finetune_dir(self, run: FinetuneRun) -> str:
+        return os.path.join(self.out, run.id)
+
+    # --------------------------------------------------------------- configs
+    def _load(self, name, arg: str, *overrides: Mapping[str, Any]):
+        if callable(name):
+            config = name(arg or None)
+        else:
+            path = name if os.path.isabs(name) else str(self.configs_dir / name)
+            config = config_lib.load_config_file(path, arg)
+        for o in (self.recipe.overrides, *overrides):
+            config_lib.apply_overrides(config, o)
+        if self.data_dir:
+            config_lib.apply_overrides(config, {"data.data_dir": self.data_dir})
+        return config
+
+    def pretraining_config(self, name: str):
+        p = self.recipe.pretraining(name)
+        config = self._load(p.config, p.arg, p.overrides)
+        if p.init_from:
+            config.init.checkpoint = self.pretrain_dir(p.init_from)
+        return config
+
+    def finetune_config(self, run: FinetuneRun):
+        row = self.recipe.row(run.row)
+        steps = self.recipe.finetune_steps.get(run.fraction)
+        config = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
+                            self.recipe.finetune_overrides, row.overrides,
+                            {"total_steps": steps} if steps else {})
+        config.seed = run.seed
+        config.data.subset_seed = -1  # the labelled subset follows the seed
+        config.data.label_fraction = run.fraction
+        config.init.mode = row.init
+        config.init.checkpoint = self.pretrain_dir(row.pretraining) if row.pretraining else ""
+        split = self.recipe.metric_split
+        if split != config.eval.split and split not in config.eval.final_splits:
+            config.eval.final_splits = (*config.eval.final_splits, split)
+        return config
+
+    # -------------------------------------------------------------- running
+    def run(self) -> int:
+        """Runs every selected run not yet finished, writing the outputs
+        after each. Returns the exit status: 0, 1 if a run failed (the
+        others still ran; OUT/failures.jsonl names it and the error) or
+        `loop.PREEMPTED_EXIT_CODE` when a signal stopped a run."""
+        from ddep_jax.trainers import loop
+
+        runs = [r for r in self.finetune_runs() if self.selected(r.id)]
+        broken: set[str] = set()
+        try:
+            for name in self._needed_pretrainings(runs):
+                p = self.recipe.pretraining(name)
+                if p.init_from in broken or (p.init_from and not self._finished(p.init_from)):
+                    broken.add(name)
+                    continue
+                if not p.config:
+                    continue  # external: pretrain_dir checks it was given
+                try:
+                    self._run_pretraining(name)
+                except Failed:
+                    broken.add(name)
+            for run in runs:
+                row = self.recipe.row(run.row)
+                if row.pretraining in broken:
+                    self._fail(run.id, f"its pretraining {row.pretraining!r} did not finish")
+                    continue
+                try:
+                    self._run_finetune(run)
+                except Failed:
+                    pass
+        except Stopped:
+            self.write_outputs()
+            return loop.PREEMPTED_EXIT_CODE
+        self.write_outputs()
+        return 1 if self.failures else 0
+
+    def _finished(self, name: str) -> bool:
+        p = self.recipe.pretraining(name)
+        return not p.config or self._status(self.pretrain_dir(name)) == "done"
+
+    def _timed_run(self, run_id: str, config, workdir: str) -> dict:
+        """loop.run with the CPU / wall seconds of this invocation added to
+        WORKDIR/harness_cost.json; named errors become `Failed`."""
+        cost_path = os.path.join(workdir, COST_FILE)
+        cost = writers.read_json(cost_path) or {"invocations": []}
+        entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "ended": None,
+                 "cpu_seconds": 0.0, "wall_seconds": 0.0}
+        cost["invocations"].append(entry)
+        if _is_main():
+            writers.makedirs(workdir)
+            writers.write_json(cost_path, cost)
+        logging.info("label_efficiency: %s -> %s", run_id, workdir)
+        print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running in {workdir}", flush=True)
+        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+        try:
+            result = self.run_fn(config, workdir)
+            ended = "preempted" if result.get("preempted") else (
+                "already_finished" if result.get("already_finished") else "finished")
+        except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+            result, ended = None, f"error: {e}"
+        entry.update(ended=ended, cpu_seconds=round(_cpu_seconds() - cpu0, 1),
+                     wall_seconds=round(time.perf_counter() - wall0, 1))
+        if _is_main():
+            writers.write_json(cost_path, cost)
+        if result is None:
+            self._fail(run_id, ended[len("error: "):])
+            raise Failed(run_id)
+        if result.get("preempted"):
+            raise Stopped(f"{run_id} stopped by a signal at step {result['step']}")
+        return cost
+
+    @staticmethod
+    def _cost_totals(cost: Mapping) -> tuple[float, float, bool]:
+        inv = cost.get("invocations", [])
+        return (round(sum(i["cpu_seconds"] for i in inv), 1),
+                round(sum(i["wall_seconds"] for i in inv), 1),
+                all(i["ended"] is not None for i in inv))
+
+    def _run_pretraining(self, name: str) -> None:
+        workdir = self.pretrain_dir(name)
+        if any(r["name"] == name for r in self.pretraining_records):
+            return
+        config = self.pretraining_config(name)
+        cost = self._timed_run(f"pretrain/{name}", config, workdir)
+        cpu, wall, complete = self._cost_totals(cost)
+        done = writers.read_json(os.path.join(workdir, "done.json")) or {}
+        p = self.recipe.pretraining(name)
+        record = {"recipe": self.recipe.name, "name": name, "description": p.description,
+                  "config": _config_name(p.config, p.arg),
+                  "stage": config.stage, "steps": done.get("step"),
+                  "final": _final_figures(workdir, done), "cpu_seconds": cpu,
+                  "cpu_seconds_complete": complete, "wall_seconds": wall,
+                  "workdir": os.path.relpath(workdir, self.out)
+                  if not writers.is_remote(workdir) else workdir,
+                  "init_checkpoint": str(config.init.checkpoint)}
+        self.pretraining_records.append(record)
+        self._write_jsonl("pretraining.jsonl", self.pretraining_records)
+        print(f"  pretrain/{name}: done ({cpu / 60:.1f} CPU min)", flush=True)
+
+    def _run_finetune(self, run: FinetuneRun) -> None:
+        key = (run.row, run.fraction, run.seed)
+        if key in {self._result_key(r) for r in self.results}:
+            return
+        workdir = self.finetune_dir(run)
+        config = self.finetune_config(run)
+        cost = self._timed_run(run.id, config, workdir)
+        cpu, wall, complete = self._cost_totals(cost)
+        record = self._read_result(run, workdir, config)
+        record.update(cpu_seconds=cpu, cpu_seconds_complete=complete, wall_seconds=wall)
+        self.results.append(record)
+        self._write_jsonl("results.jsonl", self.results)
+        self.write_outputs()
+        print(f"  {run.id}: {self.recipe.metric_split} mIoU {100 * record['miou']:.2f} "
+              f"({cpu / 60:.1f} CPU min)", flush=True)
+
+    def _read_result(self, run: FinetuneRun, workdir: str, config) -> dict:
+        split, steps = self.recipe.metric_split, config.total_steps
+        path = os.path.join(workdir, "eval", f"{split}_{steps:08d}.json")
+        report = writers.read_json(path)
+        if report is None:
+            raise Failed(self._fail(run.id, f"{path} is missing after the run finished"))
+        subset = writers.read_json(os.path.join(workdir, "labelled_subset.json")) or {}
+        return {"recipe": self.recipe.name, "row": run.row,
+                "row_name": self.recipe.row(run.row).name, "fraction": run.fraction,
+                "labelled_images": subset.get("num_labelled"), "seed": run.seed,
+                "miou": report["miou"], "per_class_iou": report.get("per_class"),
+                "pixel_accuracy": report["pixel_accuracy"], "split": split,
+                "steps": steps, "cpu_seconds": None, "cpu_seconds_complete": None,
+                "wall_seconds": None,
+                "workdir": os.path.relpath(workdir, self.out)
+                if not writers.is_remote(workdir) else workdir,
+                "init_checkpoint": str(config.init.checkpoint)}
+
+    def _fail(self, run_id: str, why: str) -> str:
+        self.failures.append({"run": run_id, "error": why,
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        print(f"  {run_id}: FAILED: {why}", file=sys.stderr, flush=True)
+        if _is_main():
+            self._write_jsonl("failures.jsonl",
+                              self._read_jsonl("failures.jsonl") + self.failures[-1:])
+        return run_id
+
+    # --------------------------------------------------------------- files
+    @staticmethod
+    def _result_key(record: Mapping) -> tuple:
+        return record["row"], record["fraction"], record["seed"]
+
+    def _read_jsonl(self, name: str) -> list[dict]:
+        path = os.path.join(self.out, name)
+        if writers.is_remote(path):
+            from etils import epath
+
+            p = epath.Path(path)
+            text = p.read_text() if p.exists() else ""
+        else:
+            text = pathlib.Path(path).read_text() if os.path.exists(path) else ""
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {number} is not JSON ({e}); fix or "
+                                     "delete that line (the run is then read back "
+                                     "from its workdir).") from None
+        return records
+
+    def _write_jsonl(self, name: str, records: Sequence[Mapping]) -> None:
+        if _is_main():
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            writers.write_bytes(os.path.join(self.out, name), text.encode())
+
+    def write_outputs(self) -> None:
+        """summary.md and the figure(s) from the results so far."""
+        if not _is_main():
+            return
+        from ddep_jax.experiments import report
+
+        total = len(self.finetune_runs())
+        text = report.summary_markdown(self.recipe, self.results,
+                                       self.pretraining_records, total_runs=total,
+                                       failures=self.failures)
+        writers.write_bytes(os.path.join(self.out, "summary.md"), text.encode())
+        for group, suffix in (("main", ""), ("ablation", "_ablations")):
+            rows = [r for r in self.recipe.rows if r.group == group]
+            if rows and any(r["row"] in {x.key for x in rows} for r in self.results):
+                report.plot(self.recipe, self.results, rows,
+                            os.path.join(self.out, f"label_efficiency{suffix}.png"))
+
+
+def _config_name(config, arg: str) -> str:
+    name = getattr(config, "__qualname__", None) if callable(config) else config
+    return f"{name}{':' + arg if arg else ''}"
+
+
+def _final_figures(workdir: str, done: Mapping) -> dict:
+    """The scalar figures of a pretraining run's end: its final evaluation
+    (stage 1: accuracy) and the last logged metrics (stage 2: loss, grid PSNR)."""
+    figures: dict[str, Any] = {}
+    for split, report in (done.get("eval") or {}).items():
+        for k, v in report.items():
+            if isinstance(v, (int, float)) and k in ("accuracy", "top1", "miou", "loss"):
+                figures[f"{split}/{k}"] = v
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        last: dict[str, Any] = {}
+        with open(path) as f:
+            for line in f:
+                try:
+                    last.update(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        for k in ("loss", "denoise/psnr_noisy", "denoise/psnr_denoised"):
+            if isinstance(last.get(k), (int, float)) and math.isfinite(last[k]):
+                figures[k] = round(last[k], 4)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (see the module docstring); returns the exit status."""
+    import argparse
+
+    from ddep_jax.experiments import protocols
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ddep_jax.experiments.label_efficiency",
+        description="Runs (or resumes) a label-efficiency grid: pretraining runs, "
+                    "fine-tuning rows x label fractions x seeds, summary and plot.")
+    parser.add_argument("--recipe", required=True, choices=sorted(protocols.RECIPES))
+    parser.add_argument("--out", required=True, help="Output folder (resumes).")
+    parser.add_argument("--only", default="", help="Comma-separated fnmatch patterns "
+                        "over run ids, e.g. 'pretrain/*' or 'finetune/*/1-30/*'.")
+    parser.add_argument("--seeds", default="", help="Seeds per fraction replacing "
+                        "the recipe's: N (every fraction) or 'FRACTION:N,...'.")
+    parser.add_argument("--data_dir", default="", help="config.data.data_dir of "
+                        "every run ('' = $TFDS_DATA_DIR or the configs').")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        metavar="NAME=PATH", help="An external pretraining checkpoint.")
+    parser.add_argument("--list", action="store_true",
+                        help="Print the runs and their status; run nothing.")
+    parser.add_argument("--summary_only", action="store_true",
+                        help="Rewrite summary.md and the plot from results.jsonl.")
+    args = parser.parse_args(argv)
+
+    recipe = protocols.get(args.recipe)
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, eq, path = item.partition("=")
+        if not eq or not path:
+            parser.error(f"--checkpoint={item!r}: expected NAME=PATH")
+        checkpoints[name] = path
+    seeds = {}
+    if args.seeds:
+        if ":" not in args.seeds:
+            seeds = {f: int(args.seeds) for f in recipe.fractions}
+        else:
+            for item in args.seeds.split(","):
+                fraction, _, n = item.rpartition(":")
+                if fraction not in recipe.fractions:
+                    parser.error(f"--seeds: {fraction!r} is not one of the recipe's "
+                                 f"fractions {list(recipe.fractions)}")
+                seeds[fraction] = int(n)
+    harness = Harness(recipe, args.out, data_dir=args.data_dir, checkpoints=checkpoints,
+                      only=[p for p in args.only.split(",") if p], seeds=seeds)
+    if args.list:
+        for run_id, status in harness.plan():
+            print(f"{status:8s} {run_id}")
+        return 0
+    if args.summary_only:
+        harness.write_outputs()
+        print(os.path.join(args.out, "summary.md"))
+        return 0
+    logging.set_verbosity(logging.WARNING)
+    status = harness.run()
+    print(f"results: {os.path.join(args.out, 'results.jsonl')} ({len(harness.results)} "
+          f"runs); summary: {os.path.join(args.out, 'summary.md')}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The label-efficiency recipes the harness runs (`RECIPES`, `get(name)`).
+
+- `camvid_cpu`: this project's CPU-scale protocol on real data (stage 1 on
+  CIFAR-10, stages 2-3 on CamVid), calibrated so that the grid of 4 rows x
+  {1/30, 1/8, 100%} x 3 seeds fits in a few CPU hours on 2 cores (README,
+  "Results"); `camvid_cpu_ablations` adds the paper's ablations as rows of a
+  second table (they share the first table's pretraining runs and
+  fine-tuning results when run into the same OUT).
+- The paper's protocols, for accelerators (docs/LAUNCH.md): `cityscapes_1x`,
+  `cityscapes_2x` (Fig. 6: full, 1/4, 1/8, 1/30 of 2975 images; 4, 4, 6 and
+  10 runs), `pascal_context_1x` / `_3x` and `ade20k_1x` / `_3x` (Table 6,
+  Fig. 7: 1, 5, 10, 20, 100%; 10 runs each, 5 at 20%). Their supervised
+  encoder is the public R50+ViT-B/16 ImageNet-21k checkpoint
+  (`--checkpoint=supervised=PATH`, `python -m ddep_jax.vit_import`), DDeP and
+  DeP run configs/ddep_imagenet21k.py. The paper gives no run count for
+  Cityscapes' full split; 4 (as at 1/4) is this project's choice.
+"""
+
+from __future__ import annotations
+
+from ddep_jax.experiments.label_efficiency import Pretraining, Recipe, Row
+
+# --------------------------------------------------------------------- CPU
+CAMVID_CPU_MODEL = {
+    # The CPU model of configs/*_camvid.py and classify_cifar10.py
+    # (recipes.cpu_camvid_model) with a decoder narrow at full resolution, as
+    # TransUNet's (..., 64, 16): the last two blocks (1/2 and full
+    # resolution) cost most of the step at 64 channels.
+    "model.decoder_widths": (128, 96, 64, 32, 16),
+}
+
+_CPU_ROWS = (
+    Row("scratch", "No pretraining", "scratch"),
+    Row("supervised", "Supervised", "encoder", "supervised"),
+    Row("dep", "DeP", "pretrained", "dep"),
+    Row("ddep", "DDeP", "pretrained", "ddep"),
+)
+
+_CPU_PRETRAININGS = (
+    Pretraining("supervised", "stage 1: the encoder as a CIFAR-10 classifier",
+                "classify_cifar10.py", "epochs=6"),
+    Pretraining("ddep", "stage 2: DDeP on CamVid's 367 training images "
+                "(labels unused), stage-1 encoder frozen",
+                "ddep_camvid.py", "steps=1000", init_from="supervised"),
+    Pretraining("dep", "stage 2: DeP, the whole model denoised from scratch "
+                "on CamVid's training images",
+                "ddep_camvid.py", "steps=1000", {"frozen": ()}),
+)
+
+CAMVID_CPU = Recipe(
+    name="camvid_cpu",
+    description=(
+        "CamVid (367 train / 233 test images, 11 classes) at half resolution "
+        "(180x240), 96x96 crops, batch 8; the CPU hybrid encoder (R(1,1,1) "
+        "+ ViT-nano) with a narrow decoder; test mIoU over all 233 images "
+        "resized back to 360x480. Stage 1 on CIFAR-10, stage 2 on CamVid's "
+        "training images."),
+    finetune_config="finetune_camvid.py",
+    rows=_CPU_ROWS,
+    pretrainings=_CPU_PRETRAININGS,
+    fractions=("1/30", "1/8", "100%"),
+    seeds={"1/30": 3, "1/8": 3, "100%": 3},
+    overrides=CAMVID_CPU_MODEL,
+    finetune_overrides={
+        "total_steps": 800,
+        "optimizer.learning_rate": 2e-3,
+        "eval.split": "test",  # one evaluation, at the end
+        "eval.final_splits": (),
+        "eval.every_steps": 0,
+        "eval.num_visualize": 0,
+        "checkpoint_every": 200,
+    },
+    metric_split="test",
+)
+
+_ABLATIONS = (
+    # Table 1: predict x (Eq. 2) instead of eps.
+    ("ddep_x", "DDeP, x target (Table 1)", {"denoising.target": "x"}),
+    # Fig. 5: simple additive noise (Eq. 1) and the sigma sweep.
+    ("ddep_simple", "DDeP, simple noise (Fig. 5)", {"denoising.noise_type": "simple"}),
+    ("ddep_sigma0.1", "DDeP, sigma 0.1 (Fig. 5)", {"denoising.sigma": 0.1}),
+    ("ddep_sigma0.5", "DDeP, sigma 0.5 (Fig. 5)", {"denoising.sigma": 0.5}),
+    # Table 4: gamma sampled per example instead of fixed.
+    ("ddep_sampled", "DDeP, sampled sigma in [0, 0.5] (Table 4)",
+     {"denoising.sigma_range": (0.0, 0.5)}),
+)
+
+CAMVID_CPU_ABLATIONS = Recipe(
+    name="camvid_cpu_ablations",
+    description=CAMVID_CPU.description + " Second table: DDeP ablations, one "
+                "pretraining run each, at the same fine-tuning protocol.",
+    finetune_config=CAMVID_CPU.finetune_config,
+    rows=(CAMVID_CPU.row("scratch"), CAMVID_CPU.row("ddep"),
+          *(Row(k, name, "pretrained", k, group="ablation") for k, name, _ in _ABLATIONS)),
+    pretrainings=(*_CPU_PRETRAININGS,
+                  *(Pretraining(k, f"stage 2: {name}", "ddep_camvid.py", "steps=1000",
+                                o, init_from="supervised") for k, name, o in _ABLATIONS)),
+    fractions=("1/30", "100%"),
+    seeds={"1/30": 3, "100%": 1},
+    overrides=CAMVID_CPU.overrides,
+    finetune_overrides=CAMVID_CPU.finetune_overrides,
+    metric_split="test",
+    references=("ddep", "scratch"),
+)
+
+# ------------------------------------------------------------------- paper
+_PAPER_ENCODER = Pretraining(
+    "supervised", "the public R50+ViT-B/16 ImageNet-21k classifier's encoder "
+    "(python -m ddep_jax.vit_import)")
+
+
+def _paper_pretrainings(decoder: int) -> tuple[Pretraining, ...]:
+    return (
+        _PAPER_ENCODER,
+        Pretraining("ddep", f"DDeP on ImageNet-21k, {decoder}x decoder, encoder frozen",
+                    "ddep_imagenet21k.py", f"decoder={decoder}", init_from="supervised"),
+        Pretraining("dep", f"DeP on ImageNet-21k, {decoder}x decoder, from scratch",
+                    "ddep_imagenet21k.py", f"decoder={decoder},dep"),
+    )
+
+
+def _paper(name: str, dataset: str, config: str, decoder: int, fractions,
+           seeds, rows) -> Recipe:
+    return Recipe(
+        name=name,
+        description=(f"The paper's {dataset} protocol (Sec. 5.1), {decoder}x decoder: "
+                     f"configs/{config} at label fractions {', '.join(fractions)}, "
+                     "validation mIoU."),
+        finetune_config=config, finetune_arg=f"decoder={decoder}",
+        rows=rows, pretrainings=_paper_pretrainings(decoder), fractions=fractions,
+        seeds=seeds, metric_split="validation")
+
+
+_ALL_ROWS = _CPU_ROWS
+_TABLE6_ROWS = (_CPU_ROWS[1], _CPU_ROWS[3])  # Table 6 / Fig. 7: Supervised, DDeP
+_CITYSCAPES = ("1/30", "1/8", "1/4", "100%")
+_CITYSCAPES_SEEDS = {"1/30": 10, "1/8": 6, "1/4": 4, "100%": 4}
+_TABLE6 = ("1%", "5%", "10%", "20%", "100%")
+_TABLE6_SEEDS = {"1%": 10, "5%": 10, "10%": 10, "20%": 5, "100%": 10}
+
+RECIPES = {r.name: r for r in (
+    CAMVID_CPU,
+    CAMVID_CPU_ABLATIONS,
+    _paper("cityscapes_1x", "Cityscapes", "finetune_cityscapes.py", 1, _CITYSCAPES,
+           _CITYSCAPES_SEEDS, _ALL_ROWS),
+    _paper("cityscapes_2x", "Cityscapes", "finetune_cityscapes.py", 2, _CITYSCAPES,
+           _CITYSCAPES_SEEDS, _TABLE6_ROWS),
+    _paper("pascal_context_1x", "Pascal Context", "finetune_pascal_context.py", 1,
+           _TABLE6, _TABLE6_SEEDS, _TABLE6_ROWS),
+    _paper("pascal_context_3x", "Pascal Context", "finetune_pascal_context.py", 3,
+           _TABLE6, _TABLE6_SEEDS, _TABLE6_ROWS),
+    _paper("ade20k_1x", "ADE20K", "finetune_ade20k.py", 1, _TABLE6, _TABLE6_SEEDS,
+           _TABLE6_ROWS),
+    _paper("ade20k_3x", "ADE20K", "finetune_ade20k.py", 3, _TABLE6, _TABLE6_SEEDS,
+           _TABLE6_ROWS),
+)}
+
+
+def get(name: str) -> Recipe:
+    """The recipe called `name`.
+
+    Raises:
+      ValueError: an unknown name (listing the known ones).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"label-efficiency recipe {name!r} is unknown; known: "
+                         f"{sorted(RECIPES)}.")
+    return RECIPES[name]

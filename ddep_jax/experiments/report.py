@@ -1,0 +1,225 @@
+"""The label-efficiency harness's outputs: summary.md and the Figure-6 plot.
+
+`summary_markdown(recipe, results, pretraining_records)` formats the per-cell
+mean +- std (percent mIoU), each row's difference against the recipe's
+reference rows with a 95% confidence interval over seeds, the sensitivity
+check at the lowest fraction and the CPU hours; `plot(...)` draws mIoU
+against labelled images (log x axis), one line per row with a +- 1 std band,
+with matplotlib (Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+from typing import Mapping, Sequence
+
+from ddep_jax import writers
+from ddep_jax.experiments import stats
+
+
+def _by_cell(results: Sequence[Mapping]) -> dict[tuple[str, str], dict[int, float]]:
+    """{(row, fraction): {seed: mIoU in percent}}."""
+    cells: dict[tuple[str, str], dict[int, float]] = collections.defaultdict(dict)
+    for r in results:
+        cells[(r["row"], r["fraction"])][int(r["seed"])] = 100.0 * float(r["miou"])
+    return cells
+
+
+def _labelled(results: Sequence[Mapping]) -> dict[str, int]:
+    """{fraction: labelled images} as the runs recorded them."""
+    return {r["fraction"]: r["labelled_images"] for r in results
+            if r.get("labelled_images")}
+
+
+def _fmt(x: float, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def cell_text(values: Mapping[int, float] | None) -> str:
+    """'mean ± std (n=k)' of a cell's {seed: value}; '-' when empty."""
+    if not values:
+        return "-"
+    c = stats.cell(list(values.values()))
+    spread = f" ± {_fmt(c.std)}" if c.n > 1 else ""
+    return f"{_fmt(c.mean)}{spread} (n={c.n})"
+
+
+def difference_text(row: Mapping[int, float] | None,
+                    reference: Mapping[int, float] | None) -> str:
+    """'+d [low, high]' (95% CI; '*' where it excludes 0) or '-'."""
+    if not row or not reference:
+        return "-"
+    d = stats.difference(row, reference)
+    star = "*" if d.significant else ""
+    return (f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]{star} "
+            f"({d.method}, n={d.n})")
+
+
+def _header(recipe, labelled: Mapping[str, int]) -> list[str]:
+    cols = [f"{f} ({labelled[f]} images)" if f in labelled else f
+            for f in recipe.fractions]
+    return ["| initialisation | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|"]
+
+
+def summary_markdown(recipe, results: Sequence[Mapping],
+                     pretraining_records: Sequence[Mapping] = (), *,
+                     total_runs: int | None = None,
+                     failures: Sequence[Mapping] = ()) -> str:
+    """The summary.md text of a recipe's results so far (see the module
+    docstring). mIoU in percent; std is the sample std over seeds (ddof 1)."""
+    cells = _by_cell(results)
+    labelled = _labelled(results)
+    split = recipe.metric_split
+    cpu_ft = sum(r.get("cpu_seconds") or 0 for r in results) / 3600
+    cpu_pre = sum(r.get("cpu_seconds") or 0 for r in pretraining_records) / 3600
+    incomplete = any(r.get("cpu_seconds_complete") is False
+                     for r in [*results, *pretraining_records])
+    lines = [f"# Label efficiency: `{recipe.name}`", "", recipe.description, "",
+             f"Metric: {split}-split mIoU (%), mean ± sample std over seeds (n = "
+             "seeds). A seed sets the labelled subset, the initialisation and the "
+             "data order; rows with the same seed share their labelled images.", "",
+             f"Fine-tuning runs finished: {len(results)}"
+             + (f" of {total_runs}" if total_runs else "")
+             + f". CPU time: pretraining {cpu_pre:.2f} h, fine-tuning {cpu_ft:.2f} h"
+             + (" (some runs were killed before their CPU time was counted: "
+                "lower bounds)" if incomplete else "") + "."]
+    groups = [("main", "Initialisations"), ("ablation", "Ablations")]
+    for group, title in groups:
+        rows = [r for r in recipe.rows if r.group == group]
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", *_header(recipe, labelled)]
+        for row in rows:
+            lines.append(f"| {row.name} | " + " | ".join(
+                cell_text(cells.get((row.key, f))) for f in recipe.fractions) + " |")
+        for ref_key in recipe.references:
+            try:
+                ref = recipe.row(ref_key)
+            except ValueError:
+                continue
+            lines += ["", f"Difference against {ref.name} (percentage points, 95% "
+                      "confidence interval over seeds; * = excludes 0):", "",
+                      *_header(recipe, labelled)]
+            for row in rows:
+                if row.key == ref_key:
+                    continue
+                lines.append(f"| {row.name} | " + " | ".join(
+                    difference_text(cells.get((row.key, f)), cells.get((ref_key, f)))
+                    for f in recipe.fractions) + " |")
+    lines += _sensitivity(recipe, cells)
+    lines += _per_class(recipe, results)
+    if pretraining_records:
+        lines += ["", "## Pretraining runs", "",
+                  "| name | what | config | steps | final figures | CPU h |",
+                  "|---|---|---|---|---|---|"]
+        for p in pretraining_records:
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in (p.get("final") or {}).items())
+            lines.append(f"| {p['name']} | {p.get('description', '')} | "
+                         f"`{p['config']}` | {p.get('steps')} | {figures} | "
+                         f"{(p.get('cpu_seconds') or 0) / 3600:.2f} |")
+    if failures:
+        lines += ["", "## Failed runs", ""] + [f"- `{f['run']}`: {f['error']}"
+                                               for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _sensitivity(recipe, cells) -> list[str]:
+    """Each reference effect at the lowest fraction against twice the pooled
+    seed std of that fraction's main-table cells."""
+    lowest = recipe.fractions[0]
+    main = [r for r in recipe.rows if r.group == "main"]
+    pooled = stats.pooled_std([list(cells[(r.key, lowest)].values())
+                               for r in main if (r.key, lowest) in cells])
+    lines = ["", f"## Sensitivity at the lowest fraction ({lowest})", "",
+             f"Pooled seed std of the initialisations at {lowest}: {_fmt(pooled)} "
+             "mIoU points. An effect the protocol can see should exceed twice it."]
+    scratch = cells.get(("scratch", lowest))
+    for row in main:
+        if row.key == "scratch" or not scratch or (row.key, lowest) not in cells:
+            continue
+        d = stats.difference(cells[(row.key, lowest)], scratch)
+        ratio = d.mean / pooled if pooled and not math.isnan(pooled) else math.nan
+        verdict = "n/a" if math.isnan(ratio) else ("yes" if ratio > 2 else "no")
+        lines.append(f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
+                     f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
+    return lines
+
+
+def _per_class(recipe, results) -> list[str]:
+    """Mean per-class IoU (%) per row at the lowest fraction."""
+    lowest = recipe.fractions[0]
+    per_row: dict[str, list[Mapping]] = collections.defaultdict(list)
+    for r in results:
+        if r["fraction"] == lowest and r.get("per_class_iou"):
+            per_row[r["row"]].append(r["per_class_iou"])
+    if not per_row:
+        return []
+    names = list(next(iter(per_row.values()))[0])
+    lines = ["", f"## Per-class IoU at {lowest} (%, mean over seeds)", "",
+             "| initialisation | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for row in recipe.rows:
+        if row.key not in per_row:
+            continue
+        vals = []
+        for name in names:
+            xs = [p[name] for p in per_row[row.key] if p.get(name) is not None]
+            vals.append(f"{100 * sum(xs) / len(xs):.1f}" if xs else "-")
+        lines.append(f"| {row.name} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
+    """Writes the Figure-6 PNG at `path`: mean mIoU (%) against labelled
+    images (log x axis) per row, with a +- 1 std band (no band for a single
+    seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _by_cell(results)
+    labelled = _labelled(results)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ticks = []
+    for row in rows:
+        xs, means, stds = [], [], []
+        for f in recipe.fractions:
+            values = cells.get((row.key, f))
+            if not values or f not in labelled:
+                continue
+            c = stats.cell(list(values.values()))
+            xs.append(labelled[f])
+            means.append(c.mean)
+            stds.append(0.0 if math.isnan(c.std) else c.std)
+        if not xs:
+            continue
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        xs = [xs[i] for i in order]
+        means = [means[i] for i in order]
+        stds = [stds[i] for i in order]
+        (line,) = ax.plot(xs, means, marker="o", label=row.name)
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
+                        [m + s for m, s in zip(means, stds)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+        ticks.extend(xs)
+    ax.set_xscale("log")
+    ticks = sorted(set(ticks))
+    names = {v: k for k, v in labelled.items()}
+    ax.set_xticks(ticks, [f"{t}\n({names.get(t, '')})" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training images (log scale)")
+    ax.set_ylabel(f"{recipe.metric_split} mIoU (%)")
+    ax.set_title(f"{recipe.name}: mean ± 1 std over seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    writers.write_bytes(path, buffer.getvalue())

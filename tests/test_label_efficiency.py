@@ -1,0 +1,244 @@
+"""The label-efficiency harness (ddep_jax.experiments): the summary arithmetic
+against hand computations, the recipes' configs, and a tiny two-row,
+two-fraction, two-seed grid on real CamVid that is killed mid-grid, resumed
+without repeating a finished run, and rerun without running anything."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, subprocess_env
+from ddep_jax.experiments import label_efficiency as le
+from ddep_jax.experiments import protocols, report, stats
+
+T_975_2DF = 4.302652729749462  # Student t, 97.5% quantile, 2 degrees of freedom
+
+
+def test_cell_difference_and_pooled_std_against_hand_computation():
+    c = stats.cell([30.0, 32.0, 34.0])
+    assert (c.mean, c.std, c.n) == (32.0, 2.0, 3)
+    assert math.isnan(stats.cell([5.0]).std)
+    # Paired (same seeds): d = 10, 13, 7 -> mean 10, sd 3, half-width t * 3 / sqrt 3.
+    d = stats.difference({0: 40.0, 1: 45.0, 2: 41.0}, {0: 30.0, 1: 32.0, 2: 34.0})
+    half = T_975_2DF * 3 / math.sqrt(3)
+    assert d.method == "paired" and d.n == 3
+    assert d.mean == pytest.approx(10.0)
+    assert (d.low, d.high) == pytest.approx((10 - half, 10 + half))
+    assert d.significant
+    # Welch (different seeds): means 42 and 32; s^2/n = 8/2 and 4/3;
+    # nu = (4 + 4/3)^2 / (4^2 / 1 + (4/3)^2 / 2) = 1.68421...
+    w = stats.difference({0: 40.0, 1: 44.0}, {0: 30.0, 1: 32.0, 2: 34.0})
+    se = math.sqrt(4 + 4 / 3)
+    nu = (4 + 4 / 3) ** 2 / (16 + (16 / 9) / 2)
+    assert nu == pytest.approx(1.684210526)
+    from scipy.stats import t
+
+    assert w.method == "welch" and w.mean == pytest.approx(10.0)
+    assert w.high - w.mean == pytest.approx(t.ppf(0.975, nu) * se)
+    one = stats.difference({0: 40.0}, {0: 30.0})
+    assert one.mean == 10.0 and math.isnan(one.low) and not one.significant
+    # Pooled: sqrt((2 * 4 + 1 * 8) / (2 + 1)); a single value adds nothing.
+    assert stats.pooled_std([[30, 32, 34], [40, 44], [50]]) == pytest.approx(
+        math.sqrt(16 / 3))
+    assert math.isnan(stats.pooled_std([[1.0], [2.0]]))
+
+
+def _recipe(**kw):
+    rows = (le.Row("scratch", "No pretraining", "scratch"),
+            le.Row("supervised", "Supervised", "encoder", "sup"),
+            le.Row("ddep", "DDeP", "pretrained", "dd"))
+    pre = (le.Pretraining("sup", "stage 1", "classify_cifar10.py"),
+           le.Pretraining("dd", "stage 2", "ddep_camvid.py", init_from="sup"))
+    args = dict(name="synthetic", description="Synthetic figures.",
+                finetune_config="finetune_camvid.py", rows=rows, pretrainings=pre,
+                fractions=("1/30", "100%"), seeds={"1/30": 3, "100%": 3})
+    return le.Recipe(**{**args, **kw})
+
+
+def _record(row, fraction, seed, miou, images):
+    return {"row": row, "fraction": fraction, "seed": seed, "miou": miou / 100,
+            "labelled_images": images, "cpu_seconds": 360.0,
+            "per_class_iou": {"sky": 0.9, "pole": None}}
+
+
+def test_summary_and_figure_from_records(tmp_path):
+    recipe = _recipe()
+    values = {"scratch": (30, 32, 34), "supervised": (40, 45, 41), "ddep": (41, 44, 45)}
+    results = [_record(row, "1/30", s, v, 13) for row, vs in values.items()
+               for s, v in enumerate(vs)]
+    results += [_record(row, "100%", 0, 60, 367) for row in values]
+    text = report.summary_markdown(recipe, results, [], total_runs=18)
+    assert "| No pretraining | 32.00 ± 2.00 (n=3) | 60.00 (n=1) |" in text
+    assert "| 1/30 (13 images) | 100% (367 images) |" in text
+    half = T_975_2DF * 3 / math.sqrt(3)
+    assert (f"| Supervised | +10.00 [{10 - half:+.2f}, {10 + half:+.2f}]* "
+            "(paired, n=3) | +0.00 [n/a, n/a] (welch, n=1) |") in text
+    # Pooled std of the three 1/30 cells: variances 4, 7, 4.333 -> sqrt(15.333/3).
+    pooled = math.sqrt((4 + 7 + 13 / 3) / 3)
+    assert f"Pooled seed std of the initialisations at 1/30: {pooled:.2f}" in text
+    assert f"- Supervised - No pretraining: +10.00 = {10 / pooled:.2f} x pooled std " \
+           "(> 2x: yes)" in text
+    assert "Fine-tuning runs finished: 12 of 18. CPU time: pretraining 0.00 h, " \
+           "fine-tuning 1.20 h." in text
+    assert "| DDeP | 90.0 | - |" in text  # per-class IoU at 1/30, None -> '-'
+    path = tmp_path / "fig.png"
+    report.plot(recipe, results, recipe.rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_errors_and_selection(tmp_path):
+    with pytest.raises(ValueError, match="no pretraining 'missing'"):
+        _recipe(rows=(le.Row("x", "X", "encoder", "missing"),)).check()
+    with pytest.raises(ValueError, match="fraction '1/8' has no seeds"):
+        _recipe(fractions=("1/8",)).check()
+    with pytest.raises(ValueError, match="unknown; known"):
+        protocols.get("camvid")
+    with pytest.raises(ValueError, match="--checkpoint=supervised=PATH"):
+        le.Harness(protocols.get("cityscapes_1x"), str(tmp_path)).plan()
+    h = le.Harness(_recipe(), str(tmp_path), only=["finetune/ddep/1-30/*"],
+                   seeds={"1/30": 2})
+    # A selected fine-tuning run brings its pretraining chain, dependencies first.
+    assert h.plan() == [("pretrain/sup", "pending"), ("pretrain/dd", "pending"),
+                        ("finetune/ddep/1-30/s0", "pending"),
+                        ("finetune/ddep/1-30/s1", "pending")]
+
+
+@pytest.mark.parametrize("name", sorted(protocols.RECIPES))
+def test_every_recipe_builds_valid_configs(name, tmp_path):
+    """Every run of every recipe gets a config its stage accepts (the
+    recipes' overrides name real keys, the models of the stages match)."""
+    from ddep_jax.trainers import loop
+
+    recipe = protocols.get(name)
+    h = le.Harness(recipe, str(tmp_path), checkpoints={"supervised": "/ckpt/encoder"})
+    models = set()
+    for p in recipe.pretrainings:
+        if p.config:
+            config = h.pretraining_config(p.name)
+            loop.trainer(config.stage).validate(config, 1)
+            models.add(json.dumps(config.model.encoder.to_dict(), sort_keys=True))
+    for run in h.finetune_runs()[:len(recipe.rows)]:
+        config = h.finetune_config(run)
+        loop.trainer("finetune").validate(config, 1)
+        assert recipe.metric_split in (config.eval.split, *config.eval.final_splits)
+        models.add(json.dumps(config.model.encoder.to_dict(), sort_keys=True))
+    assert len(models) == 1, "the stages' encoders differ: no hand-over"
+
+
+_TINY_RECIPE = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config, tiny_finetune_config
+from ddep_jax.experiments import label_efficiency as le
+
+DATA = {data!r}
+
+def stage2(arg):
+    return tiny_config(**{{"data.source": "tfds", "data.name": "camvid",
+                          "data.data_dir": DATA, "total_steps": 2}})
+
+def stage3(arg):
+    return tiny_finetune_config(**{{"data.data_dir": DATA, "total_steps": 2,
+                                   "eval.num_visualize": 0}})
+
+RECIPE = le.Recipe(
+    name="tiny", description="Two rows, two fractions, two seeds.",
+    finetune_config=stage3,
+    rows=(le.Row("scratch", "No pretraining", "scratch"),
+          le.Row("ddep", "DDeP", "pretrained", "ddep")),
+    pretrainings=(le.Pretraining("ddep", "tiny DDeP on CamVid", stage2),),
+    fractions=("1/30", "1/8"), seeds={{"1/30": 2, "1/8": 2}},
+    metric_split="validation")
+
+if __name__ == "__main__":
+    sys.exit(le.Harness(RECIPE, sys.argv[1]).run())
+"""
+
+
+def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
+                                                                   camvid_tfds):
+    script = tmp_path / "tiny_recipe.py"
+    script.write_text(_TINY_RECIPE.format(tests=str(REPO / "tests"), data=camvid_tfds))
+    out = tmp_path / "grid"
+    results = out / "results.jsonl"
+    # 1. A harness process, killed (SIGKILL: nothing can clean up) as soon as
+    # its first fine-tuning run has been recorded.
+    child = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not (results.exists() and results.read_text().strip()):
+        assert child.poll() is None, child.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no result within 10 minutes"
+        time.sleep(0.5)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    assert first and all(set(le.RESULT_KEYS) <= set(r) for r in first)
+    done_before = {r["workdir"]: os.path.getmtime(out / r["workdir"] / "done.json")
+                   for r in first}
+    assert (out / "pretrain" / "ddep" / "done.json").exists()
+
+    # 2. Resumed in this process: the finished runs are read, not redone.
+    sys.path.insert(0, str(tmp_path))
+    import tiny_recipe
+
+    called = []
+    from ddep_jax.trainers import loop
+
+    def run_fn(config, workdir):
+        called.append(os.path.relpath(workdir, out))
+        return loop.run(config, workdir)
+
+    harness = le.Harness(tiny_recipe.RECIPE, str(out), run_fn=run_fn)
+    assert harness.run() == 0
+    assert not set(done_before) & set(called), called
+    assert "pretrain/ddep" not in called
+    for workdir, mtime in done_before.items():
+        assert os.path.getmtime(out / workdir / "done.json") == mtime
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    keys = [(r["row"], r["fraction"], r["seed"]) for r in records]
+    assert sorted(keys) == sorted((row, f, s) for row in ("scratch", "ddep")
+                                  for f in ("1/30", "1/8") for s in (0, 1))
+    assert {r["labelled_images"] for r in records} == {13, 46}
+    for r in records:
+        report_path = out / r["workdir"] / "eval" / f"validation_{2:08d}.json"
+        assert json.loads(report_path.read_text())["miou"] == r["miou"]
+        assert 0 < r["miou"] < 1 and len(r["per_class_iou"]) == 11
+        assert r["cpu_seconds"] > 0
+    # The same seed means the same labelled images in both rows.
+    subsets = {(r["row"], r["fraction"], r["seed"]): json.loads(
+        (out / r["workdir"] / "labelled_subset.json").read_text())["indices"]
+        for r in records}
+    assert subsets[("scratch", "1/30", 1)] == subsets[("ddep", "1/30", 1)]
+    assert subsets[("scratch", "1/30", 0)] != subsets[("scratch", "1/30", 1)]
+    summary = (out / "summary.md").read_text()
+    assert "| No pretraining | " in summary and "| DDeP | " in summary
+    assert "Difference against No pretraining" in summary
+    assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "pretraining.jsonl").read_text())["name"] == "ddep"
+
+    # 3. A rerun of the finished grid runs nothing.
+    called.clear()
+    assert le.Harness(tiny_recipe.RECIPE, str(out), run_fn=run_fn).run() == 0
+    assert called == []
+
+
+def test_cli_lists_the_plan(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+         "--recipe=camvid_cpu", f"--out={tmp_path}", "--list", "--seeds=1",
+         "--only=finetune/*/1-30/*"], cwd=REPO, capture_output=True, text=True,
+        env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[:3] == ["pending  pretrain/supervised", "pending  pretrain/dep",
+                         "pending  pretrain/ddep"]
+    assert "pending  finetune/ddep/1-30/s0" in lines
+    assert not any("100pct" in line for line in lines)
