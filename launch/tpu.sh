@@ -56,7 +56,12 @@
 #   --git_url=URL          [GIT_URL] install: clone URL instead of copying
 #   --git_ref=REF          [GIT_REF] HEAD: what to archive or check out
 #   --python_version=V     [PYTHON_VERSION] 3.12 (TPU images ship 3.10)
-#   --config=FILE[:ARGS]   run/retry: the stage config (required)
+#   --config=FILE[:ARGS]   run/retry: the stage config (required, unless --harness)
+#   --harness=RECIPE       run/retry: instead of one stage, the label-efficiency
+#                          grid of RECIPE (python -m ddep_jax.experiments.
+#                          label_efficiency --recipe=RECIPE --out=WORKDIR, e.g.
+#                          cityscapes_1x; its flags such as
+#                          --checkpoint=supervised=gs://... go after '--')
 #   --workdir=gs://...     run/retry: the run's folder (required; resumes)
 #   --log=NAME             [log name] <workdir basename>; status/logs/stop:
 #                          the last run started on the worker
@@ -110,6 +115,7 @@ SCRATCH=${PREPARE_DIR:-ddep_prepare}
 INTERNAL_IP=${INTERNAL_IP:-0}
 DRY_RUN=${DRY_RUN:-0}
 CONFIG=""
+HARNESS=""
 WORKDIR=""
 LOG_NAME=""
 DISTRIBUTED=""
@@ -152,6 +158,7 @@ while [[ $# -gt 0 ]]; do
     --git_ref=*) GIT_REF=${arg#*=} ;;
     --python_version=*) PYTHON_VERSION=${arg#*=} ;;
     --config=*) CONFIG=${arg#*=} ;;
+    --harness=*) HARNESS=${arg#*=} ;;
     --config.*) MAIN_ARGS+=("$arg") ;;
     --workdir=*) WORKDIR=${arg#*=} ;;
     --log=*) LOG_NAME=${arg#*=} ;;
@@ -217,7 +224,15 @@ require_tpu() {
   require --name "$TPU_NAME" "or TPU_NAME"
 }
 require_run() {
-  require --config "$CONFIG" "e.g. --config=configs/ddep_imagenet21k.py"
+  if [[ -n $HARNESS ]]; then
+    [[ -z $CONFIG ]] || die "--harness runs its recipe's configs: drop --config"
+    local a
+    for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
+      [[ $a != --config.* ]] || die "--harness takes no $a (the recipe sets the configs)"
+    done
+  else
+    require --config "$CONFIG" "e.g. --config=configs/ddep_imagenet21k.py"
+  fi
   require --workdir "$WORKDIR" "e.g. --workdir=gs://BUCKET/runs/NAME"
 }
 default_runtime() {
@@ -468,6 +483,13 @@ cmd_prepare() {
 main_argv() {  # MAIN_ARGV: the job's command line
   MAIN_ARGV=()
   if [[ ${#JOB_ENV[@]} -gt 0 ]]; then MAIN_ARGV+=(env "${JOB_ENV[@]}"); fi
+  if [[ -n $HARNESS ]]; then
+    MAIN_ARGV+=(.venv/bin/python -m ddep_jax.experiments.label_efficiency
+                "--recipe=$HARNESS" "--out=$WORKDIR" "--distributed=$DISTRIBUTED")
+    if [[ -n $DATA_DIR ]]; then MAIN_ARGV+=("--data_dir=$DATA_DIR"); fi
+    MAIN_ARGV+=(${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
+    return
+  fi
   MAIN_ARGV+=(.venv/bin/python -m ddep_jax.main "--config=$CONFIG" "--workdir=$WORKDIR"
               "--distributed=$DISTRIBUTED")
   local a has_data_dir=0

@@ -6,14 +6,12 @@ without repeating a finished run, and rerun without running anything."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, tiny_config, tiny_finetune_config
 from ddep_jax.experiments import label_efficiency as le
 from ddep_jax.experiments import protocols, report, stats
 
@@ -131,87 +129,84 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
     assert len(models) == 1, "the stages' encoders differ: no hand-over"
 
 
-_TINY_RECIPE = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import tiny_config, tiny_finetune_config
-from ddep_jax.experiments import label_efficiency as le
+def _tiny_recipe(data_dir: str) -> le.Recipe:
+    """Two rows, two fractions, two seeds of the tiny model on real CamVid."""
+    def stage2(arg):
+        return tiny_config(**{"data.source": "tfds", "data.name": "camvid",
+                              "data.data_dir": data_dir, "total_steps": 2})
 
-DATA = {data!r}
+    def stage3(arg):
+        return tiny_finetune_config(**{"data.data_dir": data_dir, "total_steps": 2,
+                                       "checkpoint_every": 2, "eval.num_visualize": 0,
+                                       "data.base_scale": 0.125})  # eval at 45x60
 
-def stage2(arg):
-    return tiny_config(**{{"data.source": "tfds", "data.name": "camvid",
-                          "data.data_dir": DATA, "total_steps": 2}})
+    return le.Recipe(
+        name="tiny", description="Two rows, two fractions, two seeds.",
+        finetune_config=stage3,
+        rows=(le.Row("scratch", "No pretraining", "scratch"),
+              le.Row("ddep", "DDeP", "pretrained", "ddep")),
+        pretrainings=(le.Pretraining("ddep", "tiny DDeP on CamVid", stage2),),
+        fractions=("1/30", "1/8"), seeds={"1/30": 2, "1/8": 2},
+        metric_split="validation")
 
-def stage3(arg):
-    return tiny_finetune_config(**{{"data.data_dir": DATA, "total_steps": 2,
-                                   "eval.num_visualize": 0}})
 
-RECIPE = le.Recipe(
-    name="tiny", description="Two rows, two fractions, two seeds.",
-    finetune_config=stage3,
-    rows=(le.Row("scratch", "No pretraining", "scratch"),
-          le.Row("ddep", "DDeP", "pretrained", "ddep")),
-    pretrainings=(le.Pretraining("ddep", "tiny DDeP on CamVid", stage2),),
-    fractions=("1/30", "1/8"), seeds={{"1/30": 2, "1/8": 2}},
-    metric_split="validation")
-
-if __name__ == "__main__":
-    sys.exit(le.Harness(RECIPE, sys.argv[1]).run())
-"""
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing in the harness catches it."""
 
 
 def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
                                                                    camvid_tfds):
-    script = tmp_path / "tiny_recipe.py"
-    script.write_text(_TINY_RECIPE.format(tests=str(REPO / "tests"), data=camvid_tfds))
-    out = tmp_path / "grid"
-    results = out / "results.jsonl"
-    # 1. A harness process, killed (SIGKILL: nothing can clean up) as soon as
-    # its first fine-tuning run has been recorded.
-    child = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO,
-                             env=subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while not (results.exists() and results.read_text().strip()):
-        assert child.poll() is None, child.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no result within 10 minutes"
-        time.sleep(0.5)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    first = [json.loads(line) for line in results.read_text().splitlines()]
-    assert first and all(set(le.RESULT_KEYS) <= set(r) for r in first)
-    done_before = {r["workdir"]: os.path.getmtime(out / r["workdir"] / "done.json")
-                   for r in first}
-    assert (out / "pretrain" / "ddep" / "done.json").exists()
-
-    # 2. Resumed in this process: the finished runs are read, not redone.
-    sys.path.insert(0, str(tmp_path))
-    import tiny_recipe
-
-    called = []
     from ddep_jax.trainers import loop
 
-    def run_fn(config, workdir):
-        called.append(os.path.relpath(workdir, out))
+    recipe = _tiny_recipe(camvid_tfds)
+    out = tmp_path / "grid"
+    results = out / "results.jsonl"
+    calls = []
+
+    # 1. The harness dies in its fourth fine-tuning run, after that run's
+    # first step was checkpointed (as a kill after a checkpoint leaves it).
+    def dying(config, workdir):
+        calls.append(os.path.relpath(workdir, out))
+        if len(calls) == 5:  # pretrain/ddep, three fine-tuning runs, this one
+            loop.run(config, workdir, stop_after_step=1)
+            raise _Killed
         return loop.run(config, workdir)
 
-    harness = le.Harness(tiny_recipe.RECIPE, str(out), run_fn=run_fn)
-    assert harness.run() == 0
-    assert not set(done_before) & set(called), called
-    assert "pretrain/ddep" not in called
+    with pytest.raises(_Killed):
+        le.Harness(recipe, str(out), run_fn=dying).run()
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["workdir"] for r in first] == calls[1:4]
+    assert all(set(le.RESULT_KEYS) <= set(r) for r in first)
+    killed = out / calls[4]
+    assert (killed / "checkpoints" / "1").is_dir() and not (killed / "done.json").exists()
+    done_before = {r["workdir"]: os.path.getmtime(out / r["workdir"] / "done.json")
+                   for r in first}
+
+    # 2. Resumed: the finished runs are read, not redone; the killed one
+    # continues from its checkpoint.
+    calls.clear()
+
+    def counting(config, workdir):
+        calls.append(os.path.relpath(workdir, out))
+        return loop.run(config, workdir)
+
+    assert le.Harness(recipe, str(out), run_fn=counting).run() == 0
+    assert not set(done_before) & set(calls) and "pretrain/ddep" not in calls
+    assert calls[0] == os.path.relpath(killed, out) and len(calls) == 5
     for workdir, mtime in done_before.items():
         assert os.path.getmtime(out / workdir / "done.json") == mtime
     records = [json.loads(line) for line in results.read_text().splitlines()]
     keys = [(r["row"], r["fraction"], r["seed"]) for r in records]
     assert sorted(keys) == sorted((row, f, s) for row in ("scratch", "ddep")
                                   for f in ("1/30", "1/8") for s in (0, 1))
+    resumed = next(r for r in records if r["workdir"] == calls[0])
+    assert resumed["cpu_seconds_complete"] is False  # the killed part is uncounted
     assert {r["labelled_images"] for r in records} == {13, 46}
     for r in records:
         report_path = out / r["workdir"] / "eval" / f"validation_{2:08d}.json"
         assert json.loads(report_path.read_text())["miou"] == r["miou"]
         assert 0 < r["miou"] < 1 and len(r["per_class_iou"]) == 11
-        assert r["cpu_seconds"] > 0
+        assert r["cpu_seconds"] > 0 and r["steps"] == 2
     # The same seed means the same labelled images in both rows.
     subsets = {(r["row"], r["fraction"], r["seed"]): json.loads(
         (out / r["workdir"] / "labelled_subset.json").read_text())["indices"]
@@ -219,15 +214,16 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert subsets[("scratch", "1/30", 1)] == subsets[("ddep", "1/30", 1)]
     assert subsets[("scratch", "1/30", 0)] != subsets[("scratch", "1/30", 1)]
     summary = (out / "summary.md").read_text()
+    assert "Fine-tuning runs finished: 8 of 8." in summary
     assert "| No pretraining | " in summary and "| DDeP | " in summary
     assert "Difference against No pretraining" in summary
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "pretraining.jsonl").read_text())["name"] == "ddep"
 
     # 3. A rerun of the finished grid runs nothing.
-    called.clear()
-    assert le.Harness(tiny_recipe.RECIPE, str(out), run_fn=run_fn).run() == 0
-    assert called == []
+    calls.clear()
+    assert le.Harness(recipe, str(out), run_fn=counting).run() == 0
+    assert calls == []
 
 
 def test_cli_lists_the_plan(tmp_path):

@@ -292,6 +292,26 @@ def test_tpu_run_distributed_only_on_multi_host_slices(tmp_path, options, expect
                                           "--config.data.data_dir=/own"]
 
 
+def test_tpu_run_harness_runs_the_label_efficiency_grid(tmp_path):
+    """--harness=RECIPE starts the harness on every worker instead of one
+    stage; the flags after '--' reach it; --config is refused."""
+    repo = fake_repo(tmp_path)
+    ssh = dry(TPU, "run", *TPU_BASE, "--accelerator=v4-32", f"--repo_dir={repo}",
+              "--harness=cityscapes_1x", "--workdir=gs://b/grid", "--data_dir=/data/tfds",
+              "--", "--checkpoint=supervised=gs://b/encoders/r50_vitb16")[-1]
+    subprocess.run(["bash", "-c", remote(ssh)], cwd=tmp_path, env=clean_env(), check=True,
+                   capture_output=True, timeout=10)
+    wait_for(repo / "logs" / "grid.rc")
+    (argv,) = recorded_argvs(repo)
+    assert [a.decode() for a in argv] == [
+        "-m", "ddep_jax.experiments.label_efficiency", "--recipe=cityscapes_1x",
+        "--out=gs://b/grid", "--distributed=yes", "--data_dir=/data/tfds",
+        "--checkpoint=supervised=gs://b/encoders/r50_vitb16"]
+    bad = sh(TPU, "run", *TPU_BASE, "--dry_run", "--harness=cityscapes_1x",
+             "--config=c.py", "--workdir=gs://b/grid")
+    assert bad.returncode != 0 and "drop --config" in bad.stderr
+
+
 def test_tpu_status_stop_and_logs_on_a_worker(tmp_path):
     """A job runs in the background; status says so; it is not started twice;
     stop sends it SIGTERM, its exit status 75 is recorded."""

@@ -608,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "every run ('' = $TFDS_DATA_DIR or the configs').")
     parser.add_argument("--checkpoint", action="append", default=[],
                         metavar="NAME=PATH", help="An external pretraining checkpoint.")
+    parser.add_argument("--distributed", default="auto", choices=["auto", "yes", "no"],
+                        help="jax.distributed.initialize() as python -m ddep_jax.main "
+                        "does (every host runs the same harness; host 0 writes).")
     parser.add_argument("--list", action="store_true",
                         help="Print the runs and their status; run nothing.")
     parser.add_argument("--summary_only", action="store_true",
@@ -615,6 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     recipe = protocols.get(args.recipe)
+    if not (args.list or args.summary_only):
+        from ddep_jax import distributed
+
+        distributed.initialize(args.distributed)
     checkpoints = {}
     for item in args.checkpoint:
         name, eq, path = item.partition("=")

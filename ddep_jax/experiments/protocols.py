@@ -61,8 +61,9 @@ CAMVID_CPU = Recipe(
     fractions=("1/30", "1/8", "100%"),
     seeds={"1/30": 3, "1/8": 3, "100%": 3},
     overrides=CAMVID_CPU_MODEL,
+    # 500 steps of batch 8 at 1/30 (12 images) and 1/8 (46), 1000 at 100%.
+    finetune_steps={"1/30": 500, "1/8": 500, "100%": 1000},
     finetune_overrides={
-        "total_steps": 800,
         "optimizer.learning_rate": 2e-3,
         "eval.split": "test",  # one evaluation, at the end
         "eval.final_splits": (),
@@ -99,6 +100,7 @@ CAMVID_CPU_ABLATIONS = Recipe(
     seeds={"1/30": 3, "100%": 1},
     overrides=CAMVID_CPU.overrides,
     finetune_overrides=CAMVID_CPU.finetune_overrides,
+    finetune_steps=CAMVID_CPU.finetune_steps,
     metric_split="test",
     references=("ddep", "scratch"),
 )
