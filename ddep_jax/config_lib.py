@@ -142,6 +142,8 @@ def optimizer_config(learning_rate: float = 0.0) -> ml_collections.ConfigDict:
     o.b2 = 0.999
     o.weight_decay = 0.0  # > 0: AdamW (decoupled, scaled by the learning rate)
     o.grad_clip_norm = 0.0  # 0: no clipping
+    # 'encoder=0.01': collections trained at a multiple of the learning rate.
+    o.lr_multipliers = ""
     return o
 
 
@@ -269,6 +271,12 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
             f"must be divisible by the {num_devices} devices on the data axis")
     require(config.batch_size % num_processes == 0, "batch_size",
             config.batch_size, f"must be divisible by the {num_processes} hosts")
+    from ddep_jax import optim  # optim imports the models, as this module does
+
+    multipliers = optim.parse_lr_multipliers(o.get("lr_multipliers", ""))
+    frozen = tuple(config.get("frozen", ()))
+    require(not set(multipliers) & set(frozen), "optimizer.lr_multipliers",
+            o.lr_multipliers, f"names frozen collections {sorted(set(multipliers) & set(frozen))}")
     k = config.grad_accum_steps
     require(k >= 1, "grad_accum_steps", k, "must be >= 1")
     require(config.batch_size % (num_devices * k) == 0, "batch_size",

@@ -10,7 +10,7 @@ parameter that no rule covers is an error, never silently trained or frozen.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,27 +63,72 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0):
         max(total_steps, warmup_steps + 1), end_value=0.0)
 
 
+def parse_lr_multipliers(text: str) -> dict[str, float]:
+    """'encoder=0.01' -> {'encoder': 0.01}: top-level collections trained
+    at a multiple of the schedule's learning rate ('' -> {}).
+
+    Raises:
+      ValueError: 'config.optimizer.lr_multipliers=...' naming a malformed
+        item, an unknown collection or a multiplier <= 0.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            m = float(value) if eq else float("nan")
+        except ValueError:
+            m = float("nan")
+        if name not in COLLECTIONS or not m > 0:
+            raise ValueError(
+                f"config.optimizer.lr_multipliers={text!r} is invalid: {item!r} must "
+                f"be COLLECTION=MULTIPLIER with a collection of {COLLECTIONS} and a "
+                "multiplier > 0, e.g. 'encoder=0.01'.")
+        out[name] = m
+    return out
+
+
 def make_optimizer(params, frozen: Sequence[str], schedule, *, b1=0.9, b2=0.999,
-                   weight_decay=0.0, grad_clip_norm=0.0):
-    """optax.partition over {'train': Adam(W) + cosine, 'frozen': set_to_zero}.
+                   weight_decay=0.0, grad_clip_norm=0.0,
+                   lr_multipliers: Mapping[str, float] | None = None):
+    """optax.partition over {'train': Adam(W) + cosine, 'frozen': set_to_zero}
+    (and one 'train*<m>' group per multiplier of `lr_multipliers`, whose
+    schedule is m times `schedule`).
 
     Args:
       params: the parameter tree (or its `jax.eval_shape`).
       frozen: top-level collections to freeze, e.g. ('encoder',).
       schedule: learning-rate schedule (step -> float).
+      lr_multipliers: {collection: m}: e.g. {'encoder': 0.01}, the SSL4DP
+        draft's encoder at 1/100 of the base rate. Gradient clipping (by the
+        global norm) applies to each group on its own.
 
     Returns:
       (optax.GradientTransformation, labels tree).
+
+    Raises:
+      ValueError: a collection both frozen and given a multiplier.
     """
-    labels = param_labels(params, freeze_rules(frozen))
-    train = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
-    if weight_decay > 0:
-        train.append(optax.adamw(schedule, b1, b2, weight_decay=weight_decay))
-    else:
-        train.append(optax.adam(schedule, b1, b2))
-    tx = optax.partition({TRAIN: optax.chain(*train), FROZEN: optax.set_to_zero()},
-                         labels)
-    return tx, labels
+    multipliers = dict(lr_multipliers or {})
+    both = sorted(set(multipliers) & set(frozen))
+    if both:
+        raise ValueError(f"config.optimizer.lr_multipliers names {both}, which are "
+                         "frozen: drop them from one of the two.")
+    rules = [(f"^{name}/", FROZEN) for name in frozen]
+    rules += [(f"^{name}/", f"{TRAIN}*{m:g}") for name, m in multipliers.items()]
+    labels = param_labels(params, rules + freeze_rules(())[-1:])
+
+    def adam(lr):
+        chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+        if weight_decay > 0:
+            chain.append(optax.adamw(lr, b1, b2, weight_decay=weight_decay))
+        else:
+            chain.append(optax.adam(lr, b1, b2))
+        return optax.chain(*chain)
+
+    groups = {TRAIN: adam(schedule), FROZEN: optax.set_to_zero()}
+    for m in multipliers.values():
+        groups[f"{TRAIN}*{m:g}"] = adam(lambda step, m=m: m * schedule(step))
+    return optax.partition(groups, labels), labels
 
 
 def from_config(optimizer_config, params, frozen: Sequence[str], num_steps: int,
@@ -92,7 +137,7 @@ def from_config(optimizer_config, params, frozen: Sequence[str], num_steps: int,
 
     Args:
       optimizer_config: `config.optimizer` (warmup_steps, b1, b2,
-        weight_decay, grad_clip_norm).
+        weight_decay, grad_clip_norm, lr_multipliers).
       params: the parameter tree (or its `jax.eval_shape`).
       frozen: top-level collections that get no updates.
       num_steps: the cosine schedule's length.
@@ -104,7 +149,9 @@ def from_config(optimizer_config, params, frozen: Sequence[str], num_steps: int,
     o = optimizer_config
     schedule = make_schedule(peak_lr, num_steps, o.warmup_steps)
     tx, _ = make_optimizer(params, frozen, schedule, b1=o.b1, b2=o.b2,
-                           weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+                           weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+                           lr_multipliers=parse_lr_multipliers(
+                               o.get("lr_multipliers", "")))
     return tx, schedule
 
 

@@ -278,8 +278,8 @@ class Harness:
 
     def _needed_pretrainings(self, runs: Sequence[FinetuneRun]) -> list[str]:
         """Pretraining names to run, dependencies first."""
-        wanted = [p.name for p in self.recipe.pretrainings
-                  if self.selected(f"pretrain/{p.name}")]
+        wanted = [p.name for p in self.recipe.pretrainings  # named by --only
+                  if self.only and self.selected(f"pretrain/{p.name}")]
         for run in runs:
             name = self.recipe.row(run.row).pretraining
             if name:

@@ -34,6 +34,8 @@ _CPU_ROWS = (
     Row("supervised", "Supervised", "encoder", "supervised"),
     Row("dep", "DeP", "pretrained", "dep"),
     Row("ddep", "DDeP", "pretrained", "ddep"),
+    # SSL4DP's patch-level rotation pretext task, the same encoder frozen.
+    Row("rotation", "Patch rotation (SSL4DP)", "pretrained", "rotation"),
 )
 
 _CPU_PRETRAININGS = (
@@ -45,6 +47,9 @@ _CPU_PRETRAININGS = (
     Pretraining("dep", "stage 2: DeP, the whole model denoised from scratch "
                 "on CamVid's training images",
                 "ddep_camvid.py", "steps=1000", {"frozen": ()}),
+    Pretraining("rotation", "stage 2: patch-level rotation prediction (SSL4DP) on "
+                "CamVid's training images, stage-1 encoder frozen",
+                "rotation_camvid.py", "steps=1000", init_from="supervised"),
 )
 
 CAMVID_CPU = Recipe(
@@ -133,7 +138,7 @@ def _paper(name: str, dataset: str, config: str, decoder: int, fractions,
         seeds=seeds, metric_split="validation")
 
 
-_ALL_ROWS = _CPU_ROWS
+_ALL_ROWS = _CPU_ROWS[:4]
 _TABLE6_ROWS = (_CPU_ROWS[1], _CPU_ROWS[3])  # Table 6 / Fig. 7: Supervised, DDeP
 _CITYSCAPES = ("1/30", "1/8", "1/4", "100%")
 _CITYSCAPES_SEEDS = {"1/30": 10, "1/8": 6, "1/4": 4, "100%": 4}

@@ -1,0 +1,53 @@
+"""Patch-level rotation prediction (SSL4DP pretext task) on CamVid's training
+images (labels unused), sized for a 2-core CPU: the other stage-2 objective
+the label-efficiency harness compares with DDeP.
+
+Prepare the dataset once (reads ../shared/data/camvid):
+  python -m ddep_jax.data.prepare --dataset=camvid --manual_dir=../shared/data/camvid
+then
+  python -m ddep_jax.main --config=configs/rotation_camvid.py:ckpt=workdirs/cifar10 \\
+      --workdir=workdirs/rotation_camvid
+
+The model, crops and schedule are configs/ddep_camvid.py's; each 32x32 patch
+of a 96x96 crop (a 3x3 grid) is rotated by 0/90/180/270 degrees and the
+encoder-decoder predicts the angle at every pixel.
+
+Arguments (comma-separated k=v):
+  steps    training steps (batch 16)
+  ckpt     the stage-1 encoder (a configs/classify_cifar10.py workdir); '' keeps
+           the random initialisation
+  patch    patch side in pixels (divides 96)
+  encoder  frozen | train | slow: frozen (as DDeP), trained at the decoder's
+           rate, or at 1/100 of it (the draft's option)
+"""
+
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.trainers import rotation
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, steps=400, ckpt="", patch=32, encoder="frozen")
+    c = rotation.default_config()
+    cpu_camvid_model(c.model)
+    c.model.num_outputs = 4
+    c.data.source = "tfds"
+    c.data.name = "camvid"
+    c.data.split = "train"
+    c.data.crop_area_range = (0.1, 1.0)
+    c.data.num_threads = 2
+    c.init.checkpoint = arg.ckpt
+    c.pretext.patch_size = arg.patch
+    if arg.encoder not in ("frozen", "train", "slow"):
+        raise ValueError(f"config argument encoder={arg.encoder!r}: expected frozen, "
+                         "train or slow.")
+    c.frozen = ("encoder",) if arg.encoder == "frozen" else ()
+    if arg.encoder == "slow":
+        c.optimizer.lr_multipliers = "encoder=0.01"
+    c.batch_size = 16
+    c.total_steps = arg.steps
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.log_every = 20
+    c.checkpoint_every = 100
+    return c
