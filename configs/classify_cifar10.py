@@ -10,6 +10,8 @@ Arguments (comma-separated k=v):
   steps   training steps; > 0 overrides epochs
   batch   batch size (default 128)
   seed    init and data-order seed
+  arch    hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net; all stages
+          must use the same arch to hand weights over)
 
 The encoder equals configs/ddep_camvid.py's and configs/finetune_camvid.py's
 (R(1,1,1) hybrid, root width 64, ViT-nano; position embedding learned for
@@ -26,10 +28,10 @@ from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, epochs=6.0, steps=0, batch=128, seed=0)
+    arg = parse_arg(arg, epochs=6.0, steps=0, batch=128, seed=0, arch="hybrid")
     c = classify.default_config()
     c.seed = arg.seed
-    cpu_camvid_model(c.model)
+    cpu_camvid_model(c.model, arg.arch)
     c.data.name = "cifar10"
     c.data.image_size = (32, 32)
     # Milder than ImageNet's 0.08 on 32x32 images: at 6 epochs this model

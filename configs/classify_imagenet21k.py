@@ -13,15 +13,17 @@ and hand the encoder to stage 2:
   --config=configs/ddep_imagenet21k.py:ckpt=<that workdir>
 Arguments: vit (B | L; L shards parameters and Adam state, mesh.param_sharding
 'fsdp'), epochs, dtype (float32 | bfloat16 compute; parameters stay float32),
-accum (the batch of 4096 as K micro-batches).
+accum (the batch of 4096 as K micro-batches), arch (hybrid | r50unet: the
+plain ResNet-50 of the paper's Table 7 U-Net, for configs/ddep_imagenet21k.py:arch=r50unet).
 """
 
 from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import set_architecture
 from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, vit="B", epochs=90.0, dtype="float32", accum=1)
+    arg = parse_arg(arg, vit="B", epochs=90.0, dtype="float32", accum=1, arch="hybrid")
     c = classify.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
@@ -44,4 +46,5 @@ def get_config(arg=None):
     c.grad_accum_steps = arg.accum
     if arg.vit == "L":
         c.mesh.param_sharding = "fsdp"
+    set_architecture(c.model, arg.arch)
     return c

@@ -8,6 +8,7 @@ then
 Small hybrid encoder (R(1,1,1) with the R50 root width 64 + ViT-nano), frozen;
 a narrow decoder; 96x96 inception crops; scaled noise, sigma 0.22 (Eq. 5).
 `:paper` switches to the R50+ViT-B/16 encoder and the 1x decoder at 224x224.
+`:arch=r50unet` trains the paper's Table 7 ResNet-50 U-Net instead.
 `:ckpt=DIR` takes the frozen encoder from a stage-1 run (e.g. of
 configs/classify_cifar10.py, whose encoder is this one) or from a converted
 or raw vision_transformer .npz (with `:paper`); without it the encoder is the
@@ -15,12 +16,12 @@ random initialisation.
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.recipes import cpu_camvid_model, set_architecture
 from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, paper=False, steps=400, ckpt="")
+    arg = parse_arg(arg, paper=False, steps=400, ckpt="", arch="hybrid")
     c = ddep.default_config()
     c.data.source = "tfds"
     c.data.name = "camvid"
@@ -31,8 +32,9 @@ def get_config(arg=None):
     if arg.paper:
         c.batch_size = 64
         c.num_epochs = 100.0
+        set_architecture(c.model, arg.arch)
     else:
-        cpu_camvid_model(c.model)
+        cpu_camvid_model(c.model, arg.arch)
         c.batch_size = 16
         c.total_steps = arg.steps
         c.optimizer.learning_rate = 1e-3

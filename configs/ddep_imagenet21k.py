@@ -8,6 +8,8 @@ Prepare the data once (docs/DATASETS.md), then:
   python -m ddep_jax.main --config=configs/ddep_imagenet21k.py --workdir=DIR
 Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   :vit=L (R50+ViT-L/16), :dep (DeP, encoder trained too),
+  :arch=r50unet (the Table 7 ResNet-50 U-Net, from a ResNet-50 stage-1 run:
+  configs/classify_imagenet21k.py:arch=r50unet),
   :runlocal (tiny sizes to smoke-test the config on a laptop),
   :ckpt=PATH the pretrained encoder: the public R50+ViT-B_16.npz (or
   ViT-L), its Orbax conversion (python -m ddep_jax.vit_import) or a stage-1
@@ -24,12 +26,13 @@ On a Cloud TPU slice (docs/LAUNCH.md):
 """
 
 from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import set_architecture
 from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, ckpt="",
-                    dtype="float32", accum=1)
+                    dtype="float32", accum=1, arch="hybrid")
     c = ddep.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.decoder_multiplier = arg.decoder
@@ -53,4 +56,5 @@ def get_config(arg=None):
         c.total_steps = 20
         c.log_every = 5
         c.data.num_threads = 2
+    set_architecture(c.model, arg.arch)
     return c

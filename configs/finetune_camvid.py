@@ -14,6 +14,8 @@ Arguments (comma-separated k=v):
   fraction  label fraction of the 367 training images ('1/30' = 13, '100%')
   seed      init, data order and labelled-subset seed
   steps     training steps (batch 8)
+  arch      hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net; the
+            checkpoint must be of the same arch)
   paper     the R50+ViT-B/16 + 1x decoder at 360x480 crops, full-resolution
             evaluation (a GPU/TPU run)
 
@@ -24,13 +26,13 @@ pixel.
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.recipes import cpu_camvid_model, set_architecture
 from ddep_jax.trainers import finetune
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, init="scratch", ckpt="", fraction="100%", seed=0,
-                    steps=100, paper=False)
+                    steps=100, paper=False, arch="hybrid")
     c = finetune.default_config()
     c.seed = arg.seed
     c.init.mode = arg.init
@@ -48,8 +50,9 @@ def get_config(arg=None):
         c.eval.flip = True
         c.optimizer.learning_rate = 1e-4
         c.optimizer.warmup_steps = 100
+        set_architecture(c.model, arg.arch)
     else:
-        cpu_camvid_model(c.model)
+        cpu_camvid_model(c.model, arg.arch)
         c.data.base_scale = 0.5
         c.data.crop_size = (96, 96)
         c.data.scale_range = (0.75, 1.5)
@@ -62,4 +65,6 @@ def get_config(arg=None):
         c.eval.num_visualize = 4
         c.eval.every_steps = 50  # validation mIoU on the first 25 images
         c.eval.max_images = 25
+    if arg.arch == "r50unet":
+        c.eval.size_multiple = 32  # the ResNet's output stride
     return c

@@ -17,6 +17,7 @@ Arguments (comma-separated k=v):
   ckpt     the stage-1 encoder (a configs/classify_cifar10.py workdir); '' keeps
            the random initialisation
   patch    patch side in pixels (divides 96)
+  arch     hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net)
   encoder  frozen | train | slow: frozen (as DDeP), trained at the decoder's
            rate, or at 1/100 of it (the draft's option)
 """
@@ -27,9 +28,9 @@ from ddep_jax.trainers import rotation
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, steps=400, ckpt="", patch=32, encoder="frozen")
+    arg = parse_arg(arg, steps=400, ckpt="", patch=32, encoder="frozen", arch="hybrid")
     c = rotation.default_config()
-    cpu_camvid_model(c.model)
+    cpu_camvid_model(c.model, arg.arch)
     c.model.num_outputs = 4
     c.data.source = "tfds"
     c.data.name = "camvid"

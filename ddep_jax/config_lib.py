@@ -32,7 +32,7 @@ import numpy as np
 
 from ddep_jax.data.cache import CACHE_MODES
 from ddep_jax.models.fast_conv import CONV_IMPLS
-from ddep_jax.models.hybrid_vit import VIT_SIZES
+from ddep_jax.models.hybrid_vit import NO_VIT as VIT_NONE, VIT_SIZES
 from ddep_jax.sharding import PARAM_SHARDING_MODES, check_spec
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -216,11 +216,18 @@ def require(ok: bool, key: str, value, what: str) -> None:
         raise ValueError(f"config.{key}={value!r} is invalid: {what}.")
 
 
-def validate_size(key: str, size) -> None:
-    """(H, W) pixels, both positive multiples of 16 (the ViT patch grid)."""
+def input_multiple(model_config) -> int:
+    """What input sides must be multiples of: 16 (the ViT patch grid at 1/16),
+    32 for the plain ResNet encoder (`vit_size='none'`, output at 1/32)."""
+    return 32 if model_config.encoder.vit_size == VIT_NONE else 16
+
+
+def validate_size(key: str, size, multiple: int = 16) -> None:
+    """(H, W) pixels, both positive multiples of `multiple` (16: the ViT
+    patch grid; `input_multiple(config.model)`)."""
     size = tuple(size)
-    require(len(size) == 2 and all(s > 0 and s % 16 == 0 for s in size), key, size,
-            "need (H, W), multiples of 16")
+    require(len(size) == 2 and all(s > 0 and s % multiple == 0 for s in size), key,
+            size, f"need (H, W), multiples of {multiple}")
 
 
 def validate_crop_area(key: str, area_range) -> None:
@@ -235,11 +242,16 @@ def validate_model(m) -> None:
             m.decoder_multiplier, "the paper's decoders are 1x, 2x or 3x")
     require(not m.decoder_widths or len(m.decoder_widths) == 5,
             "model.decoder_widths", m.decoder_widths, "give 5 widths or none")
-    validate_size("model.encoder.image_size", m.encoder.image_size)
-    require(len(m.encoder.resnet_layers) in (0, 3), "model.encoder.resnet_layers",
-            m.encoder.resnet_layers, "need 3 stages (hybrid) or () (plain ViT/16)")
     require(m.encoder.vit_size in VIT_SIZES, "model.encoder.vit_size",
             m.encoder.vit_size, f"expected one of {sorted(VIT_SIZES)}")
+    validate_size("model.encoder.image_size", m.encoder.image_size, input_multiple(m))
+    if m.encoder.vit_size == VIT_NONE:
+        require(len(m.encoder.resnet_layers) == 4, "model.encoder.resnet_layers",
+                m.encoder.resnet_layers, "vit_size='none' (plain ResNet U-Net) needs "
+                "4 stages, e.g. (3, 4, 6, 3) for ResNet-50")
+    else:
+        require(len(m.encoder.resnet_layers) in (0, 3), "model.encoder.resnet_layers",
+                m.encoder.resnet_layers, "need 3 stages (hybrid) or () (plain ViT/16)")
     require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
             "float32 or bfloat16")
     require(m.conv in CONV_IMPLS, "model.conv", m.conv, f"expected one of {CONV_IMPLS}")

@@ -10,16 +10,41 @@ from ddep_jax.config_lib import parse_arg
 from ddep_jax.trainers import finetune
 
 
-def cpu_camvid_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The CPU-sized TransUNet of the CamVid configs (stages 1-3 must match to
-    hand weights over): R(1,1,1) hybrid with the R50 root width 64 +
-    ViT-nano, 96x96 inputs, a narrow 5-block decoder. Updates `m` (a
-    `config.model`) in place and returns it."""
+ARCHITECTURES = ("hybrid", "r50unet")
+"""The configs' `arch` argument: 'hybrid' (the TransUNet: Hybrid-ViT encoder
++ UNet decoder, the paper's main model) or 'r50unet' (the paper's Table 7
+model: a standard U-Net on a plain ResNet-50, stages (3, 4, 6, 3), no ViT)."""
+
+
+def set_architecture(m: ml_collections.ConfigDict, arch: str) -> ml_collections.ConfigDict:
+    """Switches `m` (a `config.model`) to `arch` in place: 'r50unet' sets the
+    encoder to the plain ResNet-50 (`vit_size='none'`, `resnet_layers=(3, 4,
+    6, 3)`; root width and groups unchanged); 'hybrid' changes nothing.
+
+    Raises:
+      ValueError: an unknown `arch`.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"config argument arch={arch!r}: expected one of {ARCHITECTURES}.")
+    if arch == "r50unet":
+        m.encoder.update(vit_size="none", resnet_layers=(3, 4, 6, 3))
+    return m
+
+
+def cpu_camvid_model(m: ml_collections.ConfigDict,
+                     arch: str = "hybrid") -> ml_collections.ConfigDict:
+    """The CPU-sized model of the CamVid configs (stages 1-3 must match to
+    hand weights over). 'hybrid': R(1,1,1) hybrid with the R50 root width 64
+    + ViT-nano, 96x96 inputs, a narrow 5-block decoder. 'r50unet': the plain
+    ResNet-50 (root width 64) U-Net with decoder widths (256, 128, 64, 32, 16)
+    from its 1/32 map. Updates `m` (a `config.model`) in place and returns it."""
     m.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1), resnet_width=64,
                      image_size=(96, 96), num_groups=16)
     m.decoder_widths = (128, 96, 64, 64, 64)
     m.decoder_num_groups = 16
-    return m
+    if arch == "r50unet":
+        m.decoder_widths = (256, 128, 64, 32, 16)
+    return set_architecture(m, arch)
 
 
 def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
@@ -30,9 +55,12 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     with lr and weight decay 1e-4 (the middle of the swept [1e-5, 3e-4]),
     cosine decay. Config arguments: init, ckpt, fraction, seed, decoder,
     steps, dtype (float32 | bfloat16 compute), accum (micro-batches per
-    step); the 3x decoder shards parameters and Adam state ('fsdp')."""
+    step), arch (`ARCHITECTURES`: 'r50unet' is the Table 7 ResNet-50 U-Net,
+    evaluated at multiples of 32); the 3x decoder shards parameters and
+    Adam state ('fsdp')."""
     arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
-                    decoder=decoder, steps=40000, dtype="float32", accum=1)
+                    decoder=decoder, steps=40000, dtype="float32", accum=1,
+                    arch="hybrid")
     c = finetune.default_config()
     c.seed = arg.seed
     c.init.mode = arg.init
@@ -55,4 +83,7 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     c.grad_accum_steps = arg.accum
     if arg.decoder == 3:
         c.mesh.param_sharding = "fsdp"
+    set_architecture(c.model, arg.arch)
+    if arg.arch == "r50unet":
+        c.eval.size_multiple = max(32, size_multiple - size_multiple % 32)
     return c

@@ -13,7 +13,11 @@
   encoder is the public R50+ViT-B/16 ImageNet-21k checkpoint
   (`--checkpoint=supervised=PATH`, `python -m ddep_jax.vit_import`), DDeP and
   DeP run configs/ddep_imagenet21k.py. The paper gives no run count for
-  Cityscapes' full split; 4 (as at 1/4) is this project's choice.
+  Cityscapes' full split; 4 (as at 1/4) is this project's choice; that Fig.
+  6's DeP is pretrained on ImageNet-21k (with scaled noise, Sec. 3) is this
+  project's reading (Table 2's DeP runs on Cityscapes itself).
+- `camvid_cpu` also has the SSL4DP patch-rotation row (`configs/
+  rotation_camvid.py`, encoder frozen as in DDeP).
 """
 
 from __future__ import annotations

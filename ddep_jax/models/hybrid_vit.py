@@ -1,5 +1,7 @@
 """Hybrid-ViT encoder (ResNet stem + ViT), as in the public R50+ViT-B/16; with
-`resnet_layers=()` the plain ViT-X/16 (16x16 patches on the pixels, no skips).
+`resnet_layers=()` the plain ViT-X/16 (16x16 patches on the pixels, no skips);
+with `vit_size='none'` and four stages a plain ResNet (R50: (3, 4, 6, 3)),
+the encoder of the paper's Table 7 U-Net (no transformer, output at 1/32).
 
 Source: Dosovitskiy et al. 2021 (ViT, "hybrid" models); TransUNet (Chen et al.
 2021) uses this encoder and takes skip features from its CNN stages; DDeP
@@ -45,7 +47,10 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "S": dict(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
     "B": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "L": dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    # No transformer: the ResNet's last (fourth) stage is the encoder output.
+    "none": {},
 }
+NO_VIT = "none"
 
 
 def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -280,9 +285,11 @@ class ViTEncoder(nn.Module):
 class EncoderFeatures:
     """What the encoder hands to the decoder.
 
-    tokens: [B, H/16, W/16, D] ViT output reshaped to its grid.
-    skips: features at 1/2 (root, W channels), 1/4 (4W), 1/8 (8W), finest first;
-      () for the plain ViT (the decoder then upsamples without skips).
+    tokens: [B, H/16, W/16, D] ViT output reshaped to its grid; for the plain
+      ResNet (`vit_size='none'`) the last stage's map [B, H/32, W/32, 32W].
+    skips: features at 1/2 (root, W channels), 1/4 (4W), 1/8 (8W), finest first,
+      and for the plain ResNet also 1/16 (16W); () for the plain ViT (the
+      decoder then upsamples without skips).
     """
 
     tokens: jax.Array
@@ -297,7 +304,10 @@ class HybridViT(nn.Module):
     """R{layers}+ViT-{size}/16 encoder returning the token map and skip features.
 
     Attributes:
-      vit_size: key of `VIT_SIZES` ('B' for the paper's R50+ViT-B/16).
+      vit_size: key of `VIT_SIZES` ('B' for the paper's R50+ViT-B/16);
+        'none': no transformer, a plain ResNet of four stages (ResNet-50:
+        `resnet_layers=(3, 4, 6, 3)`, outputs 4W..32W channels at 1/4..1/32),
+        the encoder of the paper's ResNet-50 U-Net (Table 7).
       resnet_layers: bottleneck units per stage; (3, 4, 9) is the public R50
         hybrid (3 stages: outputs 4W, 8W, 16W channels at 1/4, 1/8, 1/16).
         () means no ResNet at all: the plain ViT-X/16, whose `embedding` is a
@@ -314,11 +324,12 @@ class HybridViT(nn.Module):
       conv: the ResNet convolutions' `conv_general_dilated`
         (`fast_conv.resolve(config.model.conv)`).
 
-    Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 ->
-      `EncoderFeatures`.
+    Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 (32
+      for the plain ResNet) -> `EncoderFeatures`.
 
     Raises:
-      ValueError: `resnet_layers` has neither 3 stages nor none.
+      ValueError: `resnet_layers` has neither 3 stages nor none (4 stages with
+        `vit_size='none'`).
     """
 
     vit_size: str = "B"
@@ -333,6 +344,8 @@ class HybridViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
         layers = tuple(self.resnet_layers)
+        if self.vit_size == NO_VIT:
+            return self._plain_resnet(images, layers)
         if layers and len(layers) != 3:
             raise ValueError(
                 f"resnet_layers={layers}: the hybrid encoder needs exactly 3 ResNet "
@@ -367,3 +380,25 @@ class HybridViT(nn.Module):
                             name="Transformer")(x.reshape(b, h * w, d), (h, w),
                                                 train=train)
         return EncoderFeatures(tokens.reshape(b, h, w, d), tuple(skips))
+
+    def _plain_resnet(self, images: jax.Array, layers: tuple[int, ...]) -> EncoderFeatures:
+        """The ResNet of four stages alone (`vit_size='none'`): the root conv
+        and the same bottleneck stages as the hybrid, the fourth stage's 1/32
+        map as the output and every coarser-than-root stage but the last as a
+        skip (1/2, 1/4, 1/8, 1/16)."""
+        if len(layers) != 4:
+            raise ValueError(
+                f"resnet_layers={layers} with vit_size='none': the plain ResNet "
+                "encoder needs 4 stages, e.g. (3, 4, 6, 3) for ResNet-50.")
+        width = self.resnet_width
+        x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
+                    conv_general_dilated=self.conv, name="conv_root")(images.astype(self.dtype))
+        x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="gn_root")(x))
+        skips = [x]  # 1/2
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for s, num_units in enumerate(layers):
+            x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1, self.num_groups,
+                            self.dtype, self.conv, name=f"block{s + 1}")(x)
+            if s < len(layers) - 1:
+                skips.append(x)  # 1/4, 1/8, 1/16
+        return EncoderFeatures(x, tuple(skips))

@@ -114,7 +114,9 @@ class UNetDecoder(nn.Module):
 
     Block 0 works at 1/16 on the tokens; blocks 1-3 upsample x2 and take the
     skip features at 1/8, 1/4, 1/2; block 4 upsamples to full resolution
-    without a skip.
+    without a skip. From a plain ResNet's 1/32 map (four skips, the paper's
+    ResNet-50 U-Net) every block upsamples: blocks 0-3 take the skips at
+    1/16, 1/8, 1/4, 1/2, block 4 none.
 
     Attributes:
       widths: channels per block, `DECODER_WIDTHS_1X` times the multiplier.
@@ -147,11 +149,15 @@ class UNetDecoder(nn.Module):
             cond = noise_level_embedding(noise_level, self.cond_dim)
             cond = nn.swish(nn.Dense(self.cond_dim, dtype=self.dtype,
                                      name="noise_embed")(cond))
-        skips = list(features.skips[::-1])  # 1/8, 1/4, 1/2
+        skips = list(features.skips[::-1])  # 1/8, 1/4, 1/2 (1/16 first: plain ResNet)
         x = features.tokens
+        # The plain ResNet's output is at 1/32: every block upsamples, blocks
+        # 0-3 take the skips at 1/16, 1/8, 1/4, 1/2 (a standard U-Net).
+        offset = 0 if len(skips) == 4 else 1
         for i, width in enumerate(self.widths):
-            skip = skips[i - 1] if 1 <= i <= len(skips) else None
-            x = DecoderBlock(width, upsample=i > 0, num_groups=self.num_groups,
+            j = i - offset
+            skip = skips[j] if 0 <= j < len(skips) else None
+            x = DecoderBlock(width, upsample=i >= offset, num_groups=self.num_groups,
                              dtype=self.dtype, conv=self.conv,
                              name=f"block{i}")(x, skip, cond)
         return x

@@ -119,7 +119,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         label_fractions.parse_amount(config.data.label_fraction)
     except ValueError as e:
         require(False, "data.label_fraction", config.data.label_fraction, str(e))
-    config_lib.validate_size("data.crop_size", config.data.crop_size)
+    multiple = config_lib.input_multiple(config.model)
+    config_lib.validate_size("data.crop_size", config.data.crop_size, multiple)
     lo, hi = config.data.scale_range
     require(0 < lo <= hi, "data.scale_range", (lo, hi), "need 0 < low <= high")
     require(config.data.base_scale > 0, "data.base_scale", config.data.base_scale,
@@ -133,9 +134,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             "need (H, W) > 0")
     for key in ("every_steps", "stride", "max_images", "num_visualize"):
         require(config.eval[key] >= 0, f"eval.{key}", config.eval[key], ">= 0")
-    require(config.eval.size_multiple > 0 and config.eval.size_multiple % 16 == 0,
+    require(config.eval.size_multiple > 0 and config.eval.size_multiple % multiple == 0,
             "eval.size_multiple", config.eval.size_multiple,
-            "a positive multiple of 16 (the patch grid)")
+            f"a positive multiple of {multiple} (the encoder's output stride)")
     config_lib.validate_run(config, num_devices, num_processes)
 
 
