@@ -16,30 +16,20 @@ random initialisation.
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model, set_architecture
+from ddep_jax.recipes import cpu_camvid_pretraining, set_architecture
 from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, paper=False, steps=400, ckpt="", arch="hybrid")
-    c = ddep.default_config()
-    c.data.source = "tfds"
-    c.data.name = "camvid"
-    c.data.split = "train"
-    c.data.crop_area_range = (0.1, 1.0)
-    c.data.num_threads = 2
-    c.init.checkpoint = arg.ckpt
-    if arg.paper:
-        c.batch_size = 64
-        c.num_epochs = 100.0
+    c = cpu_camvid_pretraining(ddep.default_config(), steps=arg.steps, ckpt=arg.ckpt,
+                               arch=arg.arch)
+    c.image_grid_every = 100
+    if arg.paper:  # the paper's model and batch on CamVid's images
+        p = ddep.default_config()
+        c.model = p.model
         set_architecture(c.model, arg.arch)
-    else:
-        cpu_camvid_model(c.model, arg.arch)
-        c.batch_size = 16
-        c.total_steps = arg.steps
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 20
-        c.log_every = 20
-        c.checkpoint_every = 100
-        c.image_grid_every = 100
+        c.update(batch_size=64, num_epochs=100.0, total_steps=0, log_every=p.log_every,
+                 checkpoint_every=p.checkpoint_every, image_grid_every=p.image_grid_every)
+        c.optimizer = p.optimizer
     return c

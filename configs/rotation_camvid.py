@@ -23,21 +23,14 @@ Arguments (comma-separated k=v):
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.recipes import cpu_camvid_pretraining
 from ddep_jax.trainers import rotation
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, steps=400, ckpt="", patch=32, encoder="frozen", arch="hybrid")
-    c = rotation.default_config()
-    cpu_camvid_model(c.model, arg.arch)
-    c.model.num_outputs = 4
-    c.data.source = "tfds"
-    c.data.name = "camvid"
-    c.data.split = "train"
-    c.data.crop_area_range = (0.1, 1.0)
-    c.data.num_threads = 2
-    c.init.checkpoint = arg.ckpt
+    c = cpu_camvid_pretraining(rotation.default_config(), steps=arg.steps,
+                               ckpt=arg.ckpt, arch=arg.arch)
     c.pretext.patch_size = arg.patch
     if arg.encoder not in ("frozen", "train", "slow"):
         raise ValueError(f"config argument encoder={arg.encoder!r}: expected frozen, "
@@ -45,10 +38,4 @@ def get_config(arg=None):
     c.frozen = ("encoder",) if arg.encoder == "frozen" else ()
     if arg.encoder == "slow":
         c.optimizer.lr_multipliers = "encoder=0.01"
-    c.batch_size = 16
-    c.total_steps = arg.steps
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 20
-    c.log_every = 20
-    c.checkpoint_every = 100
     return c

@@ -47,6 +47,32 @@ def cpu_camvid_model(m: ml_collections.ConfigDict,
     return set_architecture(m, arch)
 
 
+def cpu_camvid_pretraining(c: ml_collections.ConfigDict, *, steps: int, ckpt: str,
+                           arch: str = "hybrid") -> ml_collections.ConfigDict:
+    """The stage-2 settings the CPU CamVid pretraining configs share
+    (`ddep_camvid.py`, `rotation_camvid.py`): CamVid's training images
+    (labels unused), inception crops of 10-100% of the area, the CPU model of
+    `arch` (`cpu_camvid_model`), batch 16 for `steps` steps, Adam lr 1e-3 with
+    20 warm-up steps, the encoder from `ckpt` ('' = random). Updates the
+    stage config `c` in place and returns it."""
+    c.data.source = "tfds"
+    c.data.name = "camvid"
+    c.data.split = "train"
+    c.data.crop_area_range = (0.1, 1.0)
+    c.data.num_threads = 2
+    c.init.checkpoint = ckpt
+    num_outputs = c.model.num_outputs
+    cpu_camvid_model(c.model, arch)
+    c.model.num_outputs = num_outputs  # the objective's head
+    c.batch_size = 16
+    c.total_steps = steps
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.log_every = 20
+    c.checkpoint_every = 100
+    return c
+
+
 def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
                           eval_mode: str, decoder: int,
                           size_multiple: int = 16) -> ml_collections.ConfigDict:

@@ -130,6 +130,22 @@ def make_source(data_config):
                             data_config.data_dir or None)
 
 
+def make_unlabeled_data(config):
+    """(source, host-local train batches {'image': uint8 [B / hosts, H, W, 3]})
+    of `config.data`: inception crops to the encoder's input size and flips
+    (`pipeline.make_train_dataset`), this host's shard. Shared by the stage-2
+    objectives that train on unlabeled images (DDeP, the pretext tasks)."""
+    h, w = config.model.encoder.image_size
+    source = make_source(config.data)
+    dataset = pipeline.make_train_dataset(
+        source, image_size=(h, w), batch_size=config.batch_size // jax.process_count(),
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), area_range=config.data.crop_area_range,
+        aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
+        **config_lib.data_loading(config.data))
+    return source, dataset
+
+
 def make_loss_fn(config, model):
     """(params, {'x', 'eps', 'sigma', 'noisy'}, key, context) -> (MSE, {}).
 
@@ -249,15 +265,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     model = build_model(config.model)
     h, w = config.model.encoder.image_size
     b = config.batch_size
-    dataset = source = None
-    if data:
-        source = make_source(config.data)
-        dataset = pipeline.make_train_dataset(
-            source, image_size=(h, w), batch_size=b // jax.process_count(),
-            seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), area_range=config.data.crop_area_range,
-            aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
-            **config_lib.data_loading(config.data))
+    source, dataset = make_unlabeled_data(config) if data else (None, None)
     conditioning = config.model.noise_conditioning
     frozen = tuple(config.frozen)
     d = config.denoising

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from ddep_jax import config_lib
-from ddep_jax.data import pipeline
 from ddep_jax.models import to_float_images
 from ddep_jax.models.transunet import build_model
 from ddep_jax.objectives import rotation
@@ -118,15 +117,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     model = build_model(config.model)
     h, w = config.model.encoder.image_size
     b = config.batch_size
-    dataset = source = None
-    if data:
-        source = ddep.make_source(config.data)
-        dataset = pipeline.make_train_dataset(
-            source, image_size=(h, w), batch_size=b // jax.process_count(),
-            seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), area_range=config.data.crop_area_range,
-            aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
-            **config_lib.data_loading(config.data))
+    source, dataset = ddep.make_unlabeled_data(config) if data else (None, None)
     frozen = tuple(config.frozen)
     return loop.Stage(
         name="rotation",
