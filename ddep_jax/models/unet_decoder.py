@@ -121,7 +121,9 @@ class UNetDecoder(nn.Module):
     Attributes:
       widths: channels per block, `DECODER_WIDTHS_1X` times the multiplier.
       num_groups: GroupNorm groups.
-      noise_conditioning: if True, `__call__` requires `noise_level`.
+      noise_conditioning: if True, the norms are modulated by `noise_level`
+        (Sec. 4.4); without one (fine-tuning, inference: clean images) the
+        level is sigma = 0.
       cond_dim: size of the noise-level embedding.
       conv: the 3x3 convolutions' `conv_general_dilated`
         (`fast_conv.resolve(config.model.conv)`).
@@ -144,8 +146,8 @@ class UNetDecoder(nn.Module):
             raise ValueError(f"decoder widths {tuple(self.widths)}: need 5 blocks.")
         cond = None
         if self.noise_conditioning:
-            if noise_level is None:
-                raise ValueError("noise_conditioning=True needs noise_level (sigma).")
+            if noise_level is None:  # clean images: fine-tuning and inference
+                noise_level = jnp.zeros((features.tokens.shape[0],), jnp.float32)
             cond = noise_level_embedding(noise_level, self.cond_dim)
             cond = nn.swish(nn.Dense(self.cond_dim, dtype=self.dtype,
                                      name="noise_embed")(cond))
