@@ -26,9 +26,12 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def freeze_rules(frozen: Sequence[str]) -> list[tuple[str, str]]:
-    """Rules that freeze the named top-level collections and train the rest."""
+def freeze_rules(frozen: Sequence[str],
+                 lr_multipliers: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
+    """Rules that freeze the named top-level collections, give those of
+    `lr_multipliers` their own 'train*<m>' group, and train the rest."""
     rules = [(f"^{name}/", FROZEN) for name in frozen]
+    rules += [(f"^{name}/", f"{TRAIN}*{m:g}") for name, m in (lr_multipliers or {}).items()]
     return rules + [(f"^({'|'.join(COLLECTIONS)})/", TRAIN)]
 
 
@@ -113,9 +116,7 @@ def make_optimizer(params, frozen: Sequence[str], schedule, *, b1=0.9, b2=0.999,
     if both:
         raise ValueError(f"config.optimizer.lr_multipliers names {both}, which are "
                          "frozen: drop them from one of the two.")
-    rules = [(f"^{name}/", FROZEN) for name in frozen]
-    rules += [(f"^{name}/", f"{TRAIN}*{m:g}") for name, m in multipliers.items()]
-    labels = param_labels(params, rules + freeze_rules(())[-1:])
+    labels = param_labels(params, freeze_rules(frozen, multipliers))
 
     def adam(lr):
         chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []

@@ -36,14 +36,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def apply_overrides(config, overrides: dict):
-    """Sets dotted keys ('model.encoder.vit_size') of a ConfigDict in place."""
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    """Sets dotted keys ('model.encoder.vit_size') of a ConfigDict in place
+    (`config_lib.apply_overrides`: an unknown key is an error)."""
+    from ddep_jax import config_lib
+
+    return config_lib.apply_overrides(config, overrides)
 
 
 def tiny_config(**overrides):

@@ -56,6 +56,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from absl import logging
+from etils import epath
 
 from ddep_jax import config_lib, writers
 
@@ -145,18 +146,16 @@ class Recipe:
     references: tuple[str, ...] = ("supervised", "scratch")
 
     def row(self, key: str) -> Row:
-        for r in self.rows:
-            if r.key == key:
-                return r
-        raise ValueError(f"recipe {self.name!r} has no row {key!r}; rows: "
-                         f"{[r.key for r in self.rows]}.")
+        return self._find("row", {r.key: r for r in self.rows}, key)
 
     def pretraining(self, name: str) -> Pretraining:
-        for p in self.pretrainings:
-            if p.name == name:
-                return p
-        raise ValueError(f"recipe {self.name!r} has no pretraining {name!r}; "
-                         f"pretrainings: {[p.name for p in self.pretrainings]}.")
+        return self._find("pretraining", {p.name: p for p in self.pretrainings}, name)
+
+    def _find(self, what: str, items: Mapping[str, Any], name: str):
+        if name not in items:
+            raise ValueError(f"recipe {self.name!r} has no {what} {name!r}; "
+                             f"{what}s: {list(items)}.")
+        return items[name]
 
     def check(self) -> None:
         """Raises ValueError naming the first inconsistency (unknown
@@ -261,6 +260,8 @@ class Harness:
         self.failures: list[dict] = []
         self.results = self._read_jsonl("results.jsonl")
         self.pretraining_records = self._read_jsonl("pretraining.jsonl")
+        for name in self._needed_pretrainings(self.finetune_runs()):
+            self.pretrain_dir(name)  # an external checkpoint must be given
 
     # ------------------------------------------------------------------ plan
     def finetune_runs(self) -> list[FinetuneRun]:
@@ -314,7 +315,7 @@ class Harness:
     def _status(self, workdir: str) -> str:
         if writers.read_json(os.path.join(workdir, "done.json")) is not None:
             return "done"
-        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if epath.Path(workdir, "checkpoints").is_dir():
             return "started"
         return "pending"
 
@@ -518,14 +519,8 @@ class Harness:
         return record["row"], record["fraction"], record["seed"]
 
     def _read_jsonl(self, name: str) -> list[dict]:
-        path = os.path.join(self.out, name)
-        if writers.is_remote(path):
-            from etils import epath
-
-            p = epath.Path(path)
-            text = p.read_text() if p.exists() else ""
-        else:
-            text = pathlib.Path(path).read_text() if os.path.exists(path) else ""
+        path = epath.Path(self.out, name)
+        text = path.read_text() if path.exists() else ""
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -573,15 +568,14 @@ def _final_figures(workdir: str, done: Mapping) -> dict:
         for k, v in report.items():
             if isinstance(v, (int, float)) and k in ("accuracy", "top1", "miou", "loss"):
                 figures[f"{split}/{k}"] = v
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
+    path = epath.Path(workdir, "metrics.jsonl")
+    if path.exists():
         last: dict[str, Any] = {}
-        with open(path) as f:
-            for line in f:
-                try:
-                    last.update(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in path.read_text().splitlines():
+            try:
+                last.update(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         for k in ("loss", "denoise/psnr_noisy", "denoise/psnr_denoised"):
             if isinstance(last.get(k), (int, float)) and math.isfinite(last[k]):
                 figures[k] = round(last[k], 4)

@@ -345,29 +345,21 @@ class HybridViT(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
         layers = tuple(self.resnet_layers)
         if self.vit_size == NO_VIT:
-            return self._plain_resnet(images, layers)
+            if len(layers) != 4:
+                raise ValueError(
+                    f"resnet_layers={layers} with vit_size='none': the plain ResNet "
+                    "encoder needs 4 stages, e.g. (3, 4, 6, 3) for ResNet-50.")
+            x, skips = self._resnet(images.astype(self.dtype), layers)
+            return EncoderFeatures(x, skips)  # output at 1/32
         if layers and len(layers) != 3:
             raise ValueError(
                 f"resnet_layers={layers}: the hybrid encoder needs exactly 3 ResNet "
                 "stages (skips at 1/2, 1/4, 1/8, tokens at 1/16), or () for a "
                 "plain ViT/16 (patch embedding on the pixels, no skips).")
         size = VIT_SIZES[self.vit_size]
-        x = images.astype(self.dtype)
-        skips = []
+        x, skips = images.astype(self.dtype), ()
         if layers:
-            width = self.resnet_width
-            x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
-                        conv_general_dilated=self.conv, name="conv_root")(x)
-            x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype,
-                                     name="gn_root")(x))
-            skips.append(x)  # 1/2
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-            for s, num_units in enumerate(layers):
-                x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1,
-                                self.num_groups, self.dtype, self.conv,
-                                name=f"block{s + 1}")(x)
-                if s < len(layers) - 1:
-                    skips.append(x)  # 1/4, 1/8
+            x, skips = self._resnet(x, layers)
             patch = 1  # one token per position of the 1/16 map
         else:
             patch = 16  # ViT/16 patches on the pixels
@@ -379,20 +371,16 @@ class HybridViT(nn.Module):
                             pos_grid, self.dropout_rate, self.dtype,
                             name="Transformer")(x.reshape(b, h * w, d), (h, w),
                                                 train=train)
-        return EncoderFeatures(tokens.reshape(b, h, w, d), tuple(skips))
+        return EncoderFeatures(tokens.reshape(b, h, w, d), skips)
 
-    def _plain_resnet(self, images: jax.Array, layers: tuple[int, ...]) -> EncoderFeatures:
-        """The ResNet of four stages alone (`vit_size='none'`): the root conv
-        and the same bottleneck stages as the hybrid, the fourth stage's 1/32
-        map as the output and every coarser-than-root stage but the last as a
-        skip (1/2, 1/4, 1/8, 1/16)."""
-        if len(layers) != 4:
-            raise ValueError(
-                f"resnet_layers={layers} with vit_size='none': the plain ResNet "
-                "encoder needs 4 stages, e.g. (3, 4, 6, 3) for ResNet-50.")
+    def _resnet(self, x: jax.Array, layers: tuple[int, ...]):
+        """Root conv (7x7/2, GroupNorm, ReLU), 3x3/2 max pool, then the
+        bottleneck stages (the first at stride 1, the others 2): (the last
+        stage's map, skips = the root's 1/2 map and every stage's output but
+        the last's, finest first). Called from `__call__` (compact)."""
         width = self.resnet_width
         x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=self.dtype,
-                    conv_general_dilated=self.conv, name="conv_root")(images.astype(self.dtype))
+                    conv_general_dilated=self.conv, name="conv_root")(x)
         x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="gn_root")(x))
         skips = [x]  # 1/2
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -400,5 +388,5 @@ class HybridViT(nn.Module):
             x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1, self.num_groups,
                             self.dtype, self.conv, name=f"block{s + 1}")(x)
             if s < len(layers) - 1:
-                skips.append(x)  # 1/4, 1/8, 1/16
-        return EncoderFeatures(x, tuple(skips))
+                skips.append(x)  # 1/4, 1/8 (and 1/16 with four stages)
+        return x, tuple(skips)
