@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state and the grain iterator.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data_iter}. `state` is
-{'step', 'params', 'opt_state'} (StandardSave: restored straight into the
+{'step', 'params', 'opt_state'} and a stage's 'extra' state (StandardSave: restored straight into the
 target shardings); `data_iter` is grain's iterator state (one file per host).
 The last `keep` checkpoints are kept (Orbax `LatestN` preservation policy).
 """
@@ -118,6 +118,12 @@ def transplant_state(saved: dict, abstract_state, state_sharding, where: str):
              "params": jax.tree.map(jax.device_put, saved["params"],
                                     state_sharding["params"]),
              "opt_state": opt_state}
+    for name in abstract_state.keys() - state.keys():  # a stage's extra state
+        problems = compare_trees(abstract_state[name], saved.get(name, {}), f"{name}/")
+        if problems:
+            raise ValueError(f"checkpoint {where} does not match the stage's {name} "
+                             "state:\n  " + "\n  ".join(problems))
+        state[name] = jax.tree.map(jax.device_put, saved[name], state_sharding[name])
     return state, fresh
 
 

@@ -114,7 +114,9 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
 
     Args:
       state: the freshly initialised train state {'step', 'params',
-        'opt_state'}; its params give the target shapes.
+        'opt_state', and the stage's 'extra' (kept as it is: the loop
+        rebuilds it from the new parameters)}; its params give the target
+        shapes.
       tx: the optimizer, whose state is rebuilt for the new params.
       state_sharding: the state's NamedSharding tree.
       checkpoint: see `load_collections`; '' or no `collections` keeps
@@ -135,7 +137,7 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
         provenance.update(found)
         params = {**state["params"], **restored}
         opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])
-        state = {"step": state["step"], "params": params, "opt_state": opt_init(params)}
+        state = {**state, "params": params, "opt_state": opt_init(params)}
     provenance["new"] = sorted(set(state["params"]) - set(provenance["collections"]))
     if jax.process_index() == 0:
         writers.write_json(os.path.join(workdir, "init.json"), provenance)

@@ -50,11 +50,11 @@ def cpu_camvid_model(m: ml_collections.ConfigDict,
 def cpu_camvid_pretraining(c: ml_collections.ConfigDict, *, steps: int, ckpt: str,
                            arch: str = "hybrid") -> ml_collections.ConfigDict:
     """The stage-2 settings the CPU CamVid pretraining configs share
-    (`ddep_camvid.py`, `rotation_camvid.py`): CamVid's training images
-    (labels unused), inception crops of 10-100% of the area, the CPU model of
-    `arch` (`cpu_camvid_model`), batch 16 for `steps` steps, Adam lr 1e-3 with
-    20 warm-up steps, the encoder from `ckpt` ('' = random). Updates the
-    stage config `c` in place and returns it."""
+    (`ddep_camvid.py`, `rotation_camvid.py`, `moco_camvid.py`): CamVid's
+    training images (labels unused), inception crops of 10-100% of the area,
+    the CPU model of `arch` (`cpu_camvid_model`), batch 16 for `steps` steps,
+    Adam lr 1e-3 with 20 warm-up steps, the encoder from `ckpt` ('' =
+    random). Updates the stage config `c` in place and returns it."""
     c.data.source = "tfds"
     c.data.name = "camvid"
     c.data.split = "train"

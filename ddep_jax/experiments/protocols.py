@@ -16,8 +16,9 @@
   Cityscapes' full split; 4 (as at 1/4) is this project's choice; that Fig.
   6's DeP is pretrained on ImageNet-21k (with scaled noise, Sec. 3) is this
   project's reading (Table 2's DeP runs on Cityscapes itself).
-- `camvid_cpu` also has the SSL4DP patch-rotation row (`configs/
-  rotation_camvid.py`, encoder frozen as in DDeP).
+- `camvid_cpu` also has the SSL4DP rows: patch rotation (`configs/
+  rotation_camvid.py`, encoder frozen as in DDeP) and the three MoCo
+  pretext tasks (`configs/moco_camvid.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ _CPU_ROWS = (
     Row("ddep", "DDeP", "pretrained", "ddep"),
     # SSL4DP's patch-level rotation pretext task, the same encoder frozen.
     Row("rotation", "Patch rotation (SSL4DP)", "pretrained", "rotation"),
+    # SSL4DP's MoCo pretext tasks (configs/moco_camvid.py): on the
+    # encoder-decoder's output (encoder frozen), per image and per patch; and
+    # patch-level MoCo on the encoder's tokens, which trains the encoder (at
+    # the draft's 1/100 of the rate) and leaves the decoder random.
+    Row("moco", "Encoder-decoder MoCo (SSL4DP)", "pretrained", "moco"),
+    Row("patch_moco_dec", "Patch-level encoder-decoder MoCo (SSL4DP)", "pretrained",
+        "patch_moco_dec"),
+    Row("patch_moco", "Patch-level MoCo (SSL4DP)", "encoder", "patch_moco"),
 )
 
 _CPU_PRETRAININGS = (
@@ -54,6 +63,17 @@ _CPU_PRETRAININGS = (
     Pretraining("rotation", "stage 2: patch-level rotation prediction (SSL4DP) on "
                 "CamVid's training images, stage-1 encoder frozen",
                 "rotation_camvid.py", "steps=1000", init_from="supervised"),
+    Pretraining("moco", "stage 2: encoder-decoder MoCo (SSL4DP) on CamVid's "
+                "training images, stage-1 encoder frozen",
+                "moco_camvid.py", "steps=1000", init_from="supervised"),
+    Pretraining("patch_moco_dec", "stage 2: patch-level encoder-decoder MoCo "
+                "(SSL4DP) on CamVid's training images, stage-1 encoder frozen",
+                "moco_camvid.py", "steps=1000,variant=patch_decoder",
+                init_from="supervised"),
+    Pretraining("patch_moco", "stage 2: patch-level MoCo (SSL4DP) on the encoder's "
+                "tokens, CamVid's training images, the stage-1 encoder at 1/100 of "
+                "the rate", "moco_camvid.py", "steps=1000,variant=patch,encoder=slow",
+                init_from="supervised"),
 )
 
 CAMVID_CPU = Recipe(

@@ -59,8 +59,13 @@ class TransUNet(nn.Module):
             num_groups=self.decoder_num_groups,
             noise_conditioning=self.noise_conditioning, dtype=self.dtype,
             conv=self.conv)
-        self.head = nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype,
-                            conv_general_dilated=self.conv)
+        self.head = self.make_head()
+
+    def make_head(self) -> nn.Module:
+        """The `head` collection's module (a subclass's own head overrides
+        this): a 3x3 convolution to `num_outputs` channels."""
+        return nn.Conv(self.num_outputs, (3, 3), dtype=self.dtype,
+                       conv_general_dilated=self.conv)
 
     def encode(self, images: jax.Array, *, train: bool = False) -> EncoderFeatures:
         return self.encoder(images, train=train)

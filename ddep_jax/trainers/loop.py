@@ -25,6 +25,8 @@ The train step (`make_train_step`) is shared too:
 
   key = fold_in(train_key, step)
   batch, context, key = stage.prepare(batch, key)
+  extra, batch, context = stage.update_extra(state['extra'], params, batch,
+                                             context)   (stages with extra state)
   (loss, aux), grads = accumulate_gradients(stage.loss_fn over micro-batches,
                                             the trainable collections)
   frozen collections get zero updates (optax.partition's set_to_zero),
@@ -162,6 +164,22 @@ class Stage:
       eval_every: steps between periodic evaluations; 0: none.
       after_step: (run, state, batch of global arrays, step) -> None, or None:
         per-step work such as the denoising image grid.
+
+    Extra train state (besides the parameters and the optimizer's; None /
+    None for a stage without):
+      extra_state: (params, key) -> {name: array}: state the step carries
+        and updates without gradients, such as MoCo's momentum (key) encoder
+        and queue of negatives. It is built from the initial parameters,
+        after the hand-over (a momentum encoder starts as a copy of the
+        handed-over one), lives in the train state under 'extra', is sharded
+        by the same rules (a leaf path holding a collection name is sharded
+        as that parameter; the others are replicated), checkpointed and
+        resumed with the rest.
+      update_extra: (extra, params, batch, context) -> (extra, batch,
+        context): traced in the step after `prepare` and before the loss,
+        with the parameters before this step's update (MoCo: the momentum
+        rule, the keys, the enqueue); per-example values it adds to `batch`
+        are split into micro-batches with the rest.
     """
 
     name: str
@@ -185,6 +203,8 @@ class Stage:
     evaluate: Callable | None = None
     eval_every: int = 0
     after_step: Callable | None = None
+    extra_state: Callable | None = None
+    update_extra: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +212,11 @@ class TrainState:
     """The optimizer and the shape-first train state of a stage (`build_state`).
 
     tx, schedule; abstract ({'step', 'params', 'opt_state'} of
-    ShapeDtypeStructs); sharding (NamedSharding tree on the mesh); init
-    (jitted key -> state, created directly in those shardings).
+    ShapeDtypeStructs, and 'extra' for a stage with `extra_state`); sharding
+    (NamedSharding tree on the mesh); init (jitted key -> state, created
+    directly in those shardings); rederive (jitted (state, key) -> the
+    state with its 'extra' rebuilt from its parameters, for a hand-over;
+    the identity without extra state).
     """
 
     tx: optax.GradientTransformation
@@ -201,6 +224,7 @@ class TrainState:
     abstract: dict
     sharding: dict
     init: Callable[[jax.Array], dict]
+    rederive: Callable[[dict, jax.Array], dict]
 
 
 def build_state(stage: Stage, config, num_steps: int, mesh, key) -> TrainState:
@@ -213,15 +237,28 @@ def build_state(stage: Stage, config, num_steps: int, mesh, key) -> TrainState:
 
     def init(key):
         params = stage.model.init(key, *stage.init_inputs)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params)}
+        return rederive(state, key)
+
+    def rederive(state, key):
+        if stage.extra_state is None:
+            return state
+        return {**state, "extra": stage.extra_state(
+            state["params"], jax.random.fold_in(key, EXTRA_STATE_FOLD))}
 
     abstract = jax.eval_shape(init, key)
     m = config.mesh
     shardings = state_shardings(abstract, mesh, m.param_sharding, m.fsdp_min_size,
                                 tuple(m.get("sharding_rules", ())))
     return TrainState(tx, schedule, abstract, shardings,
-                      jax.jit(init, out_shardings=shardings))
+                      jax.jit(init, out_shardings=shardings),
+                      jax.jit(rederive, out_shardings=shardings))
+
+
+EXTRA_STATE_FOLD = 0x657874
+"""The extra state's key is the init key folded with this constant (its
+draws, a queue's random start, differ from the parameters')."""
 
 
 def make_train_step(stage: Stage, tx, schedule, grad_accum_steps: int = 1,
@@ -249,6 +286,9 @@ def make_train_step(stage: Stage, tx, schedule, grad_accum_steps: int = 1,
         params = state["params"]
         key = jax.random.fold_in(base_key, state["step"])
         batch, context, key = stage.prepare(batch, key)
+        extra = state.get("extra")
+        if stage.update_extra is not None:
+            extra, batch, context = stage.update_extra(extra, params, batch, context)
         trainable = {c: v for c, v in params.items() if c not in frozen}
         fixed = {c: v for c, v in params.items() if c in frozen}
 
@@ -269,6 +309,8 @@ def make_train_step(stage: Stage, tx, schedule, grad_accum_steps: int = 1,
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
+        if extra is not None:
+            new_state["extra"] = extra
         metrics = {"loss": loss, **stage.metrics(aux, context),
                    "learning_rate": schedule(state["step"]),
                    "grad_norm": optax.tree.norm(grads)}
@@ -461,6 +503,8 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
             record={"stage": stage.name, **stage.init_record},
             pos_grid=handover.token_grid(config.model),
             num_groups=config.model.encoder.num_groups)
+        if stage.extra_state is not None and config.init.checkpoint:
+            state = ts.rederive(state, keys["init"])  # from the handed-over params
     if jax.process_index() == 0:  # the run is accepted: its config is recorded
         write_config(config, workdir)
     start = int(jax.device_get(state["step"]))

@@ -1,0 +1,48 @@
+"""MoCo on the encoder-decoder (SSL4DP's contrastive pretext tasks) on
+CamVid's training images (labels unused), sized for a 2-core CPU: the
+other stage-2 objectives the label-efficiency harness compares with DDeP.
+
+Prepare the dataset once (reads ../shared/data/camvid):
+  python -m ddep_jax.data.prepare --dataset=camvid --manual_dir=../shared/data/camvid
+then
+  python -m ddep_jax.main --config=configs/moco_camvid.py:ckpt=workdirs/cifar10 \\
+      --workdir=workdirs/moco_camvid
+
+The model, crops and schedule are configs/ddep_camvid.py's. Two views of
+each 96x96 crop (MoCo v2 augmentation); the queries from the trained
+network, the keys from its momentum copy, InfoNCE against a queue.
+
+Arguments (comma-separated k=v):
+  steps     training steps (batch 16)
+  ckpt      the stage-1 encoder (a configs/classify_cifar10.py workdir); '' keeps
+            the random initialisation
+  variant   image | patch | patch_decoder (`models.contrastive.VARIANTS`)
+  encoder   frozen | train | slow: frozen (as DDeP; not for patch), trained at
+            the decoder's rate, or at 1/100 of it (the draft's option)
+  momentum  of the key encoder (MoCo v2: 0.999 over ~10^6 steps; 0.99 here,
+            for runs of ~10^3 steps)
+  queue     negatives (MoCo v2: 65536; here 4096, ~256 batches of images)
+  arch      hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net)
+"""
+
+from ddep_jax.config_lib import parse_arg
+from ddep_jax.recipes import cpu_camvid_pretraining
+from ddep_jax.trainers import moco
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, steps=400, ckpt="", variant="image", encoder="frozen",
+                    momentum=0.99, queue=4096, arch="hybrid")
+    c = cpu_camvid_pretraining(moco.default_config(), steps=arg.steps,
+                               ckpt=arg.ckpt, arch=arg.arch)
+    c.pretext.variant = arg.variant
+    c.pretext.momentum = arg.momentum
+    c.pretext.queue_size = arg.queue
+    c.pretext.hidden = 512
+    if arg.encoder not in ("frozen", "train", "slow"):
+        raise ValueError(f"config argument encoder={arg.encoder!r}: expected frozen, "
+                         "train or slow.")
+    c.frozen = ("encoder",) if arg.encoder == "frozen" else ()
+    if arg.encoder == "slow":
+        c.optimizer.lr_multipliers = "encoder=0.01"
+    return c

@@ -1,0 +1,241 @@
+"""Stage 2, another objective: MoCo on the encoder-decoder (SSL4DP's
+encoder-decoder MoCo, patch-level MoCo and patch-level encoder-decoder MoCo;
+`objectives.moco`, `models.contrastive`).
+
+Unlabeled images (the DDeP stage's sources and crops) -> two augmented views
+of each (MoCo v2's crops, flips, colour jitter, grayscale, blur, with their
+geometry kept) -> the trained network embeds the first view (the queries),
+its momentum copy the second (the keys) -> InfoNCE against the positive key
+and a queue of earlier keys. `pretext.variant` picks what an embedding
+describes (`models.contrastive.VARIANTS`): the whole image from the
+decoder's output, or the cells of the encoder's token grid (positives
+matched through the two crops), or the same cells of the decoder's output.
+
+The momentum encoder (a copy of every trained collection), the queue and
+its pointer are the loop's extra train state (`loop.Stage.extra_state`):
+sharded like the parameters, checkpointed and resumed with them. The
+encoder is frozen (`frozen=('encoder',)`, as DDeP; not for `patch`, which
+trains nothing else but the head), trained, or trained at a fraction of the
+learning rate (`optimizer.lr_multipliers='encoder=0.01'`, the draft's 1/100).
+Stage 3 fine-tunes from the encoder + decoder (`init.mode=pretrained`; the
+encoder only for `patch`), the projection head being dropped.
+
+`default_config()`, `validate(config, num_devices, num_processes)` and
+`stage(config, mesh, workdir)` (the `loop.Stage` that `loop.run` trains).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddep_jax import config_lib
+from ddep_jax.models.contrastive import VARIANTS, ContrastiveTransUNet
+from ddep_jax.models.transunet import conv_of, encoder_kwargs
+from ddep_jax.objectives import moco
+from ddep_jax.trainers import ddep, loop
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults: the DDeP stage's data, model and schedule with MoCo v2's
+    pretext settings (momentum 0.999, temperature 0.2, queue 65536, a
+    2048-128 projection MLP); encoder frozen, image-level embeddings."""
+    c = ddep.default_config()
+    c.stage = "moco"
+    del c.denoising
+    del c.image_grid_every
+    del c.image_grid_size
+    c.model.num_outputs = 128  # the embedding size (MoCo v2: 128)
+    c.pretext = ml_collections.ConfigDict()
+    c.pretext.variant = "image"  # models.contrastive.VARIANTS
+    c.pretext.momentum = 0.999  # of the key encoder
+    c.pretext.temperature = 0.2
+    c.pretext.queue_size = 65536  # negatives; >= keys per batch
+    c.pretext.hidden = 2048  # the projection MLP's hidden width
+    c.pretext.crop_area_range = moco.CROP_AREA  # of each view, in the input image
+    c.optimizer.learning_rate = 1e-4
+    return c
+
+
+def grid(config) -> tuple[int, int]:
+    """The patch grid of an embedding: (1, 1) for `image`, else the token
+    grid (input / 16 for the hybrid, / 32 for the plain ResNet)."""
+    if config.pretext.variant == "image":
+        return 1, 1
+    m = config_lib.input_multiple(config.model)
+    h, w = config.model.encoder.image_size
+    return h // m, w // m
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Rejects unknown keys and invalid values of a MoCo-pretext config.
+
+    Raises:
+      ValueError: 'config.<key>=<value> is invalid: <why>' or 'config.<key>
+        is not a known key'.
+    """
+    require = config_lib.require
+    config_lib.check_keys(config, default_config())
+    config_lib.validate_model(config.model)
+    m, p = config.model, config.pretext
+    require(p.variant in VARIANTS, "pretext.variant", p.variant,
+            f"expected one of {VARIANTS}")
+    require(m.num_outputs > 0, "model.num_outputs", m.num_outputs,
+            "the embedding size must be > 0 (MoCo v2: 128)")
+    require(not m.noise_conditioning, "model.noise_conditioning", True,
+            "MoCo has no noise level")
+    require(0 <= p.momentum < 1, "pretext.momentum", p.momentum, "must be in [0, 1)")
+    require(p.temperature > 0, "pretext.temperature", p.temperature, "must be > 0")
+    require(p.hidden > 0, "pretext.hidden", p.hidden, "must be > 0")
+    gh, gw = grid(config)
+    keys = config.batch_size * gh * gw
+    require(p.queue_size >= keys, "pretext.queue_size", p.queue_size,
+            f"must hold one batch's {keys} keys (batch {config.batch_size} x "
+            f"{gh * gw} embeddings)")
+    config_lib.validate_crop_area("pretext.crop_area_range", p.crop_area_range)
+    require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
+            "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
+    require(not (p.variant == "patch" and config.frozen), "frozen",
+            tuple(config.frozen), "pretext.variant='patch' embeds the encoder's "
+            "tokens: with the encoder frozen only the head would train")
+    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+            config.optimizer.learning_rate, "must be > 0")
+    require(config.data.source in ddep.DATA_SOURCES, "data.source", config.data.source,
+            f"expected one of {ddep.DATA_SOURCES}")
+    config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
+    config_lib.validate_run(config, num_devices, num_processes)
+
+
+def build_model(config) -> ContrastiveTransUNet:
+    """The TransUNet of `config.model` with the projection head of
+    `config.pretext`."""
+    m = config.model
+    return ContrastiveTransUNet(
+        encoder_kwargs=encoder_kwargs(m.encoder),
+        decoder_multiplier=m.decoder_multiplier,
+        decoder_widths=tuple(m.decoder_widths) if m.decoder_widths else None,
+        num_outputs=m.num_outputs, decoder_num_groups=m.decoder_num_groups,
+        dtype=jnp.dtype(m.dtype), conv=conv_of(m),
+        variant=config.pretext.variant, hidden=config.pretext.hidden)
+
+
+def make_prepare(config):
+    """(batch {'image': uint8 [B, H, W, 3]}, key) -> ({'query', 'key_view':
+    float32 [B, H, W, 3] in [-1, 1], and for the patch variants 'positive':
+    int32 [B, N] (the key patch of each query patch), 'valid': bool [B, N]},
+    {}, dropout key)."""
+    hw = tuple(config.model.encoder.image_size)
+    cells = grid(config)
+    area = tuple(config.pretext.crop_area_range)
+
+    def prepare(batch, key):
+        k_views, k_photo, k_dropout = jax.random.split(key, 3)
+        images = batch["image"]
+        boxes, flips = moco.sample_views(k_views, images.shape[0], images.shape[1:3],
+                                         area=area)
+        views = moco.render_views(k_photo, images, boxes, flips, hw)
+        out = {"query": views[0], "key_view": views[1]}
+        if config.pretext.variant != "image":
+            out["positive"], out["valid"] = moco.match_patches(
+                boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], hw, cells)
+        return out, {}, k_dropout
+
+    return prepare
+
+
+def make_extra_state(config, model):
+    """(params, key) -> {'momentum': a copy of params (the key encoder),
+    'queue': float32 [K, dim] random unit vectors, 'pointer': int32 0}."""
+    def extra_state(params, key):
+        return {"momentum": jax.tree.map(jnp.array, params),
+                "queue": moco.initial_queue(key, config.pretext.queue_size,
+                                            config.model.num_outputs),
+                "pointer": jnp.zeros((), jnp.int32)}
+
+    return extra_state
+
+
+def make_update_extra(config, model):
+    """The step's MoCo bookkeeping before the loss: momentum update of the
+    key encoder with the current parameters, the keys of the second views
+    (no gradient) into the batch ('key_embedding' [B, N, dim]), the queue
+    before this batch into the context ('queue'), this batch's keys
+    enqueued."""
+    m = config.pretext.momentum
+
+    def update_extra(extra, params, batch, context):
+        momentum = moco.momentum_update(extra["momentum"], params, m)
+        keys = jax.lax.stop_gradient(model.apply({"params": momentum},
+                                                 batch["key_view"], train=False))
+        queue, pointer = moco.enqueue(extra["queue"], extra["pointer"],
+                                      keys.reshape(-1, keys.shape[-1]))
+        return ({"momentum": momentum, "queue": queue, "pointer": pointer},
+                {**batch, "key_embedding": keys}, {**context, "queue": extra["queue"]})
+
+    return update_extra
+
+
+def make_loss_fn(config, model):
+    """(params, micro-batch, key, context) -> (InfoNCE loss, {'contrastive_accuracy',
+    'matched_patches'}); a frozen encoder runs in inference mode."""
+    train = "encoder" not in tuple(config.frozen)
+    temperature = config.pretext.temperature
+    image_level = config.pretext.variant == "image"
+
+    def loss_fn(params, batch, key, context):
+        q = model.apply({"params": params}, batch["query"], train=train,
+                        rngs={"dropout": key} if train else None)
+        k = batch["key_embedding"]
+        b, n, d = q.shape
+        if image_level:
+            loss, accuracy = moco.info_nce(q[:, 0], k[:, 0], jnp.arange(b),
+                                           context["queue"], temperature)
+            matched = jnp.ones((), jnp.float32)
+        else:
+            positive = jnp.arange(b)[:, None] * n + batch["positive"]
+            loss, accuracy = moco.info_nce(
+                q.reshape(b * n, d), k.reshape(b * n, d), positive.reshape(-1),
+                context["queue"], temperature, batch["valid"].reshape(-1),
+                batch_negatives=True)
+            matched = jnp.mean(batch["valid"].astype(jnp.float32))
+        return loss, {"contrastive_accuracy": accuracy, "matched_patches": matched}
+
+    return loss_fn
+
+
+def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
+    """The MoCo-pretext stage of `config` (`data=False`: no dataset)."""
+    del mesh, workdir
+    model = build_model(config)
+    h, w = config.model.encoder.image_size
+    b = config.batch_size
+    source, dataset = ddep.make_unlabeled_data(config) if data else (None, None)
+    frozen = tuple(config.frozen)
+    p = config.pretext
+    return loop.Stage(
+        name="moco",
+        model=model,
+        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
+        loss_fn=make_loss_fn(config, model),
+        prepare=make_prepare(config),
+        extra_state=make_extra_state(config, model),
+        update_extra=make_update_extra(config, model),
+        peak_lr=config.optimizer.learning_rate,
+        frozen=frozen,
+        init_collections=("encoder",),
+        keys=("init", "train"),
+        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
+        example_batch=lambda rng: {
+            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
+        dataset=dataset,
+        num_examples=len(source) if source is not None else 0,
+        describe=lambda m: (f"loss {m['loss']:.4f} | contrastive acc "
+                            f"{m['contrastive_accuracy']:.3f} | matched "
+                            f"{m['matched_patches']:.2f} | lr {m['learning_rate']:.3g}"),
+        summary=(f"MoCo ({p.variant}, momentum {p.momentum}, T {p.temperature}, "
+                 f"queue {p.queue_size}) on "
+                 f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
+                 f"images, encoder {'frozen' if 'encoder' in frozen else 'trained'}"),
+    )
