@@ -130,7 +130,8 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
 
 
 def _tiny_recipe(data_dir: str) -> le.Recipe:
-    """Two rows, two fractions, two seeds of the tiny model on real CamVid."""
+    """Two rows, two fractions (two seeds at 1/30, one at 1/8) of the tiny
+    model on real CamVid."""
     def stage2(arg):
         return tiny_config(**{"data.source": "tfds", "data.name": "camvid",
                               "data.data_dir": data_dir, "total_steps": 2})
@@ -141,12 +142,12 @@ def _tiny_recipe(data_dir: str) -> le.Recipe:
                                        "data.base_scale": 0.125})  # eval at 45x60
 
     return le.Recipe(
-        name="tiny", description="Two rows, two fractions, two seeds.",
+        name="tiny", description="Two rows, two fractions, two seeds at 1/30.",
         finetune_config=stage3,
         rows=(le.Row("scratch", "No pretraining", "scratch"),
               le.Row("ddep", "DDeP", "pretrained", "ddep")),
         pretrainings=(le.Pretraining("ddep", "tiny DDeP on CamVid", stage2),),
-        fractions=("1/30", "1/8"), seeds={"1/30": 2, "1/8": 2},
+        fractions=("1/30", "1/8"), seeds={"1/30": 2, "1/8": 1},
         metric_split="validation")
 
 
@@ -192,13 +193,14 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
 
     assert le.Harness(recipe, str(out), run_fn=counting).run() == 0
     assert not set(done_before) & set(calls) and "pretrain/ddep" not in calls
-    assert calls[0] == os.path.relpath(killed, out) and len(calls) == 5
+    assert calls[0] == os.path.relpath(killed, out) and len(calls) == 3
     for workdir, mtime in done_before.items():
         assert os.path.getmtime(out / workdir / "done.json") == mtime
     records = [json.loads(line) for line in results.read_text().splitlines()]
     keys = [(r["row"], r["fraction"], r["seed"]) for r in records]
-    assert sorted(keys) == sorted((row, f, s) for row in ("scratch", "ddep")
-                                  for f in ("1/30", "1/8") for s in (0, 1))
+    assert sorted(keys) == sorted([(row, f, s) for row in ("scratch", "ddep")
+                                   for f, seeds in (("1/30", (0, 1)), ("1/8", (0,)))
+                                   for s in seeds])
     resumed = next(r for r in records if r["workdir"] == calls[0])
     assert resumed["cpu_seconds_complete"] is False  # the killed part is uncounted
     assert {r["labelled_images"] for r in records} == {13, 46}
@@ -214,7 +216,7 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert subsets[("scratch", "1/30", 1)] == subsets[("ddep", "1/30", 1)]
     assert subsets[("scratch", "1/30", 0)] != subsets[("scratch", "1/30", 1)]
     summary = (out / "summary.md").read_text()
-    assert "Fine-tuning runs finished: 8 of 8." in summary
+    assert "Fine-tuning runs finished: 6 of 6." in summary
     assert "| No pretraining | " in summary and "| DDeP | " in summary
     assert "Difference against No pretraining" in summary
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
