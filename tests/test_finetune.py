@@ -143,7 +143,8 @@ def finetuned(tmp_path_factory, camvid_tfds, ddep_workdir):
     workdir = str(tmp_path_factory.mktemp("ft"))
     config = tiny_finetune_config(**{"data.data_dir": camvid_tfds,
                                      "init.mode": "pretrained",
-                                     "init.checkpoint": ddep_workdir})
+                                     "init.checkpoint": ddep_workdir,
+                                     "eval.final_max_images": 0})  # all 101
     first = loop.run(config, workdir, stop_after_step=1)
     return workdir, first, loop.run(config, workdir)
 

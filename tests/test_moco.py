@@ -189,17 +189,40 @@ def tiny_moco_config(variant="image", **overrides):
     return config_lib.apply_overrides(c, overrides)
 
 
-# (patch_decoder: the real-data test below.)
-@pytest.mark.parametrize("variant", ["image", "patch"])
-def test_one_step_updates_the_momentum_encoder_and_the_queue(variant):
+@pytest.mark.parametrize("variant", ["patch", "patch_decoder"])
+def test_step_shapes_of_the_patch_variants(variant):
+    """The patch variants' step traced (not compiled): 4 embeddings per
+    image (a 2x2 token grid), the queue advanced by 8 x 4 keys; `patch`
+    has no decoder, so the state has none. (The image variant's numbers:
+    the next test; patch_decoder's on real data: the last one.)"""
     from conftest import stage_step
 
+    config = tiny_moco_config(variant)
+    stage, ts, _ = stage_step(config)
+    step = loop.make_train_step(stage, ts.tx, ts.schedule)
+    batch = stage.example_batch(np.random.RandomState(0))
+    state, metrics = jax.eval_shape(step, ts.abstract, batch, jax.random.key(1))
+    assert state["extra"]["queue"].shape == (64, 16)
+    assert ("decoder" in state["params"]) == (variant == "patch_decoder")
+    assert jax.tree.structure(state["extra"]["momentum"]) == jax.tree.structure(
+        state["params"])
+    assert set(metrics) >= {"loss", "contrastive_accuracy", "matched_patches"}
+    model = stage.model
+    embeddings = jax.eval_shape(lambda p, x: model.apply({"params": p}, x),
+                                state["params"], jnp.zeros((8, 32, 32, 3)))
+    assert embeddings.shape == (8, 4, 16)
+
+
+def test_one_step_updates_the_momentum_encoder_and_the_queue():
+    from conftest import stage_step
+
+    variant = "image"
     config = tiny_moco_config(variant)
     stage, ts, step = stage_step(config)
     state = ts.init(jax.random.key(0))
     before = jax.device_get(state)
     batch = stage.example_batch(np.random.RandomState(0))
-    n = 1 if variant == "image" else 4  # 32x32 input: a 2x2 token grid
+    n = 1  # one embedding per image
     assert before["extra"]["queue"].shape == (64, 16)
     chex.assert_trees_all_equal(before["extra"]["momentum"], before["params"])
     assert ("decoder" in before["params"]) == (variant != "patch")
@@ -245,7 +268,7 @@ def test_config_file_and_validation():
 def test_patch_moco_on_real_camvid_sharded_resumes_bit_for_bit_and_hands_over(
         camvid_tfds, tmp_path):
     """Patch-level encoder-decoder MoCo on CamVid images, the momentum
-    encoder's large leaves sharded (FSDP) over 4 devices: 4 steps equal 2 +
+    encoder's large leaves sharded (FSDP) over 2 devices: 4 steps equal 2 +
     a resume + 2 bit for bit, momentum encoder and queue included. A second
     run initialised from the first starts its momentum encoder as the
     handed-over encoder; stage 3 restores encoder + decoder exactly."""
@@ -258,9 +281,9 @@ def test_patch_moco_on_real_camvid_sharded_resumes_bit_for_bit_and_hands_over(
 
     config = tiny_moco_config("patch_decoder", **{
         "data.source": "tfds", "data.name": "camvid", "data.data_dir": camvid_tfds,
-        "mesh.data": 4, "mesh.param_sharding": "fsdp", "mesh.fsdp_min_size": 256,
+        "mesh.data": 2, "mesh.param_sharding": "fsdp", "mesh.fsdp_min_size": 256,
         "frozen": ()})
-    mesh = make_mesh(4)
+    mesh = make_mesh(2)
     initial = jax.device_get(loop.build_state(
         loop.trainer("moco").stage(config, mesh, data=False), config, 4, mesh,
         jax.random.split(jax.random.key(config.seed), 2)[0]).init(

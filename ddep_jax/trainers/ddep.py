@@ -110,6 +110,26 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             config.image_grid_every, ">= 0 (0: no image grids)")
 
 
+def validate_pretext_run(config, num_devices: int, num_processes: int = 1) -> None:
+    """What the other stage-2 objectives (`rotation`, `moco`) check alike:
+    the encoder frozen or not (a slower encoder is `optimizer.lr_multipliers`),
+    a positive learning rate, the unlabeled-image source and its crops, the
+    run options.
+
+    Raises:
+      ValueError: naming the key and value.
+    """
+    require = config_lib.require
+    require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
+            "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
+    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+            config.optimizer.learning_rate, "must be > 0")
+    require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
+            f"expected one of {DATA_SOURCES}")
+    config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
+    config_lib.validate_run(config, num_devices, num_processes)
+
+
 def learning_rate(config) -> float:
     """The configured peak learning rate, or the paper's for the decoder width
     (`optimizer.learning_rate` 0)."""

@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.final_splits = ("test",)  # evaluated once at the end
     c.eval.every_steps = 0  # 0: only at the end
     c.eval.max_images = 0  # periodic evaluation on the first N images; 0 = all
+    # The final evaluations on the first N images of each split: a smoke run
+    # (the report's num_images says so); 0 = all, which any result needs.
+    c.eval.final_max_images = 0
     c.eval.num_visualize = 4  # colourised PNGs of the first N final-eval images
 
     c.batch_size = 16
@@ -132,7 +135,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     window = tuple(config.eval.window)
     require(len(window) == 2 and min(window) > 0, "eval.window", window,
             "need (H, W) > 0")
-    for key in ("every_steps", "stride", "max_images", "num_visualize"):
+    for key in ("every_steps", "stride", "max_images", "final_max_images",
+                "num_visualize"):
         require(config.eval[key] >= 0, f"eval.{key}", config.eval[key], ">= 0")
     require(config.eval.size_multiple > 0 and config.eval.size_multiple % multiple == 0,
             "eval.size_multiple", config.eval.size_multiple,
@@ -212,7 +216,8 @@ def metrics(aux, context) -> dict:
 
 def make_evaluate(config, spec, model):
     """The stage's `evaluate` hook: `eval.split` (the first `eval.max_images`)
-    periodically; at the end `eval.split` and `eval.final_splits`, one
+    periodically; at the end `eval.split` and `eval.final_splits` (the first
+    `eval.final_max_images` of each; 0: all), one
     evaluation per distinct TFDS split, with `eval.num_visualize` PNGs;
     WORKDIR/eval/<split>_<step>.json and `<split>/miou` scalars."""
 
@@ -233,7 +238,9 @@ def make_evaluate(config, spec, model):
         for split in splits.values():
             reports[split] = run_evaluation(config, spec, model, params, split,
                                             out_dir, step,
-                                            num_visualize=config.eval.num_visualize)
+                                            num_visualize=config.eval.num_visualize,
+                                            max_images=config.eval.get(
+                                                "final_max_images", 0))
             run.writer.write_scalars(step, {f"{split}/miou": reports[split]["miou"]})
         return reports
 

@@ -247,7 +247,12 @@ def build_state(stage: Stage, config, num_steps: int, mesh, key) -> TrainState:
         return {**state, "extra": stage.extra_state(
             state["params"], jax.random.fold_in(key, EXTRA_STATE_FOLD))}
 
-    abstract = jax.eval_shape(init, key)
+    # The shapes without tracing the model a second time (`init` is traced
+    # once more when it is jitted): the optimizer's and extra states' from the
+    # parameters' shapes.
+    abstract = jax.eval_shape(
+        lambda p, k: rederive({"step": jnp.zeros((), jnp.int32), "params": p,
+                               "opt_state": tx.init(p)}, k), params, key)
     m = config.mesh
     shardings = state_shardings(abstract, mesh, m.param_sharding, m.fsdp_min_size,
                                 tuple(m.get("sharding_rules", ())))

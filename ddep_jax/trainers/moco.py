@@ -95,17 +95,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             f"must hold one batch's {keys} keys (batch {config.batch_size} x "
             f"{gh * gw} embeddings)")
     config_lib.validate_crop_area("pretext.crop_area_range", p.crop_area_range)
-    require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
-            "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
     require(not (p.variant == "patch" and config.frozen), "frozen",
             tuple(config.frozen), "pretext.variant='patch' embeds the encoder's "
             "tokens: with the encoder frozen only the head would train")
-    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
-            config.optimizer.learning_rate, "must be > 0")
-    require(config.data.source in ddep.DATA_SOURCES, "data.source", config.data.source,
-            f"expected one of {ddep.DATA_SOURCES}")
-    config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
-    config_lib.validate_run(config, num_devices, num_processes)
+    ddep.validate_pretext_run(config, num_devices, num_processes)
 
 
 def build_model(config) -> ContrastiveTransUNet:

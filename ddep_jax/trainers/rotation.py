@@ -62,14 +62,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     p = config.pretext.patch_size
     require(p > 0 and h % p == 0 and w % p == 0, "pretext.patch_size", p,
             f"must be > 0 and divide the input size {h}x{w}")
-    require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
-            "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
-    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
-            config.optimizer.learning_rate, "must be > 0")
-    require(config.data.source in ddep.DATA_SOURCES, "data.source", config.data.source,
-            f"expected one of {ddep.DATA_SOURCES}")
-    config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
-    config_lib.validate_run(config, num_devices, num_processes)
+    ddep.validate_pretext_run(config, num_devices, num_processes)
 
 
 def make_prepare(config):
