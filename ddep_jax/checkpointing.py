@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state and the grain iterator.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data_iter}. `state` is
-{'step', 'params', 'opt_state'} and a stage's 'extra' state (StandardSave: restored straight into the
-target shardings); `data_iter` is grain's iterator state (one file per host).
+{'step', 'params', 'opt_state'} and a stage's 'extra' state (StandardSave:
+restored straight into the target shardings); `data_iter` is grain's
+iterator state (one file per host).
 The last `keep` checkpoints are kept (Orbax `LatestN` preservation policy).
 """
 

@@ -37,7 +37,6 @@ padded to 192,240), or resize / pad them to the exported size, as
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 

@@ -8,10 +8,11 @@ import pathlib
 # far more than running them, so LLVM's backend optimisation is turned down
 # (a cold tiny fine-tuning run 44.6 s -> 35.6 s, the fast-path accuracy test
 # 80 s -> 60 s on 2 cores); children (subprocess tests) inherit the flags.
+COMPILE_FAST_FLAGS = ("--xla_backend_optimization_level=0"
+                      " --xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+                           " --xla_force_host_platform_device_count=8 "
+                           + COMPILE_FAST_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 import pytest
-from conftest import (REPO, TINY_OVERRIDES, default_config as _default_config,
-                      flags as _flags, stage_step, subprocess_env as _subprocess_env,
-                      tiny_config, tiny_finetune_config)
+from conftest import (COMPILE_FAST_FLAGS, REPO, TINY_OVERRIDES,
+                      default_config as _default_config, flags as _flags, stage_step,
+                      subprocess_env as _subprocess_env, tiny_config,
+                      tiny_finetune_config)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dataclasses
@@ -223,7 +224,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     workdir = tmp_path / "work"
     # The image grid (a jitted call on arrays that span both hosts) included.
     overrides = {"total_steps": 2, "batch_size": 8, "image_grid_every": 2}
-    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                          + COMPILE_FAST_FLAGS,
                           JAX_PLATFORMS="cpu")
     port = _free_port()
     procs = [subprocess.Popen(
