@@ -26,7 +26,7 @@ Arguments (comma-separated k=v):
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_pretraining
+from ddep_jax.recipes import cpu_camvid_pretraining, set_encoder_training
 from ddep_jax.trainers import moco
 
 
@@ -39,10 +39,5 @@ def get_config(arg=None):
     c.pretext.momentum = arg.momentum
     c.pretext.queue_size = arg.queue
     c.pretext.hidden = 512
-    if arg.encoder not in ("frozen", "train", "slow"):
-        raise ValueError(f"config argument encoder={arg.encoder!r}: expected frozen, "
-                         "train or slow.")
-    c.frozen = ("encoder",) if arg.encoder == "frozen" else ()
-    if arg.encoder == "slow":
-        c.optimizer.lr_multipliers = "encoder=0.01"
+    set_encoder_training(c, arg.encoder)
     return c

@@ -23,7 +23,7 @@ Arguments (comma-separated k=v):
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_pretraining
+from ddep_jax.recipes import cpu_camvid_pretraining, set_encoder_training
 from ddep_jax.trainers import rotation
 
 
@@ -32,10 +32,5 @@ def get_config(arg=None):
     c = cpu_camvid_pretraining(rotation.default_config(), steps=arg.steps,
                                ckpt=arg.ckpt, arch=arg.arch)
     c.pretext.patch_size = arg.patch
-    if arg.encoder not in ("frozen", "train", "slow"):
-        raise ValueError(f"config argument encoder={arg.encoder!r}: expected frozen, "
-                         "train or slow.")
-    c.frozen = ("encoder",) if arg.encoder == "frozen" else ()
-    if arg.encoder == "slow":
-        c.optimizer.lr_multipliers = "encoder=0.01"
+    set_encoder_training(c, arg.encoder)
     return c

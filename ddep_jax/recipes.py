@@ -73,6 +73,25 @@ def cpu_camvid_pretraining(c: ml_collections.ConfigDict, *, steps: int, ckpt: st
     return c
 
 
+ENCODER_TRAINING = ("frozen", "train", "slow")
+
+
+def set_encoder_training(c: ml_collections.ConfigDict, mode: str) -> None:
+    """The pretext configs' `encoder=` argument (`ENCODER_TRAINING`): frozen
+    (as DDeP), trained at the decoder's rate, or at 1/100 of it (the SSL4DP
+    draft's option, `optimizer.lr_multipliers='encoder=0.01'`).
+
+    Raises:
+      ValueError: another mode, naming it.
+    """
+    if mode not in ENCODER_TRAINING:
+        raise ValueError(f"config argument encoder={mode!r}: expected one of "
+                         f"{ENCODER_TRAINING}.")
+    c.frozen = ("encoder",) if mode == "frozen" else ()
+    if mode == "slow":
+        c.optimizer.lr_multipliers = "encoder=0.01"
+
+
 def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
                           eval_mode: str, decoder: int,
                           size_multiple: int = 16) -> ml_collections.ConfigDict:

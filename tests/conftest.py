@@ -175,6 +175,29 @@ def tiny_finetune_config(**overrides):
     return apply_overrides(c, overrides)
 
 
+def assert_hands_over_to_finetuning(workdir: str, params: dict, data_dir: str,
+                                    tmp_path) -> None:
+    """A stage-3 state initialised (init.mode pretrained) from the stage-2
+    run `workdir` holds its encoder and decoder exactly: `params`, that
+    run's final parameters (host arrays); the head is new."""
+    import chex
+
+    from ddep_jax import handover
+    from ddep_jax.sharding import make_mesh
+    from ddep_jax.trainers import finetune, loop
+
+    ft = tiny_finetune_config(**{"data.data_dir": data_dir})
+    mesh, key = make_mesh(1), jax.random.key(0)
+    ts = loop.build_state(finetune.stage(ft, mesh, data=False), ft, 10, mesh, key)
+    (tmp_path / "ft").mkdir()
+    restored = jax.device_get(handover.initialise(
+        ts.init(key), ts.tx, ts.sharding, workdir,
+        finetune.INIT_COLLECTIONS["pretrained"], str(tmp_path / "ft"),
+        record={"mode": "pretrained"}, pos_grid=handover.token_grid(ft.model)))
+    for collection in ("encoder", "decoder"):
+        chex.assert_trees_all_equal(restored["params"][collection], params[collection])
+
+
 def tiny_classify_config(data_dir, **overrides):
     """A stage-1 config with the `tiny_config` encoder on the CIFAR-10 subset
     of `cifar_subset` (prepared in `data_dir`), 32x32, batch 8."""

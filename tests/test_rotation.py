@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_finetune_config
+from conftest import assert_hands_over_to_finetuning, tiny_config
 
 from ddep_jax import config_lib, optim
 from ddep_jax.objectives import rotation
@@ -122,10 +122,7 @@ def test_rotation_on_real_camvid_resumes_bit_for_bit_and_hands_over(camvid_tfds,
     the decoder); stage 3 restores encoder + decoder exactly (new head)."""
     import orbax.checkpoint as ocp
 
-    from ddep_jax import handover
     from ddep_jax.checkpointing import resolve_state_dir
-    from ddep_jax.sharding import make_mesh
-    from ddep_jax.trainers import finetune
 
     config = tiny_rotation_config(camvid_tfds, **{
         "frozen": (), "optimizer.lr_multipliers": "encoder=0.01"})
@@ -147,14 +144,5 @@ def test_rotation_on_real_camvid_resumes_bit_for_bit_and_hands_over(camvid_tfds,
 
     assert step == 2 and 0 < moved("encoder") < moved("decoder")
 
-    ft = tiny_finetune_config(**{"data.data_dir": camvid_tfds})
-    mesh, key = make_mesh(1), jax.random.key(0)
-    ts = loop.build_state(finetune.stage(ft, mesh, data=False), ft, 10, mesh, key)
-    (tmp_path / "ft").mkdir()
-    restored = jax.device_get(handover.initialise(
-        ts.init(key), ts.tx, ts.sharding, str(tmp_path / "straight"),
-        finetune.INIT_COLLECTIONS["pretrained"], str(tmp_path / "ft"),
-        record={"mode": "pretrained"}, pos_grid=handover.token_grid(ft.model)))
-    for collection in ("encoder", "decoder"):
-        chex.assert_trees_all_equal(restored["params"][collection],
-                                    state["params"][collection])
+    assert_hands_over_to_finetuning(str(tmp_path / "straight"), state["params"],
+                                    camvid_tfds, tmp_path)

@@ -110,16 +110,23 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             config.image_grid_every, ">= 0 (0: no image grids)")
 
 
-def validate_pretext_run(config, num_devices: int, num_processes: int = 1) -> None:
+def validate_pretext_run(config, defaults, num_devices: int,
+                         num_processes: int = 1) -> None:
     """What the other stage-2 objectives (`rotation`, `moco`) check alike:
-    the encoder frozen or not (a slower encoder is `optimizer.lr_multipliers`),
-    a positive learning rate, the unlabeled-image source and its crops, the
+    no key unknown to `defaults` (the stage's default config), the model, no
+    noise conditioning (a pretext task has no noise level), the encoder
+    frozen or not (a slower encoder is `optimizer.lr_multipliers`), a
+    positive learning rate, the unlabeled-image source and its crops, the
     run options.
 
     Raises:
       ValueError: naming the key and value.
     """
     require = config_lib.require
+    config_lib.check_keys(config, defaults)
+    config_lib.validate_model(config.model)
+    require(not config.model.noise_conditioning, "model.noise_conditioning", True,
+            f"the {config.stage} pretext task has no noise level")
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
             "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
     require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",

@@ -77,15 +77,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         is not a known key'.
     """
     require = config_lib.require
-    config_lib.check_keys(config, default_config())
-    config_lib.validate_model(config.model)
+    ddep.validate_pretext_run(config, default_config(), num_devices, num_processes)
     m, p = config.model, config.pretext
     require(p.variant in VARIANTS, "pretext.variant", p.variant,
             f"expected one of {VARIANTS}")
     require(m.num_outputs > 0, "model.num_outputs", m.num_outputs,
             "the embedding size must be > 0 (MoCo v2: 128)")
-    require(not m.noise_conditioning, "model.noise_conditioning", True,
-            "MoCo has no noise level")
     require(0 <= p.momentum < 1, "pretext.momentum", p.momentum, "must be in [0, 1)")
     require(p.temperature > 0, "pretext.temperature", p.temperature, "must be > 0")
     require(p.hidden > 0, "pretext.hidden", p.hidden, "must be > 0")
@@ -98,7 +95,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(not (p.variant == "patch" and config.frozen), "frozen",
             tuple(config.frozen), "pretext.variant='patch' embeds the encoder's "
             "tokens: with the encoder frozen only the head would train")
-    ddep.validate_pretext_run(config, num_devices, num_processes)
 
 
 def build_model(config) -> ContrastiveTransUNet:

@@ -51,18 +51,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         is not a known key'.
     """
     require = config_lib.require
-    config_lib.check_keys(config, default_config())
-    config_lib.validate_model(config.model)
+    ddep.validate_pretext_run(config, default_config(), num_devices, num_processes)
     m = config.model
     require(m.num_outputs == rotation.NUM_ANGLES, "model.num_outputs", m.num_outputs,
             f"the rotation head predicts {rotation.NUM_ANGLES} angles")
-    require(not m.noise_conditioning, "model.noise_conditioning", True,
-            "the rotation task has no noise level")
     h, w = m.encoder.image_size
     p = config.pretext.patch_size
     require(p > 0 and h % p == 0 and w % p == 0, "pretext.patch_size", p,
             f"must be > 0 and divide the input size {h}x{w}")
-    ddep.validate_pretext_run(config, num_devices, num_processes)
 
 
 def make_prepare(config):
