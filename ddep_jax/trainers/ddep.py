@@ -110,6 +110,38 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             config.image_grid_every, ">= 0 (0: no image grids)")
 
 
+def pretext_stage(config, name: str, model, *, data: bool, describe, summary: str,
+                  **fields) -> loop.Stage:
+    """The `loop.Stage` of a stage-2 pretext objective (`rotation`, `moco`):
+    what they share with each other (unlabeled images of `config.data`, the
+    batch spec and a random example batch of uint8 [B, H, W, 3], the encoder
+    read from `init.checkpoint`, `config.frozen`, the configured learning
+    rate), plus the objective's own `fields` (loss_fn, prepare, ...).
+    `summary` is followed by ' on <data> images, encoder frozen|trained'."""
+    h, w = config.model.encoder.image_size
+    b = config.batch_size
+    source, dataset = make_unlabeled_data(config) if data else (None, None)
+    frozen = tuple(config.frozen)
+    images = config.data.name if config.data.source == "tfds" else "embedded"
+    return loop.Stage(
+        name=name,
+        model=model,
+        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
+        peak_lr=config.optimizer.learning_rate,
+        frozen=frozen,
+        init_collections=("encoder",),
+        keys=("init", "train"),
+        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
+        example_batch=lambda rng: {
+            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
+        dataset=dataset,
+        num_examples=len(source) if source is not None else 0,
+        describe=describe,
+        summary=(f"{summary} on {images} images, encoder "
+                 f"{'frozen' if 'encoder' in frozen else 'trained'}"),
+        **fields)
+
+
 def validate_pretext_run(config, defaults, num_devices: int,
                          num_processes: int = 1) -> None:
     """What the other stage-2 objectives (`rotation`, `moco`) check alike:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ddep_jax import config_lib
 from ddep_jax.models.contrastive import VARIANTS, ContrastiveTransUNet
@@ -198,33 +197,14 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     """The MoCo-pretext stage of `config` (`data=False`: no dataset)."""
     del mesh, workdir
     model = build_model(config)
-    h, w = config.model.encoder.image_size
-    b = config.batch_size
-    source, dataset = ddep.make_unlabeled_data(config) if data else (None, None)
-    frozen = tuple(config.frozen)
     p = config.pretext
-    return loop.Stage(
-        name="moco",
-        model=model,
-        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
-        loss_fn=make_loss_fn(config, model),
-        prepare=make_prepare(config),
+    return ddep.pretext_stage(
+        config, "moco", model, data=data,
+        loss_fn=make_loss_fn(config, model), prepare=make_prepare(config),
         extra_state=make_extra_state(config, model),
         update_extra=make_update_extra(config, model),
-        peak_lr=config.optimizer.learning_rate,
-        frozen=frozen,
-        init_collections=("encoder",),
-        keys=("init", "train"),
-        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
-        example_batch=lambda rng: {
-            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
-        dataset=dataset,
-        num_examples=len(source) if source is not None else 0,
         describe=lambda m: (f"loss {m['loss']:.4f} | contrastive acc "
                             f"{m['contrastive_accuracy']:.3f} | matched "
                             f"{m['matched_patches']:.2f} | lr {m['learning_rate']:.3g}"),
         summary=(f"MoCo ({p.variant}, momentum {p.momentum}, T {p.temperature}, "
-                 f"queue {p.queue_size}) on "
-                 f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
-                 f"images, encoder {'frozen' if 'encoder' in frozen else 'trained'}"),
-    )
+                 f"queue {p.queue_size})"))

@@ -17,9 +17,7 @@ being new, exactly as from a DDeP checkpoint.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ddep_jax import config_lib
 from ddep_jax.models import to_float_images
@@ -104,28 +102,9 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     """The rotation-pretext stage of `config` (`data=False`: no dataset)."""
     del mesh, workdir
     model = build_model(config.model)
-    h, w = config.model.encoder.image_size
-    b = config.batch_size
-    source, dataset = ddep.make_unlabeled_data(config) if data else (None, None)
-    frozen = tuple(config.frozen)
-    return loop.Stage(
-        name="rotation",
-        model=model,
-        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
-        loss_fn=make_loss_fn(config, model),
-        prepare=make_prepare(config),
-        peak_lr=config.optimizer.learning_rate,
-        frozen=frozen,
-        init_collections=("encoder",),
-        keys=("init", "train"),
-        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
-        example_batch=lambda rng: {
-            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
-        dataset=dataset,
-        num_examples=len(source) if source is not None else 0,
+    return ddep.pretext_stage(
+        config, "rotation", model, data=data,
+        loss_fn=make_loss_fn(config, model), prepare=make_prepare(config),
         describe=lambda m: (f"loss {m['loss']:.4f} | pixel acc "
                             f"{m['pixel_accuracy']:.3f} | lr {m['learning_rate']:.3g}"),
-        summary=(f"patch rotation ({config.pretext.patch_size}px patches) on "
-                 f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
-                 f"images, encoder {'frozen' if 'encoder' in frozen else 'trained'}"),
-    )
+        summary=f"patch rotation ({config.pretext.patch_size}px patches)")
