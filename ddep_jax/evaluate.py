@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 
 from ddep_jax import writers
@@ -94,7 +95,8 @@ def _spec_of_workdir(workdir: str) -> seg_datasets.SegDatasetSpec | None:
     why)."""
     try:
         record = writers.read_json(os.path.join(workdir, "config.json"))
-        return seg_datasets.get_spec(record["data"]["name"])
+        config = ml_collections.ConfigDict(record)
+        return seg_datasets.spec_for(config.data, config.model.num_outputs)
     except Exception:  # pylint: disable=broad-except
         return None
 

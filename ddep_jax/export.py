@@ -126,10 +126,11 @@ def _card(run: dict, workdir: str, size, files: dict) -> str:
     config, spec = run["config"], run["spec"]
     subset = writers.read_json(os.path.join(workdir, "labelled_subset.json")) or {}
     done = writers.read_json(os.path.join(workdir, "done.json")) or {}
-    lines = [f"# TransUNet fine-tuned on {config.data.name}", "",
+    where = (f"the mmseg folder {spec.folder}" if spec.folder else spec.name)
+    lines = [f"# TransUNet fine-tuned on {spec.name}", "",
              f"Exported from `{workdir}` (checkpoint step {run['step']}) by "
              "`python -m ddep_jax.export`.", "", "## Data", "",
-             f"- dataset: {config.data.name}, split {subset.get('split', 'train')}"]
+             f"- dataset: {where}, split {subset.get('split', 'train')}"]
     if subset:
         lines.append(f"- label fraction: {subset.get('label_fraction')} "
                      f"({subset.get('num_labelled')} of {subset.get('num_examples')} "

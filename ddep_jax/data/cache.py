@@ -35,7 +35,9 @@ def record_bytes(record: dict[str, Any]) -> int:
     return int(sum(np.asarray(v).nbytes for v in record.values()))
 
 
-def _frozen(record: dict[str, Any]) -> dict[str, Any]:
+def _frozen(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:  # a record the source leaves out (stays None)
+        return None
     out = {}
     for k, v in record.items():
         v = np.array(v)  # a private copy: the cache must not alias a reader's buffer
@@ -71,7 +73,9 @@ def cache_in_memory(source, *, mode: str = "auto", max_mib: float = 2048,
     if mode == "none" or n == 0:
         return source
     first = source[0]
-    estimate = record_bytes(first) * n / MIB
+    sample = next((r for r in (source[i] for i in range(1, min(n, 8)))
+                   if r is not None), {}) if first is None else first
+    estimate = record_bytes(sample) * n / MIB
     if mode == "auto" and estimate > max_mib:
         logging.info("%s: not cached in memory (~%.0f MiB decoded > data.cache_max_mib"
                      "=%g)", name, estimate, max_mib)
@@ -88,6 +92,6 @@ def cache_in_memory(source, *, mode: str = "auto", max_mib: float = 2048,
                            leave=False,
                            disable=n < 100 or not sys.stderr.isatty()):
             pass
-    total = sum(record_bytes(r) for r in records) / MIB
+    total = sum(record_bytes(r) for r in records if r is not None) / MIB
     logging.info("%s: %d records decoded into memory (%.0f MiB)", name, n, total)
     return grain.MapDataset.source(records)

@@ -90,8 +90,8 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                        area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
                        flip: bool = True, keep: tuple[str, ...] = (),
                        num_threads: int = 8, prefetch: int = 4,
-                       cache: str = "none",
-                       cache_max_mib: float = 2048) -> grain.IterDataset:
+                       cache: str = "none", cache_max_mib: float = 2048,
+                       skip_missing: bool = False) -> grain.IterDataset:
     """The training stream of this host.
 
     Args:
@@ -106,6 +106,10 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
       cache, cache_max_mib: hold this host's decoded records in memory
         (`cache.cache_in_memory`: 'auto' | 'memory' | 'none'); the batches
         are the same either way.
+      skip_missing: the source returns None for records to leave out (an
+        image folder's unreadable files): they are filtered from the shuffled
+        stream and batches are formed after the filter, so every batch is
+        full and the stream stays deterministic and resumable.
 
     Returns:
       grain.IterDataset of {'image': uint8 [batch_size, H, W, 3], **keep};
@@ -123,12 +127,16 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
     ds = cache_in_memory(ds, mode=cache, max_mib=cache_max_mib,
                          num_threads=num_threads, name="training images")
     ds = ds.shuffle(seed=seed).repeat(None)
+    if skip_missing:
+        ds = ds.filter(lambda record: record is not None)
     ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
                                       keep),
                        seed=augment_seed(seed, process_index))
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    if skip_missing:  # a filtered MapDataset has holes: batch the stream instead
+        return ds.to_iter_dataset(options).batch(batch_size, drop_remainder=True)
     ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                prefetch_buffer_size=prefetch))
+    return ds.to_iter_dataset(options)
 
 
 def resize_centre_crop(image: np.ndarray, size, crop_fraction: float) -> np.ndarray:

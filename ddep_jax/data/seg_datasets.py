@@ -48,6 +48,13 @@ class SegDatasetSpec:
         configs set `eval.mode`.
       id_key: record key naming the example (file name) for messages and the
         label-fraction listing; ``None`` if the records have none.
+      folder: '' for a prepared TFDS dataset; else the root of an
+        mmsegmentation-layout folder read in place (`ddep_jax.data.folders`;
+        then `splits` maps to its sub-folders and `tfds_name` is unused).
+      img_suffix, seg_map_suffix: the folder's image and label-map file
+        endings (mmseg's names).
+      reduce_zero_label: mmseg's option: stored 0 is void and every other
+        stored value ``v`` is class ``v - 1`` (255 stays void).
     """
 
     name: str
@@ -63,6 +70,10 @@ class SegDatasetSpec:
     crop_size: int = 512
     eval_mode: str = "whole"
     id_key: str | None = "file_name"
+    folder: str = ""
+    img_suffix: str = ".jpg"
+    seg_map_suffix: str = ".png"
+    reduce_zero_label: bool = False
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
@@ -93,6 +104,9 @@ class SegDatasetSpec:
             (after the LUT), naming `where` and the values.
         """
         raw = np.asarray(raw)
+        if self.reduce_zero_label:  # mmseg: 0 -> void, v -> v - 1, 255 stays
+            raw = np.where((raw == 0) | (raw == IGNORE_LABEL), IGNORE_LABEL + 1,
+                           raw.astype(np.int32)) - 1
         if self.label_lut is not None:
             lut = np.asarray(self.label_lut)
             bad = np.unique(raw[(raw < 0) | (raw >= len(lut))])
@@ -106,10 +120,15 @@ class SegDatasetSpec:
             bad = np.unique(raw[((raw < 0) | (raw >= self.num_classes))
                                 & (raw != IGNORE_LABEL)])
             if bad.size:
+                stored = (f"stored values 1..{self.num_classes} and 0 / "
+                          f"{IGNORE_LABEL} (void, reduce_zero_label)"
+                          if self.reduce_zero_label else
+                          f"0..{self.num_classes - 1} and void {IGNORE_LABEL}")
+                if self.reduce_zero_label:
+                    bad = bad + 1
                 raise ValueError(
                     f"{self.name} label {where} has values {bad.tolist()}; valid "
-                    f"are 0..{self.num_classes - 1} and void {IGNORE_LABEL}. "
-                    "Re-prepare the dataset or fix the label file.")
+                    f"are {stored}. Re-prepare the dataset or fix the label file.")
         return out
 
     def decode(self, record: Mapping[str, Any], index: int = -1,
@@ -179,13 +198,37 @@ def _load_all() -> None:
     import ddep_jax.data.builders  # noqa: F401
 
 
-def open_split(spec: SegDatasetSpec, split: str, data_dir: str = ""):
-    """The prepared TFDS records of a split; the config's split names
-    ('validation', 'test') go through `spec.splits`.
+def spec_for(data_config, num_outputs: int = 0) -> SegDatasetSpec:
+    """The spec of a stage-3 `config.data`: a registered dataset
+    (``source='tfds'``, `data.name`) or an mmseg-layout folder
+    (``source='mmseg'``, `data.folder`; `folders.mmseg_spec`, which takes the
+    class count from `num_outputs` when the folder has no classes.json).
 
     Raises:
-      FileNotFoundError: the dataset is not prepared (names the command).
+      ValueError, FileNotFoundError: unknown name; a missing or malformed
+        folder (from `folders.mmseg_spec`).
     """
+    if data_config.get("source", "tfds") == "mmseg":
+        from ddep_jax.data import folders
+
+        return folders.mmseg_spec(data_config, num_outputs)
+    return get_spec(data_config.name)
+
+
+def open_split(spec: SegDatasetSpec, split: str, data_dir: str = ""):
+    """The records of a split: the prepared TFDS records, or an mmseg
+    folder's pairs (`folders.MMSegSplit`) when `spec.folder` is set; the
+    config's split names ('validation', 'test') go through `spec.splits`.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared (names the command), or
+        the folder's split is missing.
+      ValueError: (folders) unpaired files or size mismatches, named.
+    """
+    if spec.folder:
+        from ddep_jax.data import folders
+
+        return folders.MMSegSplit(spec, split)
     from ddep_jax.data.tfds_sources import load_data_source
 
     return load_data_source(spec.tfds_name, spec.splits.get(split, split),

@@ -94,7 +94,7 @@ def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
     if config.get("stage") != "finetune":
         raise ValueError(f"{path} is a config.stage={config.get('stage')!r} run; "
                          "evaluate/predict need a fine-tuning ('finetune') workdir.")
-    spec = seg_datasets.get_spec(config.data.name)
+    spec = seg_datasets.spec_for(config.data, config.model.num_outputs)
     model = build_model(config.model, spec.num_classes)
     h, w = config.model.encoder.image_size
     abstract = jax.eval_shape(model.init, jax.random.key(0),

@@ -31,7 +31,7 @@ from ddep_jax.trainers import loop
 
 # Paper Sec. 5.1: lr 6e-5 for the 1x and 3x decoders, 1e-4 for the 2x decoder.
 PAPER_LEARNING_RATE = {1: 6e-5, 2: 1e-4, 3: 6e-5}
-DATA_SOURCES = ("tfds", "embedded")
+DATA_SOURCES = ("tfds", "embedded", "folder")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,9 +61,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # DATA_SOURCES
-    c.data.name = "imagenet21k"
+    c.data.name = "imagenet21k"  # 'tfds': the prepared dataset
     c.data.split = "train"
     c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # 'folder' (ddep_jax.data.folders): the images under `folder` that match
+    # `glob` (recursive with **); undecodable files skipped and listed in
+    # WORKDIR/skipped_images.txt ('skip'), or the run stops ('error').
+    c.data.folder = ""
+    c.data.glob = "**/*"
+    c.data.bad_images = "skip"
     c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
     c.data.crop_aspect_range = (3 / 4, 4 / 3)
     c.data.flip = True
@@ -102,8 +108,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     config_lib.validate_model(config.model)
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
-    require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
-            f"expected one of {DATA_SOURCES}")
+    validate_source(config.data)
     config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
     config_lib.validate_run(config, num_devices, num_processes)
     require(config.image_grid_every >= 0, "image_grid_every",
@@ -111,7 +116,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
 
 
 def pretext_stage(config, name: str, model, *, data: bool, describe, summary: str,
-                  **fields) -> loop.Stage:
+                  workdir: str | None = None, **fields) -> loop.Stage:
     """The `loop.Stage` of a stage-2 pretext objective (`rotation`, `moco`):
     what they share with each other (unlabeled images of `config.data`, the
     batch spec and a random example batch of uint8 [B, H, W, 3], the encoder
@@ -120,9 +125,9 @@ def pretext_stage(config, name: str, model, *, data: bool, describe, summary: st
     `summary` is followed by ' on <data> images, encoder frozen|trained'."""
     h, w = config.model.encoder.image_size
     b = config.batch_size
-    source, dataset = make_unlabeled_data(config) if data else (None, None)
+    source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
     frozen = tuple(config.frozen)
-    images = config.data.name if config.data.source == "tfds" else "embedded"
+    images = images_name(config.data)
     return loop.Stage(
         name=name,
         model=model,
@@ -163,10 +168,31 @@ def validate_pretext_run(config, defaults, num_devices: int,
             "('encoder',) or () (optimizer.lr_multipliers slows it instead)")
     require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
             config.optimizer.learning_rate, "must be > 0")
-    require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
-            f"expected one of {DATA_SOURCES}")
+    validate_source(config.data)
     config_lib.validate_crop_area("data.crop_area_range", config.data.crop_area_range)
     config_lib.validate_run(config, num_devices, num_processes)
+
+
+def validate_source(data_config) -> None:
+    """`data.source` and, for an image folder, `folder` and `bad_images`
+    (the folder's files are listed when the stage opens it)."""
+    from ddep_jax.data import folders
+
+    require = config_lib.require
+    require(data_config.source in DATA_SOURCES, "data.source", data_config.source,
+            f"expected one of {DATA_SOURCES}")
+    if data_config.source == "folder":
+        require(bool(data_config.folder), "data.folder", data_config.folder,
+                "data.source='folder' reads the images of this folder")
+        require(data_config.bad_images in folders.BAD_IMAGE_MODES, "data.bad_images",
+                data_config.bad_images, f"expected one of {folders.BAD_IMAGE_MODES}")
+
+
+def images_name(data_config) -> str:
+    """What the run trains on, for summaries: the TFDS name, 'embedded', or
+    'folder <path>'."""
+    return {"tfds": data_config.name, "embedded": "embedded",
+            "folder": f"folder {data_config.folder}"}[data_config.source]
 
 
 def learning_rate(config) -> float:
@@ -177,30 +203,45 @@ def learning_rate(config) -> float:
     return PAPER_LEARNING_RATE[config.model.decoder_multiplier]
 
 
-def make_source(data_config):
-    """The random-access image source named by `config.data`."""
+def make_source(data_config, workdir: str | None = None):
+    """The random-access image source named by `config.data`. An image folder
+    lists the files it skips in WORKDIR/skipped_images.txt and checks (or,
+    the first time, writes) WORKDIR/image_folder.json (`folders`)."""
     if data_config.source == "embedded":
         from ddep_jax.data.embedded import EmbeddedImages  # scikit-image's photos
 
         return EmbeddedImages()
+    if data_config.source == "folder":
+        from ddep_jax.data import folders
+
+        skipped = None
+        if workdir:
+            suffix = f".{jax.process_index()}" if jax.process_count() > 1 else ""
+            skipped = os.path.join(workdir, folders.SKIPPED_LIST + suffix)
+        source = folders.ImageFolderSource(data_config.folder, data_config.glob,
+                                           data_config.bad_images, skipped)
+        if workdir:
+            source.check_manifest(workdir, write=jax.process_index() == 0)
+        return source
     from ddep_jax.data.tfds_sources import load_data_source
 
     return load_data_source(data_config.name, data_config.split,
                             data_config.data_dir or None)
 
 
-def make_unlabeled_data(config):
+def make_unlabeled_data(config, workdir: str | None = None):
     """(source, host-local train batches {'image': uint8 [B / hosts, H, W, 3]})
     of `config.data`: inception crops to the encoder's input size and flips
     (`pipeline.make_train_dataset`), this host's shard. Shared by the stage-2
     objectives that train on unlabeled images (DDeP, the pretext tasks)."""
     h, w = config.model.encoder.image_size
-    source = make_source(config.data)
+    source = make_source(config.data, workdir)
     dataset = pipeline.make_train_dataset(
         source, image_size=(h, w), batch_size=config.batch_size // jax.process_count(),
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), area_range=config.data.crop_area_range,
         aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
+        skip_missing=config.data.source == "folder",
         **config_lib.data_loading(config.data))
     return source, dataset
 
@@ -275,11 +316,18 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> float:
 def grid_images(config, source) -> np.ndarray:
     """The fixed images of the denoising grid: the first `image_grid_size`
     images of the training source, resized and centre-cropped to the model's
-    input size. uint8 [n, H, W, 3]."""
+    input size (an image folder's unreadable files passed over).
+    uint8 [n, H, W, 3]."""
     h, w = config.model.encoder.image_size
-    n = min(config.image_grid_size, len(source))
-    return np.stack([pipeline.resize_centre_crop(np.asarray(source[i]["image"]),
-                                                 (h, w), 1.0) for i in range(n)])
+    images = []
+    for i in range(len(source)):
+        if len(images) == config.image_grid_size:
+            break
+        record = source[i]
+        if record is not None:
+            images.append(pipeline.resize_centre_crop(np.asarray(record["image"]),
+                                                      (h, w), 1.0))
+    return np.stack(images)
 
 
 def make_image_grid_hook(config, model, mesh, source):
@@ -319,12 +367,12 @@ def make_image_grid_hook(config, model, mesh, source):
 
 
 def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
-    """The DDeP / DeP stage of `config` (`data=False`: no dataset is opened)."""
-    del workdir  # nothing stage-specific is written before the loop starts
+    """The DDeP / DeP stage of `config` (`data=False`: no dataset is opened;
+    an image folder writes its file list's record in `workdir`)."""
     model = build_model(config.model)
     h, w = config.model.encoder.image_size
     b = config.batch_size
-    source, dataset = make_unlabeled_data(config) if data else (None, None)
+    source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
     conditioning = config.model.noise_conditioning
     frozen = tuple(config.frozen)
     d = config.denoising
@@ -346,7 +394,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         num_examples=len(source) if source is not None else 0,
         describe=lambda m: f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}",
         summary=(f"{'DDeP' if 'encoder' in frozen else 'DeP'} on "
-                 f"{config.data.name if config.data.source == 'tfds' else 'embedded'} "
+                 f"{images_name(config.data)} "
                  f"images ({d.noise_type} noise, sigma {d.sigma}, {d.target} target)"),
         after_step=make_image_grid_hook(config, model, mesh, source),
     )

@@ -38,6 +38,7 @@ from `init.checkpoint`: no pretraining; the encoder of a checkpoint with a
 random decoder ("Supervised"); encoder and decoder of a stage-2 DDeP/DeP
 checkpoint. The head is always new."""
 INIT_MODES = tuple(INIT_COLLECTIONS)
+DATA_SOURCES = ("tfds", "mmseg")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,8 +58,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.init.step = -1
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "camvid"  # a name in ddep_jax.data.seg_datasets
+    c.data.source = "tfds"  # DATA_SOURCES: a prepared dataset, or 'mmseg' folder
+    c.data.name = "camvid"  # 'tfds': a name in ddep_jax.data.seg_datasets
     c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # 'mmseg' (ddep_jax.data.folders): FOLDER/img_dir/{train,val}/,
+    # FOLDER/ann_dir/{train,val}/, FOLDER/classes.json (or model.num_outputs).
+    c.data.folder = ""
+    c.data.img_suffix = ".jpg"
+    c.data.seg_map_suffix = ".png"
+    c.data.reduce_zero_label = False  # mmseg's: stored 0 is void, v -> v - 1
+    c.data.classes_file = ""  # '' = FOLDER/classes.json
     c.data.train_split = "train"
     c.data.label_fraction = "100%"  # '1%', '1/30', '0.25', or a count '100'
     c.data.subset_seed = -1  # -1: same as `seed`
@@ -111,10 +120,17 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
     require(i.mode == "scratch" or bool(i.checkpoint), "init.checkpoint",
             i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
-    require(config.data.name in seg_datasets.names(), "data.name", config.data.name,
-            f"expected one of {seg_datasets.names()}")
+    require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
+            f"expected one of {DATA_SOURCES}")
+    if config.data.source == "tfds":
+        require(config.data.name in seg_datasets.names(), "data.name",
+                config.data.name, f"expected one of {seg_datasets.names()}")
+    try:
+        spec = seg_datasets.spec_for(config.data, config.model.num_outputs)
+    except (OSError, ValueError) as e:
+        require(False, "data.folder", config.data.folder, str(e))
     config_lib.validate_classes_and_splits(
-        config, seg_datasets.get_spec(config.data.name),
+        config, spec,
         [("data.train_split", config.data.train_split),
          ("eval.split", config.eval.split),
          *[("eval.final_splits", s) for s in config.eval.final_splits]])
@@ -251,7 +267,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     """The fine-tuning stage of `config` (`data=False`: no dataset is opened
     and no labelled subset chosen)."""
     del mesh  # evaluation runs on host-local parameters
-    spec = seg_datasets.get_spec(config.data.name)
+    spec = seg_datasets.spec_for(config.data, config.model.num_outputs)
     model = build_model(config.model, spec.num_classes)
     num_classes = model.num_outputs
     dataset = train_source = None

@@ -195,11 +195,11 @@ def make_loss_fn(config, model):
 
 def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
     """The MoCo-pretext stage of `config` (`data=False`: no dataset)."""
-    del mesh, workdir
+    del mesh
     model = build_model(config)
     p = config.pretext
     return ddep.pretext_stage(
-        config, "moco", model, data=data,
+        config, "moco", model, data=data, workdir=workdir,
         loss_fn=make_loss_fn(config, model), prepare=make_prepare(config),
         extra_state=make_extra_state(config, model),
         update_extra=make_update_extra(config, model),

@@ -100,10 +100,10 @@ def make_loss_fn(config, model):
 
 def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loop.Stage:
     """The rotation-pretext stage of `config` (`data=False`: no dataset)."""
-    del mesh, workdir
+    del mesh
     model = build_model(config.model)
     return ddep.pretext_stage(
-        config, "rotation", model, data=data,
+        config, "rotation", model, data=data, workdir=workdir,
         loss_fn=make_loss_fn(config, model), prepare=make_prepare(config),
         describe=lambda m: (f"loss {m['loss']:.4f} | pixel acc "
                             f"{m['pixel_accuracy']:.3f} | lr {m['learning_rate']:.3g}"),
