@@ -160,7 +160,8 @@ def test_error_exit_waits_for_the_save_and_prints_the_real_error(tmp_path, monke
 
     make_source = ddep.make_source
     monkeypatch.setattr(ddep, "make_source",
-                        lambda data: FailingSource(make_source(data), after=20))
+                        lambda data, workdir=None: FailingSource(
+                            make_source(data, workdir), after=20))
     config = tiny_config(total_steps=8, checkpoint_every=1)
     with pytest.raises(ValueError, match="is corrupt"):
         loop.run(config, str(tmp_path))
