@@ -195,6 +195,14 @@ def add_run_options(c: ml_collections.ConfigDict, *, log_every: int = 50,
     c.profile = ml_collections.ConfigDict()
     c.profile.start_step = 5
     c.profile.num_steps = 0
+    # Metrics always go to WORKDIR/metrics.jsonl and TensorBoard; a W&B
+    # project name adds Weights & Biases (the `wandb` extra): 'offline' writes
+    # WORKDIR/wandb (no network; `wandb sync` later), 'online' uploads.
+    c.writer = ml_collections.ConfigDict()
+    c.writer.wandb = ""
+    c.writer.wandb_mode = "offline"
+    c.writer.wandb_entity = ""
+    c.writer.wandb_name = ""  # '' = the workdir's folder name
     return c
 
 
@@ -294,6 +302,15 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
     require(config.batch_size % (num_devices * k) == 0, "batch_size",
             config.batch_size, f"must be divisible by the {num_devices} devices x "
             f"grad_accum_steps={k} (equal micro-batches on every device)")
+    w = config.get("writer")
+    if w is not None and w.wandb:
+        from ddep_jax.writers import WANDB_MODES
+
+        require(w.wandb_mode in WANDB_MODES, "writer.wandb_mode", w.wandb_mode,
+                f"expected one of {WANDB_MODES}")
+        require(importlib.util.find_spec("wandb") is not None, "writer.wandb",
+                w.wandb, "needs the wandb package: pip install 'ddep_jax[wandb]' "
+                "(or leave writer.wandb empty)")
     require(config.profile.start_step >= 1 and config.profile.num_steps >= 0,
             "profile", config.profile.to_dict(), "need start_step >= 1 and "
             "num_steps >= 0")

@@ -3,13 +3,16 @@
 Every path here may be local or a URL (``gs://bucket/run``, with the `gcp`
 extra installed): file access goes through `etils.epath` (the path library
 Orbax uses), TensorBoard events through tensorboardX (no TensorFlow needed;
-gs:// through google-cloud-storage). Metrics are written by process 0 only.
+gs:// through google-cloud-storage), and, when `config.writer.wandb` names a
+project, to Weights & Biases through its own library (`WandbLogger`).
+Metrics are written by process 0 only.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import secrets
 import os
 import time
 
@@ -68,10 +71,84 @@ def save_png(path: str, image) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+WANDB_MODES = ("offline", "online")
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+def wandb_options(config) -> dict | None:
+    """`WandbLogger`'s options from `config.writer` (None: W&B is off)."""
+    w = config.get("writer")
+    if w is None or not w.get("wandb"):
+        return None
+    return {"project": w.wandb, "entity": w.get("wandb_entity", "") or None,
+            "mode": w.get("wandb_mode", "offline"),
+            "name": w.get("wandb_name", "") or None}
+
+
+class WandbLogger:
+    """Weights & Biases run of a workdir (process 0): scalars, images and
+    text as `wandb.log` entries at the run's steps, the config as the run's
+    config.
+
+    Args:
+      workdir: the run's workdir: W&B's files go to WORKDIR/wandb (so
+        `mode='offline'` needs no network; `wandb sync WORKDIR/wandb/offline-run-*`
+        uploads them later), and WORKDIR/wandb_run.json keeps the run id, so
+        a resumed run continues the same W&B run.
+      project, entity, name: W&B's (name default: the workdir's folder name).
+      mode: 'offline' | 'online' (`WANDB_MODES`).
+      config: the run's config as a dict.
+
+    W&B keeps one value per key and step, in increasing steps: after a resume
+    the steps the killed run had already logged (and a bit-exact resume
+    recomputes) keep their first values.
+
+    Raises:
+      ImportError: the `wandb` package is missing (named, with the install
+        command).
+    """
+
+    def __init__(self, workdir: str, *, project: str, entity: str | None = None,
+                 name: str | None = None, mode: str = "offline",
+                 config: dict | None = None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                f"config.writer.wandb={project!r} needs the wandb package: pip "
+                "install 'ddep_jax[wandb]' (or wandb), or leave writer.wandb "
+                "empty.") from e
+        self._wandb = wandb
+        record_path = os.path.join(workdir, WANDB_RUN_FILE)
+        record = read_json(record_path)
+        if record is None:
+            record = {"id": secrets.token_hex(4), "project": project}  # W&B: [a-z0-9]
+            write_json(record_path, record)
+        self.run_id = record["id"]
+        self.run = wandb.init(
+            project=project, entity=entity,
+            name=name or os.path.basename(os.path.normpath(workdir)),
+            id=self.run_id, resume="allow", dir=workdir, mode=mode,
+            config=config or {}, settings=wandb.Settings(silent=True))
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=int(step))
+
+    def image(self, step: int, name: str, image) -> None:
+        self.log(step, {name: self._wandb.Image(np.asarray(image))})
+
+    def text(self, step: int, name: str, text: str) -> None:
+        self.log(step, {name: self._wandb.Html(text)})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricWriter:
     """Appends {'step': s, **scalars} lines to WORKDIR/metrics.jsonl and the same
-    scalars to TensorBoard events under WORKDIR/tensorboard. No-op on hosts
-    other than process 0.
+    scalars to TensorBoard events under WORKDIR/tensorboard, and to W&B with
+    `wandb` options (`wandb_options`; `WandbLogger`). No-op on hosts other
+    than process 0.
 
     Object stores (gs://) cannot append: there the JSONL lines of the run so
     far (the earlier ones read back on resume) are rewritten as one object at
@@ -79,11 +156,14 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str, remote_flush_seconds: float = 60.0,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, wandb: dict | None = None,
+                 config: dict | None = None):
         """`resume_step`: the step a resumed run restarted from; lines of later
         steps (written before the run was killed, and about to be redone)
-        are cut from metrics.jsonl, so that every step appears once."""
+        are cut from metrics.jsonl, so that every step appears once.
+        `wandb`: `WandbLogger` options (None: no W&B); `config` its run config."""
         self.active = jax.process_index() == 0
+        self._wandb = None
         if not self.active:
             return
         self._path = os.path.join(workdir, "metrics.jsonl")
@@ -102,6 +182,8 @@ class MetricWriter:
         else:
             self._jsonl = open(self._path, "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if wandb:
+            self._wandb = WandbLogger(workdir, config=config, **wandb)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
@@ -117,16 +199,22 @@ class MetricWriter:
             self._jsonl.flush()
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
+        if self._wandb:
+            self._wandb.log(step, scalars)
 
     def write_image(self, step: int, name: str, image) -> None:
         """A uint8 [H, W, 3] image to TensorBoard (its Images tab)."""
         if self.active:
             self._tb.add_image(name, np.asarray(image), int(step), dataformats="HWC")
+            if self._wandb:
+                self._wandb.image(step, name, image)
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """Text to TensorBoard (its Text tab), e.g. the run's config."""
         if self.active:
             self._tb.add_text(name, text, int(step))
+            if self._wandb and name != "config":  # W&B has it as the run's config
+                self._wandb.text(step, name, text)
 
     def _flush_remote(self) -> None:
         write_bytes(self._path, "".join(self._lines).encode())
@@ -141,6 +229,8 @@ class MetricWriter:
         else:
             self._jsonl.close()
         self._tb.close()
+        if self._wandb:
+            self._wandb.close()
         self.active = False
 
 

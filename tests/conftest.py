@@ -254,3 +254,27 @@ def cifar_subset(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cifar_tfds")
     prepare.prepare("cifar10_jpeg", manual, data_dir)
     return manual, str(data_dir), picked
+
+
+def read_tensorboard(folder) -> dict:
+    """{tag: [(step, kind)]} of the TensorBoard event files in `folder`
+    (kind: 'scalar', 'image' or 'text'), read with tensorboardX's protos
+    from the TFRecord framing (8-byte length, 4-byte CRC, data, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags: dict = {}
+    for path in sorted(pathlib.Path(folder).glob("events*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                kind = ("image" if value.HasField("image") else
+                        "text" if value.metadata.plugin_data.plugin_name == "text"
+                        else "scalar")
+                tags.setdefault(value.tag, []).append((event.step, kind))
+    return tags

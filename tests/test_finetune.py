@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config, tiny_finetune_config
+from conftest import REPO, read_tensorboard, tiny_config, tiny_finetune_config
 
 from ddep_jax import checkpointing, handover
 from ddep_jax.data import seg_datasets, seg_pipeline
@@ -172,7 +172,12 @@ def test_finetune_and_evaluate_on_real_camvid_resumes(finetuned, camvid_tfds):
     assert report["num_pixels"] == sum(
         int(np.sum(source[i]["label"] != seg_datasets.IGNORE_LABEL))
         for i in range(len(source)))
-    assert len(os.listdir(os.path.join(workdir, "eval", "validation_00000002"))) == 2
+    panels = sorted(os.listdir(os.path.join(workdir, "eval", "validation_00000002")))
+    assert len(panels) == 2
+    tags = read_tensorboard(os.path.join(workdir, "tensorboard"))
+    assert tags["validation/miou"] == [(2, "scalar")]
+    for name in panels:  # the eval panels in TensorBoard's image tab too
+        assert tags[f"validation/{name[:-4]}"] == [(2, "image")]
 
     # Another label fraction in the same workdir is refused; nothing is lost.
     other = tiny_finetune_config(**{"data.data_dir": camvid_tfds,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, read_tensorboard, tiny_config
 
 from ddep_jax import optim
 from ddep_jax.trainers import ddep, loop
@@ -123,14 +123,43 @@ def test_config_json_kept_when_a_resume_changes_it(tmp_path):
 
 
 def test_outputs_written(tmp_path):
-    loop.run(tiny_config(total_steps=2, image_grid_every=2),
-                             str(tmp_path))
+    """JSONL metrics, PNG grids, TensorBoard (scalars, the grid, the config)
+    and, asked for, an offline Weights & Biases run that a resume continues."""
+    config = tiny_config(**{"total_steps": 2, "image_grid_every": 2,
+                            "writer.wandb": "ddep_jax_tests"})
+    loop.run(config, str(tmp_path), stop_after_step=1)
+    loop.run(config, str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["denoising"]["sigma"] == 0.22
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert {"step", "loss", "learning_rate", "steps_per_sec"} <= set(json.loads(lines[-1]))
     assert (tmp_path / "images" / "denoise_00000002.png").is_file()
-    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
-    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    tags = read_tensorboard(tmp_path / "tensorboard")
+    assert [s for s, _ in tags["loss"]] == [1, 2] and tags["loss"][0][1] == "scalar"
+    assert tags["denoise"] == [(2, "image")]
+    assert [kind for _, kind in tags["config/text_summary"]] == ["text"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+    run_id = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # the first call and its resume: one W&B run id
+    records = b"".join((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
+    for key in (b"loss", b"learning_rate", b"steps_per_sec", b"denoising"):
+        assert key in records, key  # the scalars and the config
+    media = list((runs[1] / "files" / "media" / "images").glob("denoise_2_*.png"))
+    assert len(media) == 1
+
+
+def test_wandb_options_checked(tmp_path, monkeypatch):
+    import importlib.util
+
+    config = tiny_config(**{"writer.wandb": "p", "writer.wandb_mode": "cloud"})
+    with pytest.raises(ValueError, match=r"config.writer.wandb_mode='cloud'"):
+        loop.run(config, str(tmp_path / "a"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"(?s)writer.wandb='p'.*pip install"):
+        loop.run(tiny_config(**{"writer.wandb": "p"}), str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("key,value,message", [

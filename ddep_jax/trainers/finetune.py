@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+from PIL import Image
 
 from ddep_jax import config_lib, writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
@@ -230,6 +232,18 @@ def metrics(aux, context) -> dict:
     return {"pixel_accuracy": aux["correct"] / jnp.maximum(context["count"], 1)}
 
 
+def write_panels(writer, folder: str, split: str, step: int) -> None:
+    """The evaluation's panel PNGs in `folder` (image | prediction | ground
+    truth | overlay, legend) to the metric writer's image tabs as
+    '<split>/<image stem>'."""
+    folder = epath.Path(folder)  # local or gs://
+    if not writer.active or not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.png")):
+        with path.open("rb") as f, Image.open(f) as im:
+            writer.write_image(step, f"{split}/{path.stem}", np.asarray(im.convert("RGB")))
+
+
 def make_evaluate(config, spec, model):
     """The stage's `evaluate` hook: `eval.split` (the first `eval.max_images`)
     periodically; at the end `eval.split` and `eval.final_splits` (the first
@@ -258,6 +272,8 @@ def make_evaluate(config, spec, model):
                                             max_images=config.eval.get(
                                                 "final_max_images", 0))
             run.writer.write_scalars(step, {f"{split}/miou": reports[split]["miou"]})
+            write_panels(run.writer, os.path.join(out_dir, f"{split}_{step:08d}"),
+                         split, step)
         return reports
 
     return evaluate

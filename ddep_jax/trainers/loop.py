@@ -513,7 +513,9 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
     if jax.process_index() == 0:  # the run is accepted: its config is recorded
         write_config(config, workdir)
     start = int(jax.device_get(state["step"]))
-    writer = writers.MetricWriter(workdir, resume_step=start)
+    writer = writers.MetricWriter(workdir, resume_step=start,
+                                  wandb=writers.wandb_options(config),
+                                  config=config.to_dict())
     ctx = RunContext(config, workdir, mesh, writer, keys, num_steps)
     done_path = os.path.join(workdir, DONE_FILE)
     result = {"step": start, "loss": float("nan"), "history": [], "state": state,
