@@ -1,5 +1,11 @@
 """PNG grids of clean / noisy / denoised images (optionally labelled rows) and
-segmentation panels (optionally with a legend of class colours)."""
+segmentation panels (optionally with a legend of class colours).
+
+Colours are a palette lookup (`colorize`): each class id keeps its dataset
+colour in every image. scikit-image's `label2rgb` assigns its colours by the
+rank of the labels present in an image, so the same class could change
+colour between panels. The legend is drawn by matplotlib (`_legend`).
+"""
 
 from __future__ import annotations
 
@@ -172,11 +178,11 @@ def save_segmentation_panel(path: str, image: np.ndarray, prediction: np.ndarray
       palette: uint8 [P, 3] (see `colorize`).
       alpha: mask weight of the overlay panel (prediction over the image).
       pad: white pixels between panels.
-      class_names: names of class ids ``0..C-1``; given, a legend (a colour
-        swatch and the name of each class, in PIL's default font, wrapped over
-        as many lines as needed) is drawn in a white strip below the panels
-        (widening the image if one entry is wider than the panels). ``None``:
-        no legend, the panels alone.
+      class_names: names of class ids ``0..C-1``; given, a matplotlib legend
+        (a colour swatch and the name of each class, in as many columns as
+        fit) is drawn in a white strip below the panels (widening the image
+        if one entry is wider than the panels). ``None``: no legend, the
+        panels alone.
       legend_classes: the class ids to list (default: those in the prediction
         or the ground truth, in id order; ``'void'`` is added, black, when the
         ground truth has void pixels).
@@ -248,32 +254,41 @@ LEGEND_OUTLINE = (128, 128, 128)
 """Outline of the legend's colour swatches (so white or black classes show)."""
 
 
+LEGEND_FONT_SIZE = 9
+"""Legend font size in points (at 100 dpi: 12.5 px per em)."""
+
+
 def _legend(entries: list[tuple[tuple[int, int, int], str]], width: int,
             pad: int) -> np.ndarray:
-    """uint8 [h, max(width, widest entry), 3]: white strip with each entry's
-    swatch and name, flowing left to right over as many lines as needed."""
-    _, line_height = _line_metrics()
-    swatch = line_height + 2
-    line_step = swatch + 4
-    gap, spacing = 4, 12
-    sizes = [swatch + gap + _text_width(name) for _, name in entries]
-    inner = max([width - 2 * pad] + sizes)
-    lines: list[list[tuple[int, tuple[tuple[int, int, int], str]]]] = []
-    x = 0
-    for entry, size in zip(entries, sizes):
-        if not lines or (x > 0 and x + size > inner):
-            lines.append([])
-            x = 0
-        lines[-1].append((x, entry))
-        x += size + spacing
-    strip = Image.new("RGB", (inner + 2 * pad, len(lines) * line_step + pad),
-                      (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for r, line in enumerate(lines):
-        y = r * line_step + 2
-        for x, (color, name) in line:
-            x0 = pad + x
-            draw.rectangle([x0, y, x0 + swatch - 1, y + swatch - 1], fill=color,
-                           outline=LEGEND_OUTLINE)
-            _draw_text(draw, x0 + swatch + gap, y + swatch / 2, name)
-    return np.asarray(strip, np.uint8)
+    """uint8 [h, max(width, widest entry), 3]: a white strip with a matplotlib
+    legend of the entries (a colour swatch outlined in grey, then the name),
+    in as many columns as fit the width (filled column by column)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    dpi = 100
+    em = LEGEND_FONT_SIZE * dpi / 72
+    outline = tuple(v / 255 for v in LEGEND_OUTLINE)
+    handles = [Patch(facecolor=tuple(v / 255 for v in color), edgecolor=outline,
+                     label=name) for color, name in entries]
+    style = {"frameon": False, "fontsize": LEGEND_FONT_SIZE, "handlelength": 2.0,
+             "handletextpad": 0.6, "columnspacing": 1.5, "borderaxespad": 0.0,
+             "borderpad": 0.3, "loc": "upper left", "bbox_to_anchor": (0, 1)}
+    probe = Figure(dpi=dpi)
+    renderer = FigureCanvasAgg(probe).get_renderer()
+    texts = probe.legend(handles=handles, ncol=1, **style).get_texts()
+    widest = max(t.get_window_extent(renderer).width for t in texts)
+    per_entry = widest + (2.0 + 0.6 + 1.5) * em
+    inner = max(width - 2 * pad, int(np.ceil(per_entry)))
+    ncol = max(1, min(len(entries), int(inner // per_entry)))
+    rows = -(-len(entries) // ncol)
+    total_w, total_h = inner + 2 * pad, int(rows * 2 * em + 4 * em)
+    fig = Figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    style["bbox_to_anchor"] = (pad / total_w, 1)
+    legend = fig.legend(handles=handles, ncol=ncol, **style)
+    canvas.draw()
+    bottom = legend.get_window_extent(canvas.get_renderer()).y0  # from the bottom
+    strip = np.asarray(canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(strip[:min(total_h, int(total_h - bottom) + pad)])
