@@ -292,3 +292,68 @@ def test_mmseg_folder_scores_like_tfds(tmp_path, camvid_mmseg, camvid_tfds):
     assert ours["num_pixels"] == theirs["num_pixels"] > 0
     assert ours["miou"] == theirs["miou"]
     assert ours["per_class_iou"] == theirs["per_class_iou"]
+
+
+def test_folders_prepared_as_array_record_read_back_equal(tmp_path):
+    """python -m ddep_jax.data.prepare --folder: both layouts become TFDS
+    datasets whose records equal the folders' (the corrupt file left out),
+    read by name by stage 2 and stage 3."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    from ddep_jax.data import prepare, tfds_sources
+    from ddep_jax.trainers import finetune
+
+    _require_camvid()
+    photos = _image_folder(tmp_path / "photos", n=8)
+    data_dir = str(tmp_path / "tfds")
+    out = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.data.prepare", f"--folder={photos}",
+         "--layout=images", "--name=my_photos", f"--data_dir={data_dir}"],
+        env=subprocess_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Prepared my_photos 1.0.0" in out.stdout and "train=8" in out.stdout
+    folder = folders.ImageFolderSource(str(photos))
+    prepared = tfds_sources.load_data_source("my_photos", "train", data_dir)
+    assert len(prepared) == 8  # 9 files, the truncated JPEG skipped
+    for i in range(8):
+        record = prepared[i]
+        name = record["file_name"].decode()
+        np.testing.assert_array_equal(
+            record["image"], folder[folder.files.index(name)]["image"])
+    result = loop.run(tiny_config(**{"data.source": "tfds", "data.name": "my_photos",
+                                     "data.data_dir": data_dir, "total_steps": 1}),
+                      str(tmp_path / "ddep"))
+    assert result["step"] == 1 and np.isfinite(result["loss"])
+
+    root = tmp_path / "mine"
+    _small_mmseg(root)
+    (root / "ann_dir" / "val" / "extra.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"1 label maps .*extra\.png"):
+        prepare.prepare_folder(str(root), "mmseg", "mine", data_dir,
+                               classes_file=str(CAMVID / "classes.json"))
+    (root / "ann_dir" / "val" / "extra.png").unlink()
+    prepare.prepare_folder(str(root), "mmseg", "mine", data_dir,
+                           classes_file=str(CAMVID / "classes.json"))
+    config = tiny_finetune_config(**{"data.name": "mine", "data.data_dir": data_dir})
+    finetune.validate(config, 1)
+    spec = seg_datasets.spec_for(config.data)
+    assert spec.class_names == seg_datasets.get_spec("camvid").class_names
+    assert spec.splits == {"train": "train", "validation": "validation",
+                           "test": "validation"}
+    ours = _spec(root, classes_file=str(CAMVID / "classes.json"))
+    direct = seg_pipeline.SegmentationSource(
+        seg_datasets.open_split(ours, "validation"), ours)
+    names = [direct.records.record_name(i) for i in range(4)]
+    records = seg_datasets.open_split(spec, "validation", data_dir)
+    through = seg_pipeline.SegmentationSource(records, spec)
+    assert len(through) == 4
+    for i in range(4):
+        j = names.index(records.record_name(i))
+        np.testing.assert_array_equal(through[i]["image"], direct[j]["image"])
+        np.testing.assert_array_equal(through[i]["label"], direct[j]["label"])
+    with pytest.raises(ValueError, match=r"config.data.name='nope'.*prepare --folder"):
+        finetune.validate(tiny_finetune_config(**{"data.name": "nope",
+                                                   "data.data_dir": data_dir}), 1)

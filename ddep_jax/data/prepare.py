@@ -6,6 +6,13 @@ Usage::
       --manual_dir=/path/to/camvid [--data_dir=/path/to/tensorflow_datasets]
   python -m ddep_jax.data.prepare --dataset=imagenet21k \
       --manual_dir=/path/to/winter21 [--data_dir=...]
+  python -m ddep_jax.data.prepare --folder=DIR --layout=images|mmseg --name=NAME \
+      [--glob='**/*'] [--reduce_zero_label] [--data_dir=...]
+
+The last form prepares your own folder (`ddep_jax.data.folders`: an image
+folder for stage 2, the mmsegmentation layout for stage 3) as dataset NAME,
+read afterwards with ``data.source='tfds' data.name=NAME``
+(`ddep_jax.data.builders.folders`).
 
 ``--data_dir`` defaults to ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
 The dataset is written in ``array_record`` format (random access, read by
@@ -95,9 +102,60 @@ def prepare(
     return builder
 
 
+def prepare_folder(folder: str, layout: str, name: str,
+                   data_dir: str | os.PathLike | None = None, *, glob: str = "**/*",
+                   bad_images: str = "skip", img_suffix: str = ".jpg",
+                   seg_map_suffix: str = ".png", reduce_zero_label: bool = False,
+                   classes_file: str = "", num_classes: int = 0
+                   ) -> tfds.core.DatasetBuilder:
+    """Prepares an own folder as the TFDS dataset `name` (array_record).
+
+    Args:
+      folder: an image folder (`layout='images'`) or an mmseg-layout folder
+        (`'mmseg'`), as `ddep_jax.data.folders` reads them.
+      layout: 'images' | 'mmseg'.
+      name: the dataset's name (snake_case), `data.name` of the configs.
+      data_dir: TFDS data directory (default $TFDS_DATA_DIR or
+        ~/tensorflow_datasets).
+      glob, bad_images: the image folder's selection and what to do with
+        undecodable files ('skip' | 'error').
+      img_suffix, seg_map_suffix, reduce_zero_label, classes_file,
+        num_classes: the mmseg folder's options (`data.*` of stage 3;
+        num_classes stands in for a missing classes.json).
+
+    Raises:
+      ValueError, FileNotFoundError: a bad name or layout; the folder readers'
+        errors (unpaired files, size mismatches, bad label values, an
+        unreadable image with bad_images='error'), naming the files.
+    """
+    import ml_collections
+
+    from ddep_jax.data import folders as folder_data
+    from ddep_jax.data.builders import folders as folder_builders
+
+    data_dir = os.path.abspath(os.path.expanduser(
+        os.fspath(data_dir) if data_dir is not None else default_data_dir()))
+    folder = os.path.abspath(os.path.expanduser(folder))
+    spec = None
+    if layout == "mmseg":
+        spec = folder_data.mmseg_spec(ml_collections.ConfigDict({
+            "folder": folder, "img_suffix": img_suffix,
+            "seg_map_suffix": seg_map_suffix, "reduce_zero_label": reduce_zero_label,
+            "classes_file": classes_file}), num_classes)
+    cls = folder_builders.builder_class(name, layout, folder=folder, glob=glob,
+                                        bad_images=bad_images, spec=spec)
+    builder = cls(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    if spec is not None:
+        folder_builders.write_spec(spec, builder.data_dir)
+    return builder
+
+
 _DATASET = None
 _MANUAL_DIR = None
 _DATA_DIR = None
+_FOLDER_FLAGS = {}
 
 
 def _define_flags() -> None:
@@ -105,14 +163,28 @@ def _define_flags() -> None:
     # notebooks, the trainer) does not add global absl flags.
     global _DATASET, _MANUAL_DIR, _DATA_DIR
     _DATASET = flags.DEFINE_enum(
-        "dataset", None, sorted(DATASETS), "Dataset to prepare.", required=True
+        "dataset", None, sorted(DATASETS), "Dataset to prepare (or --folder)."
     )
     _MANUAL_DIR = flags.DEFINE_string(
-        "manual_dir",
-        None,
-        "Directory with the manually downloaded files.",
-        required=True,
+        "manual_dir", None, "Directory with the manually downloaded files."
     )
+    _FOLDER_FLAGS.update(
+        folder=flags.DEFINE_string("folder", None, "Your own folder to prepare."),
+        layout=flags.DEFINE_enum("layout", "images", ["images", "mmseg"],
+                                 "--folder's layout."),
+        name=flags.DEFINE_string("name", None, "--folder's dataset name."),
+        glob=flags.DEFINE_string("glob", "**/*", "images: the files to read."),
+        bad_images=flags.DEFINE_enum("bad_images", "skip", ["skip", "error"],
+                                     "images: undecodable files."),
+        img_suffix=flags.DEFINE_string("img_suffix", ".jpg", "mmseg: image ending."),
+        seg_map_suffix=flags.DEFINE_string("seg_map_suffix", ".png",
+                                           "mmseg: label-map ending."),
+        reduce_zero_label=flags.DEFINE_bool("reduce_zero_label", False,
+                                            "mmseg: stored 0 is void, v -> v - 1."),
+        classes_file=flags.DEFINE_string("classes_file", "",
+                                         "mmseg: default FOLDER/classes.json."),
+        num_classes=flags.DEFINE_integer("num_classes", 0,
+                                         "mmseg: class count without classes.json."))
     _DATA_DIR = flags.DEFINE_string(
         "data_dir",
         None,
@@ -123,9 +195,24 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    folder = _FOLDER_FLAGS["folder"].value
+    if bool(folder) == bool(_DATASET.value):
+        raise app.UsageError("Give either --dataset (with --manual_dir) or --folder "
+                             "(with --layout and --name).")
     try:
-        builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)
-    except FileNotFoundError as e:
+        if folder:
+            if not _FOLDER_FLAGS["name"].value:
+                raise app.UsageError("--folder needs --name (the dataset's name).")
+            options = {k: f.value for k, f in _FOLDER_FLAGS.items()
+                       if k not in ("folder", "layout", "name")}
+            builder = prepare_folder(folder, _FOLDER_FLAGS["layout"].value,
+                                     _FOLDER_FLAGS["name"].value, _DATA_DIR.value,
+                                     **options)
+        else:
+            if not _MANUAL_DIR.value:
+                raise app.UsageError("--dataset needs --manual_dir.")
+            builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     sizes = ", ".join(
         f"{name}={split.num_examples}"

@@ -199,8 +199,9 @@ def _load_all() -> None:
 
 
 def spec_for(data_config, num_outputs: int = 0) -> SegDatasetSpec:
-    """The spec of a stage-3 `config.data`: a registered dataset
-    (``source='tfds'``, `data.name`) or an mmseg-layout folder
+    """The spec of a stage-3 `config.data`: a registered dataset or an own
+    folder prepared as `data.name` in `data.data_dir` (``source='tfds'``;
+    `builders.folders.prepared_spec`), or an mmseg-layout folder
     (``source='mmseg'``, `data.folder`; `folders.mmseg_spec`, which takes the
     class count from `num_outputs` when the folder has no classes.json).
 
@@ -212,6 +213,20 @@ def spec_for(data_config, num_outputs: int = 0) -> SegDatasetSpec:
         from ddep_jax.data import folders
 
         return folders.mmseg_spec(data_config, num_outputs)
+    _load_all()
+    if data_config.name not in _FACTORIES:  # an own folder, prepared?
+        from ddep_jax.data.builders import folders as folder_builders
+        from ddep_jax.data.tfds_sources import default_data_dir
+
+        data_dir = data_config.get("data_dir") or default_data_dir()
+        spec = folder_builders.prepared_spec(data_config.name, data_dir)
+        if spec is not None:
+            return spec
+        raise ValueError(
+            f"Unknown segmentation dataset {data_config.name!r}: neither a built-in "
+            f"one ({sorted(_FACTORIES)}) nor a folder prepared in {data_dir} "
+            "(python -m ddep_jax.data.prepare --folder=DIR --layout=mmseg "
+            f"--name={data_config.name}).")
     return get_spec(data_config.name)
 
 

@@ -124,13 +124,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
     require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
             f"expected one of {DATA_SOURCES}")
-    if config.data.source == "tfds":
-        require(config.data.name in seg_datasets.names(), "data.name",
-                config.data.name, f"expected one of {seg_datasets.names()}")
     try:
         spec = seg_datasets.spec_for(config.data, config.model.num_outputs)
     except (OSError, ValueError) as e:
-        require(False, "data.folder", config.data.folder, str(e))
+        key = "data.folder" if config.data.source == "mmseg" else "data.name"
+        require(False, key, config.data[key.split(".")[1]], str(e))
     config_lib.validate_classes_and_splits(
         config, spec,
         [("data.train_split", config.data.train_split),
