@@ -169,18 +169,20 @@ def evaluate(workdir: str, split: str = "test", *, step: int = -1,
       'num_images', 'num_pixels', ...); also written to OUT_DIR/<split>.json
       (default WORKDIR/eval_api).
 
+    `split` is a split name of the dataset (TFDS slicing such as
+    'test[:10]' works for prepared datasets), as ``--split`` takes it.
+
     Raises:
       ValueError: a split the dataset lacks (naming its splits); the errors
         of `load_segmenter`.
     """
     import os
 
+    from ddep_jax.evaluate import check_split
     from ddep_jax.evaluation.segmentation import run_evaluation
 
     seg = load_segmenter(workdir, step)
-    if split not in seg.spec.splits:
-        raise ValueError(f"split={split!r}: {seg.spec.name} has splits "
-                         f"{sorted(seg.spec.splits)}.")
-    return run_evaluation(seg.config, seg.spec, seg.model, seg.params, split,
+    return run_evaluation(seg.config, seg.spec, seg.model, seg.params,
+                          check_split(seg.spec, split),
                           out_dir or os.path.join(workdir, "eval_api"), seg.step,
                           name=split, max_images=max_images)

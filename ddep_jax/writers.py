@@ -91,10 +91,12 @@ class WandbLogger:
     config.
 
     Args:
-      workdir: the run's workdir: W&B's files go to WORKDIR/wandb (so
-        `mode='offline'` needs no network; `wandb sync WORKDIR/wandb/offline-run-*`
-        uploads them later), and WORKDIR/wandb_run.json keeps the run id, so
-        a resumed run continues the same W&B run.
+      workdir: the run's workdir: W&B's files go to WORKDIR/wandb (a local
+        temporary folder for a gs:// workdir), so `mode='offline'` needs no
+        network (`wandb sync WORKDIR/wandb/offline-run-*` uploads later), and
+        WORKDIR/wandb_run.json keeps the run id: online, a resumed run
+        continues the same W&B run; offline, W&B does not resume, so every
+        invocation writes its own offline-run folder under that id.
       project, entity, name: W&B's (name default: the workdir's folder name).
       mode: 'offline' | 'online' (`WANDB_MODES`).
       config: the run's config as a dict.
@@ -125,10 +127,16 @@ class WandbLogger:
             record = {"id": secrets.token_hex(4), "project": project}  # W&B: [a-z0-9]
             write_json(record_path, record)
         self.run_id = record["id"]
+        files = workdir  # W&B writes its files locally, whatever the workdir
+        if is_remote(workdir):
+            import tempfile
+
+            files = os.path.join(tempfile.gettempdir(), "ddep_jax_wandb", self.run_id)
+            os.makedirs(files, exist_ok=True)
         self.run = wandb.init(
             project=project, entity=entity,
             name=name or os.path.basename(os.path.normpath(workdir)),
-            id=self.run_id, resume="allow", dir=workdir, mode=mode,
+            id=self.run_id, resume="allow", dir=files, mode=mode,
             config=config or {}, settings=wandb.Settings(silent=True))
 
     def log(self, step: int, values: dict) -> None:

@@ -73,8 +73,9 @@ print(f"DDeP: {pretrained['step']} steps, final denoising loss "
 # %%
 camvid = pathlib.Path(args.camvid)
 if not (camvid / "train" / "images").is_dir():
-    raise SystemExit(f"CamVid not found at {camvid} (--camvid): steps 2-3 need a "
-                     "labelled folder; step 1 ran.")
+    print(f"CamVid not found at {camvid} (--camvid): steps 2-4 need a labelled "
+          "folder and are skipped; step 1 ran.")
+    raise SystemExit(0)
 folder = workdir / "camvid_mmseg"
 for split, sub, n in (("train", "train", 60), ("val", "val", 20)):
     for kind, ext, dest in (("images", ".jpg", "img_dir"), ("labels", ".png", "ann_dir")):
@@ -83,10 +84,9 @@ for split, sub, n in (("train", "train", 60), ("val", "val", 20)):
             link = folder / dest / sub / name
             if not link.exists():
                 link.symlink_to(camvid / split / kind / name)
-names = json.loads((camvid / "classes.json").read_text())
-(folder / "classes.json").write_text(json.dumps(
-    {"classes": [c["name"] for c in names["classes"]],
-     "palette": [c["rgb"] for c in names["classes"]]}))
+# CamVid's classes.json lists {"id", "name", "rgb"}; mmseg's own form,
+# {"classes": [names], "palette": [[r, g, b], ...]}, is read as well.
+(folder / "classes.json").write_text((camvid / "classes.json").read_text())
 
 # %% [markdown]
 # ## 3. Fine-tune from the DDeP checkpoint on a quarter of the labels

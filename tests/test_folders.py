@@ -115,6 +115,41 @@ def test_image_folder_records_equal_the_files(tmp_path):
     assert all(b.shape == (4, 32, 32, 3) for b in batches)
 
 
+def test_image_folder_edge_cases(tmp_path):
+    """EXIF orientation, 16-bit greyscale, a skipped list that a resumed
+    process extends, a folder of nothing decodable, a gs:// folder."""
+    _require_camvid()
+    root = tmp_path / "photos"
+    root.mkdir()
+    photo = Image.open(CAMVID / "train" / "images" / _train_jpgs(1)[0])  # 480x360
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    photo.save(root / "rotated.jpg", exif=exif)
+    wide = (np.arange(64 * 32, dtype=np.uint16).reshape(32, 64) * 32)
+    Image.fromarray(wide).save(root / "depth16.png")
+    (root / "bad1.jpg").write_bytes(b"not a jpeg")
+    (root / "bad2.png").write_bytes(b"not a png")
+    listed = tmp_path / "skipped_images.txt"
+    source = folders.ImageFolderSource(str(root), skipped_list=str(listed))
+    rotated = source[source.files.index("rotated.jpg")]["image"]
+    assert rotated.shape == (480, 360, 3)
+    stored = np.asarray(Image.open(root / "rotated.jpg"))  # as stored: [360, 480]
+    np.testing.assert_array_equal(rotated, np.rot90(stored, k=-1))  # clockwise
+    depth = source[source.files.index("depth16.png")]["image"]
+    np.testing.assert_array_equal(depth[..., 0], (wide >> 8).astype(np.uint8))
+    assert source[source.files.index("bad1.jpg")] is None
+    # A resumed run (a new process) adds its skips to the list.
+    again = folders.ImageFolderSource(str(root), skipped_list=str(listed))
+    assert again[again.files.index("bad2.png")] is None
+    assert listed.read_text() == "bad1.jpg\nbad2.png\n"
+    only_bad = folders.ImageFolderSource(str(root), "bad*")
+    only_bad[0]
+    with pytest.raises(folders.BadImageError, match=r"none of the 2 files"):
+        only_bad[1]
+    with pytest.raises(ValueError, match=r"gs://b/photos.*prepare"):
+        folders.ImageFolderSource("gs://b/photos")
+
+
 def test_ddep_on_an_image_folder_resumes_bit_for_bit(tmp_path):
     """DDeP on a folder of real photos with a corrupt file: straight vs killed
     and resumed give the same state; the skipped file is listed; a changed
@@ -259,6 +294,9 @@ def test_mmseg_reduce_zero_label_and_classes_without_a_file(tmp_path):
                                 "model.num_outputs": 11})
     spec = seg_datasets.spec_for(c.data, c.model.num_outputs)
     assert spec.class_names[10] == "class_10" and len(set(spec.class_colors)) == 11
+    (root / "classes.json").write_text(json.dumps({"classes": [str(i) for i in range(256)]}))
+    with pytest.raises(ValueError, match=r"256 classes; class ids are 0\.\.254"):
+        _spec(root)
     (root / "classes.json").write_text('{"classes": [{"id": 1, "name": "x"}]}')
     with pytest.raises(ValueError, match=r"classes\.json.*ids must be 0\.\.C-1"):
         _spec(root)

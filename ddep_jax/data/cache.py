@@ -74,8 +74,8 @@ def cache_in_memory(source, *, mode: str = "auto", max_mib: float = 2048,
         return source
     first = source[0]
     sample = next((r for r in (source[i] for i in range(1, min(n, 8)))
-                   if r is not None), {}) if first is None else first
-    estimate = record_bytes(sample) * n / MIB
+                   if r is not None), None) if first is None else first
+    estimate = record_bytes(sample) * n / MIB if sample is not None else float("inf")
     if mode == "auto" and estimate > max_mib:
         logging.info("%s: not cached in memory (~%.0f MiB decoded > data.cache_max_mib"
                      "=%g)", name, estimate, max_mib)

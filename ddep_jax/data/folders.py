@@ -79,6 +79,10 @@ def read_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit (or int32) greyscale: to 8 bits
+                wide = np.asarray(im).astype(np.int64)
+                shift = 8 if wide.max(initial=0) < 2**16 else 24
+                im = Image.fromarray(np.clip(wide >> shift, 0, 255).astype(np.uint8))
             if im.mode != "RGB":
                 im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P"
                                 else "RGB").convert("RGB")
@@ -111,6 +115,12 @@ def read_label(path: str) -> np.ndarray:
 def _check_folder(root: str, key: str) -> str:
     if not root:
         raise ValueError(f"config.{key} is empty: set it to the dataset's folder.")
+    if writers.is_remote(root):
+        raise ValueError(
+            f"config.{key}={root!r}: folders are read in place from a local disk "
+            "only. Prepare it as a dataset (python -m ddep_jax.data.prepare "
+            "--folder=<local copy> --name=NAME --data_dir=gs://...) and read it "
+            "by name (data.source='tfds', data.name=NAME).")
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"config.{key}={root!r}: no such folder.")
@@ -171,6 +181,9 @@ class ImageFolderSource:
         self.skipped_list = skipped_list
         self.files = list(_files) if _files is not None else list_images(root, pattern)
         self._skipped: set[str] = set()
+        if skipped_list and os.path.exists(skipped_list):  # a resumed run's
+            with open(skipped_list, encoding="utf-8") as f:
+                self._skipped.update(line.rstrip("\n") for line in f if line.strip())
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -205,6 +218,11 @@ class ImageFolderSource:
                 return
             self._skipped.add(name)
             listed = sorted(self._skipped)
+            if len(listed) >= len(self.files):
+                raise BadImageError(
+                    f"none of the {len(self.files)} files of the image folder "
+                    f"{self.root} (glob {self.pattern!r}) can be decoded; the last: "
+                    f"{error}")
             if self.skipped_list:  # under the lock: one writer of the file
                 writers.write_bytes(self.skipped_list,
                                     "".join(f"{n}\n" for n in listed).encode())
@@ -218,15 +236,32 @@ class ImageFolderSource:
                 "num_files": len(self.files), "sha256": digest}
 
     def check_manifest(self, workdir: str, write: bool = True) -> None:
-        """Writes WORKDIR/image_folder.json, or compares with the one there.
+        """Writes WORKDIR/image_folder.json, or, when the workdir holds a
+        checkpoint to resume, compares with the one there. On several hosts,
+        every host's file list must equal host 0's.
 
         Raises:
-          ValueError: the workdir's run read a different file list (files
-            added, removed or renamed since): names both counts and the fix.
+          ValueError: the workdir's checkpointed run read a different file list
+            (files added, removed or renamed since), or the hosts see
+            different lists: names the counts and the fix.
         """
+        import jax
+
+        new = self.manifest()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.assert_equal(
+                np.frombuffer(bytes.fromhex(new["sha256"]), np.uint8),
+                fail_message=f"the hosts list different files in {self.root} "
+                             f"(this one: {new['num_files']}): give every host "
+                             "the same folder.")
         path = os.path.join(workdir, MANIFEST)
-        old, new = writers.read_json(path), self.manifest()
-        if old is None:
+        old = writers.read_json(path)
+        checkpoints = os.path.join(workdir, "checkpoints")
+        resuming = os.path.isdir(checkpoints) and any(
+            name.isdigit() for name in os.listdir(checkpoints))
+        if old is None or not resuming:
             if write:
                 writers.write_json(path, new)
             return
@@ -350,6 +385,9 @@ def mmseg_spec(data_config, num_outputs: int = 0):
         raise ValueError(
             f"{classes_file} not found: write it ({{\"classes\": [names]}}) or set "
             "config.model.num_outputs to the number of classes.")
+    if not 0 < len(names) <= 255:
+        raise ValueError(f"{classes_file if os.path.exists(classes_file) else root}: "
+                         f"{len(names)} classes; class ids are 0..254 (255 is void).")
     return SegDatasetSpec(
         name=os.path.basename(root.rstrip(os.sep)), tfds_name="", folder=root,
         num_classes=len(names), class_names=tuple(names),

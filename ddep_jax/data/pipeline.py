@@ -78,6 +78,11 @@ class RandomCropFlip:
                 **{k: example[k] for k in self.keep}}
 
 
+def is_record(record) -> bool:
+    """False for the None a source returns for a record it leaves out."""
+    return record is not None
+
+
 def augment_seed(seed: int, process_index: int) -> int:
     """Augmentation seed of one host: grain seeds each element by this seed and
     its position in the host's stream, so hosts need different seeds or the
@@ -128,13 +133,16 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                          num_threads=num_threads, name="training images")
     ds = ds.shuffle(seed=seed).repeat(None)
     if skip_missing:
-        ds = ds.filter(lambda record: record is not None)
+        ds = ds.filter(is_record)
     ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
                                       keep),
                        seed=augment_seed(seed, process_index))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     if skip_missing:  # a filtered MapDataset has holes: batch the stream instead
-        return ds.to_iter_dataset(options).batch(batch_size, drop_remainder=True)
+        stream = grain.experimental.WithOptionsIterDataset(  # never spin forever
+            ds.to_iter_dataset(options),
+            grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.999))
+        return stream.batch(batch_size, drop_remainder=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(options)
 
