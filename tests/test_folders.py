@@ -194,6 +194,9 @@ def test_mmseg_split_records_equal_the_files_and_the_tfds_records(
     assert spec.splits == {"train": "train", "validation": "val", "test": "test"}
     records = seg_datasets.open_split(spec, "validation")
     assert len(records) == 101
+    window = seg_datasets.open_split(spec, "val[3:7]")  # --split='test[3:7]'
+    assert [window.record_name(i) for i in range(4)] == [
+        records.record_name(i) for i in range(3, 7)]
     pairs = seg_pipeline.SegmentationSource(records, spec)
     tfds_source = seg_pipeline.SegmentationSource(
         seg_datasets.open_split(camvid, "validation", camvid_tfds), camvid)

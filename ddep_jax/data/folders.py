@@ -46,6 +46,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -427,6 +428,24 @@ def _header_size(path: str) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def _split_slice(split: str) -> tuple[str, slice]:
+    """'val[:10]' -> ('val', slice(None, 10)): TFDS-style integer slicing of
+    a folder split (percentages are not supported here).
+
+    Raises:
+      ValueError: a bracket that is not [start:stop] of integers.
+    """
+    base, bracket, rest = split.partition("[")
+    if not bracket:
+        return split, slice(None)
+    match = re.fullmatch(r"(-?\d*):(-?\d*)\]", rest)
+    if not match:
+        raise ValueError(f"split {split!r}: a folder split takes [start:stop] with "
+                         "integers, e.g. 'val[:10]'.")
+    start, stop = (int(v) if v else None for v in match.groups())
+    return base, slice(start, stop)
+
+
 class MMSegSplit:
     """Random-access records of one split of an mmseg-layout folder.
 
@@ -446,11 +465,12 @@ class MMSegSplit:
     def __init__(self, spec, split: str, num_threads: int = 8, _pairs=None):
         self.spec = spec
         self.split = split
-        folder = spec.splits.get(split, split)
+        base, window = _split_slice(split)
+        folder = spec.splits.get(base, base)
         self.image_dir = os.path.join(spec.folder, "img_dir", folder)
         self.label_dir = os.path.join(spec.folder, "ann_dir", folder)
         if _pairs is None:
-            _pairs = self._pair(num_threads)
+            _pairs = self._pair(num_threads)[window]
         self.pairs = list(_pairs)
 
     def _pair(self, num_threads: int) -> list[tuple[str, str]]:
