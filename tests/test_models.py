@@ -156,6 +156,56 @@ def test_fast_conv_matches_lax_values_and_gradients(shape, kernel, strides):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size,kernel,stride,cin,cout,padding", [
+    (8, 3, 2, 32, 48, "SAME"),     # the ResNet's block3 unit1 conv2 shape family
+    (9, 3, 2, 16, 16, "SAME"),     # odd input side
+    (16, 7, 2, 16, 32, "SAME"),    # a 7x7/2 root-like kernel
+    (8, 1, 2, 32, 64, "SAME"),     # the 1x1/2 projection
+    (12, 3, 3, 16, 16, [(1, 1), (1, 1)]),  # stride 3, explicit pads
+    (10, 3, 2, 16, 24, "VALID"),
+])
+def test_strided_conv_input_gradient_matches_lax_exactly(size, kernel, stride, cin,
+                                                         cout, padding):
+    """'auto' on CPU: strided convolutions' input gradient per kernel tap
+    (`fast_conv.conv_strided`) equals XLA's in float64 to rounding; values
+    and the kernel gradient are XLA's own. 'auto' takes it only for outputs
+    of at most 4x4 positions."""
+    from jax import lax
+
+    from ddep_jax.models import fast_conv
+
+    def conv_strided(x, w, strides, padding, dimension_numbers):
+        del dimension_numbers  # NHWC / HWIO
+        pads = fast_conv.explicit_pads(x.shape[1:3], w.shape[:2], strides, padding)
+        return fast_conv.conv_strided(x, w, strides, tuple(pads))
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, size, size + 1, cin)))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)))
+
+        def loss(conv):
+            return lambda x, w: jnp.sum(jnp.sin(conv(
+                x, w, (stride, stride), padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+        assert loss(conv_strided)(x, w) == loss(lax.conv_general_dilated)(x, w)
+        (dx, dw), (want_dx, want_dw) = (jax.grad(loss(c), (0, 1))(x, w) for c in (
+            conv_strided, lax.conv_general_dilated))
+        np.testing.assert_allclose(dx, want_dx, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(dw, want_dw)
+
+        def routed(hw):  # does 'auto' take the per-tap gradient at this input?
+            xs = jnp.zeros((1, *hw, cin))
+            jaxpr = str(jax.make_jaxpr(lambda x: fast_conv.conv_general_dilated_auto(
+                x, w, (stride, stride), padding, dimension_numbers=(
+                    "NHWC", "HWIO", "NHWC")))(xs))
+            return "custom_vjp_call" in jaxpr
+
+        assert routed((8, 8))  # 4x4 or fewer outputs
+        assert not routed((24, 24))
+
+
 def test_per_tap_kernel_gradient_matches_lax_with_few_channels():
     """`fast_conv.kernel_gradient` itself (used from 16 channels) is exact
     for any channel count, batch and odd kernel."""
@@ -174,18 +224,22 @@ def test_per_tap_kernel_gradient_matches_lax_with_few_channels():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,fast,ynn", [("auto", False, True), ("tap_gemm", True, True),
+@pytest.mark.parametrize("impl,fast,ynn", [("auto", True, True), ("tap_gemm", True, True),
                                            ("xla", False, False)])
 def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast, ynn):
-    """`model.conv`: 'auto' is XLA's convolution compiled with YNNPACK dots on
-    this (CPU) backend, 'tap_gemm' the per-tap kernel gradient, 'xla' plain
+    """`model.conv`: 'auto' is, on this (CPU) backend, XLA's convolutions
+    with the strided ones' input gradient per tap, compiled with YNNPACK
+    dots; 'tap_gemm' also the stride-1 kernel gradient per tap; 'xla' plain
     convolutions and default options; the model's program says which it got."""
     from conftest import tiny_config
 
     from ddep_jax.models import fast_conv
 
     assert jax.default_backend() == "cpu"
-    assert (fast_conv.resolve(impl) is fast_conv.conv_general_dilated) == fast
+    assert fast_conv.resolve(impl) is {
+        "auto": fast_conv.conv_general_dilated_auto,
+        "tap_gemm": fast_conv.conv_general_dilated,
+        "xla": jax.lax.conv_general_dilated}[impl]
     config = tiny_config(**{"model.conv": impl})
     model = build_model(config.model)
     x = jnp.zeros((1, 32, 32, 3))
