@@ -127,6 +127,20 @@ def _conv_same_bwd(residuals, dy):
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
+def _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count, batch_group_count, precision,
+                preferred_element_type) -> bool:
+    """A 2-D NHWC / HWIO convolution without dilation, groups, precision or
+    output-type settings: what this module's paths compute."""
+    return (lhs.ndim == 4 and rhs.ndim == 4
+            and all(d in (None, 1) for d in (lhs_dilation or [None]))
+            and all(d in (None, 1) for d in (rhs_dilation or [None]))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+            and feature_group_count == 1 and batch_group_count == 1
+            and precision is None and preferred_element_type is None)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
@@ -134,16 +148,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """Drop-in for `lax.conv_general_dilated`, fast-pathing stride-1 SAME convs."""
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
     same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    fast = (lhs.ndim == 4 and kh % 2 == 1 and kw % 2 == 1
-            and tuple(window_strides) == (1, 1)
-            and (padding == "SAME" or [tuple(p) for p in padding] == same)
-            and all(d in (None, 1) for d in (lhs_dilation or [None]))
-            and all(d in (None, 1) for d in (rhs_dilation or [None]))
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                           dimension_numbers) == nhwc
-            and feature_group_count == 1 and batch_group_count == 1
-            and precision is None and preferred_element_type is None)
+    fast = (_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count, precision,
+                        preferred_element_type)
+            and kh % 2 == 1 and kw % 2 == 1 and tuple(window_strides) == (1, 1)
+            and (padding == "SAME" or [tuple(p) for p in padding] == same))
     if fast:
         return conv_same(lhs, rhs)
     return conv_general_dilated_auto(
@@ -228,13 +237,10 @@ def conv_general_dilated_auto(lhs, rhs, window_strides, padding, lhs_dilation=No
     convolution, except strided NHWC convolutions of at least `MIN_CHANNELS`
     input and output channels and at most `MAX_STRIDED_OUTPUT` output
     positions, whose input gradient is `strided_input_gradient`."""
-    if (lhs.ndim == 4 and any(s > 1 for s in window_strides)
-            and all(d in (None, 1) for d in (lhs_dilation or [None]))
-            and all(d in (None, 1) for d in (rhs_dilation or [None]))
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-            and feature_group_count == 1 and batch_group_count == 1
-            and precision is None and preferred_element_type is None
+    if (_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count, batch_group_count, precision,
+                    preferred_element_type)
+            and any(s > 1 for s in window_strides)
             and min(rhs.shape[2], rhs.shape[3]) >= MIN_CHANNELS):
         strides = tuple(int(s) for s in window_strides)
         pads = tuple(explicit_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))

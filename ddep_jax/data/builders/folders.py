@@ -53,6 +53,18 @@ def _png(array: np.ndarray) -> io.BytesIO:
     return buffer
 
 
+def _info(builder, what: str, layout: str, **features) -> tfds.core.DatasetInfo:
+    """DatasetInfo of a prepared folder: a PNG image, its file name and
+    `features`."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=f"{what}, prepared by python -m ddep_jax.data.prepare "
+                    f"--layout={layout}.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            **features, "file_name": tfds.features.Text()}))
+
+
 class _FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """An image folder (class attributes FOLDER, GLOB, BAD_IMAGES)."""
 
@@ -61,14 +73,8 @@ class _FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     FOLDER = GLOB = BAD_IMAGES = ""
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"Images of the folder {self.FOLDER} (glob {self.GLOB!r}), "
-                        "prepared by python -m ddep_jax.data.prepare --layout=images.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3),
-                                             encoding_format="png"),
-                "file_name": tfds.features.Text()}))
+        return _info(self, f"Images of the folder {self.FOLDER} (glob {self.GLOB!r})",
+                     "images")
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -97,16 +103,9 @@ class _FolderMMSeg(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SPEC = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"The mmseg-layout folder {self.SPEC.folder}, prepared by "
-                        "python -m ddep_jax.data.prepare --layout=mmseg.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3),
-                                             encoding_format="png"),
-                "segmentation_mask": tfds.features.Image(shape=(None, None, 1),
-                                                         encoding_format="png"),
-                "file_name": tfds.features.Text()}))
+        return _info(self, f"The mmseg-layout folder {self.SPEC.folder}", "mmseg",
+                     segmentation_mask=tfds.features.Image(shape=(None, None, 1),
+                                                           encoding_format="png"))
 
     def _split_generators(self, dl_manager):
         del dl_manager
