@@ -195,15 +195,16 @@ def test_strided_conv_input_gradient_matches_lax_exactly(size, kernel, stride, c
         np.testing.assert_allclose(dx, want_dx, rtol=0, atol=1e-12)
         np.testing.assert_array_equal(dw, want_dw)
 
-        def routed(hw):  # does 'auto' take the per-tap gradient at this input?
-            xs = jnp.zeros((1, *hw, cin))
+        def routed(hw, channels):  # does 'auto' take the per-tap gradient?
+            xs = jnp.zeros((1, *hw, channels))
+            ws = jnp.zeros((kernel, kernel, channels, channels))
             jaxpr = str(jax.make_jaxpr(lambda x: fast_conv.conv_general_dilated_auto(
-                x, w, (stride, stride), padding, dimension_numbers=(
+                x, ws, (stride, stride), padding, dimension_numbers=(
                     "NHWC", "HWIO", "NHWC")))(xs))
             return "custom_vjp_call" in jaxpr
 
-        assert routed((8, 8))  # 4x4 or fewer outputs
-        assert not routed((24, 24))
+        assert routed((8, 8), 64)  # 4x4 or fewer outputs, 64 channels or more
+        assert not routed((24, 24), 64) and not routed((8, 8), 32)
 
 
 def test_per_tap_kernel_gradient_matches_lax_with_few_channels():

@@ -66,6 +66,10 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 CONV_IMPLS = ("auto", "xla", "tap_gemm")
 MIN_CHANNELS = 16
 """Input and output channels from which the per-tap gradients are used."""
+MIN_STRIDED_CHANNELS = 64
+"""Input and output channels from which 'auto' takes the strided per-tap
+input gradient: the slow case had 128 -> 256; narrower layers (the tests'
+tiny models) keep XLA's, which also compiles faster."""
 MAX_STRIDED_OUTPUT = 16
 """'auto' computes a strided convolution's input gradient per tap where its
 output has at most this many positions (4x4): there XLA CPU's convolution,
@@ -234,14 +238,14 @@ def conv_general_dilated_auto(lhs, rhs, window_strides, padding, lhs_dilation=No
                               feature_group_count=1, batch_group_count=1,
                               precision=None, preferred_element_type=None):
     """Drop-in for `lax.conv_general_dilated` ('auto' on CPU): XLA's
-    convolution, except strided NHWC convolutions of at least `MIN_CHANNELS`
-    input and output channels and at most `MAX_STRIDED_OUTPUT` output
+    convolution, except strided NHWC convolutions of at least
+    `MIN_STRIDED_CHANNELS` input and output channels and at most `MAX_STRIDED_OUTPUT` output
     positions, whose input gradient is `strided_input_gradient`."""
     if (_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                     feature_group_count, batch_group_count, precision,
                     preferred_element_type)
             and any(s > 1 for s in window_strides)
-            and min(rhs.shape[2], rhs.shape[3]) >= MIN_CHANNELS):
+            and min(rhs.shape[2], rhs.shape[3]) >= MIN_STRIDED_CHANNELS):
         strides = tuple(int(s) for s in window_strides)
         pads = tuple(explicit_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
         out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
