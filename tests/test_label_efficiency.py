@@ -227,6 +227,39 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert le.Harness(recipe, str(out), run_fn=counting).run() == 0
     assert calls == []
 
+    # 4. The records alone carried to a new machine (no workdirs): a grid
+    # whose every run is recorded runs nothing, not even its pretraining; with
+    # one DDeP result taken out, the pretraining runs again (its checkpoint
+    # is gone), reproduces its recorded figures, and only that run is redone.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("results.jsonl", "pretraining.jsonl"):
+        (moved / name).write_text((out / name).read_text())
+
+    def counting(config, workdir):
+        calls.append(os.path.relpath(workdir, moved))
+        return loop.run(config, workdir)
+
+    assert le.Harness(recipe, str(moved), run_fn=counting).run() == 0
+    assert calls == []
+    kept = [line for line in records_lines(moved)
+            if (json.loads(line)["row"], json.loads(line)["seed"],
+                json.loads(line)["fraction"]) != ("ddep", 1, "1/30")]
+    (moved / "results.jsonl").write_text("".join(kept))
+    assert le.Harness(recipe, str(moved), run_fn=counting).run() == 0
+    assert calls == ["pretrain/ddep", "finetune/ddep/1-30/s1"]
+    rerun = json.loads((moved / "pretraining.jsonl").read_text())
+    assert rerun["earlier"][0]["final"] == rerun["final"]
+    redone = next(json.loads(line) for line in records_lines(moved)
+                  if json.loads(line)["workdir"] == "finetune/ddep/1-30/s1")
+    before = next(r for r in records if r["workdir"] == "finetune/ddep/1-30/s1")
+    assert redone["miou"] == before["miou"]
+    assert "an earlier run of the same config" in (moved / "summary.md").read_text()
+
+
+def records_lines(out):
+    return [line + "\n" for line in (out / "results.jsonl").read_text().splitlines()]
+
 
 def test_cli_lists_the_plan(tmp_path):
     proc = subprocess.run(

@@ -281,9 +281,10 @@ class Harness:
         """Pretraining names to run, dependencies first."""
         wanted = [p.name for p in self.recipe.pretrainings  # named by --only
                   if self.only and self.selected(f"pretrain/{p.name}")]
-        for run in runs:
+        done = {self._result_key(r) for r in self.results}
+        for run in runs:  # a recorded fine-tuning needs its pretraining no more
             name = self.recipe.row(run.row).pretraining
-            if name:
+            if name and (run.row, run.fraction, run.seed) not in done:
                 wanted.append(name)
         order: list[str] = []
 
@@ -451,8 +452,13 @@ class Harness:
 
     def _run_pretraining(self, name: str) -> None:
         workdir = self.pretrain_dir(name)
-        if any(r["name"] == name for r in self.pretraining_records):
+        earlier = [r for r in self.pretraining_records if r["name"] == name]
+        if earlier and self._status(workdir) == "done":
             return
+        # Recorded but its workdir is gone (results.jsonl / pretraining.jsonl
+        # carried to a new machine): the fine-tunings still to run need the
+        # checkpoint, so it runs again; the earlier records are kept in the
+        # new one ("earlier") to show whether the rerun reproduced them.
         config = self.pretraining_config(name)
         cost = self._timed_run(f"pretrain/{name}", config, workdir)
         cpu, wall, complete = self._cost_totals(cost)
@@ -466,7 +472,15 @@ class Harness:
                   "workdir": os.path.relpath(workdir, self.out)
                   if not writers.is_remote(workdir) else workdir,
                   "init_checkpoint": str(config.init.checkpoint)}
-        self.pretraining_records.append(record)
+        if earlier:
+            record["earlier"] = [{k: r.get(k) for k in ("steps", "final", "cpu_seconds")}
+                                 for r in earlier]
+            if any(e["final"] != record["final"] for e in record["earlier"]):
+                print(f"  pretrain/{name}: the rerun's figures {record['final']} differ "
+                      f"from the recorded {[e['final'] for e in record['earlier']]}",
+                      flush=True)
+        self.pretraining_records = [r for r in self.pretraining_records
+                                    if r["name"] != name] + [record]
         self._write_jsonl("pretraining.jsonl", self.pretraining_records)
         print(f"  pretrain/{name}: done ({cpu / 60:.1f} CPU min)", flush=True)
 

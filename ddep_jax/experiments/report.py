@@ -76,7 +76,9 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     labelled = _labelled(results)
     split = recipe.metric_split
     cpu_ft = sum(r.get("cpu_seconds") or 0 for r in results) / 3600
-    cpu_pre = sum(r.get("cpu_seconds") or 0 for r in pretraining_records) / 3600
+    cpu_pre = sum((r.get("cpu_seconds") or 0)  # reruns on a new machine included
+                  + sum(e.get("cpu_seconds") or 0 for e in r.get("earlier", ()))
+                  for r in pretraining_records) / 3600
     incomplete = any(r.get("cpu_seconds_complete") is False
                      for r in [*results, *pretraining_records])
     lines = [f"# Label efficiency: `{recipe.name}`", "", recipe.description, "",
@@ -122,6 +124,11 @@ def summary_markdown(recipe, results: Sequence[Mapping],
             lines.append(f"| {p['name']} | {p.get('description', '')} | "
                          f"`{p['config']}` | {p.get('steps')} | {figures} | "
                          f"{(p.get('cpu_seconds') or 0) / 3600:.2f} |")
+            for e in p.get("earlier", ()):
+                figures = ", ".join(f"{k} {v:.4g}" for k, v in (e.get("final") or {}).items())
+                lines.append(f"| {p['name']} (an earlier run of the same config) | | | "
+                             f"{e.get('steps')} | {figures} | "
+                             f"{(e.get('cpu_seconds') or 0) / 3600:.2f} |")
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- `{f['run']}`: {f['error']}"
                                                for f in failures]
