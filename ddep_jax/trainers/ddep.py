@@ -115,34 +115,42 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             config.image_grid_every, ">= 0 (0: no image grids)")
 
 
-def pretext_stage(config, name: str, model, *, data: bool, describe, summary: str,
-                  workdir: str | None = None, **fields) -> loop.Stage:
-    """The `loop.Stage` of a stage-2 pretext objective (`rotation`, `moco`):
-    what they share with each other (unlabeled images of `config.data`, the
-    batch spec and a random example batch of uint8 [B, H, W, 3], the encoder
-    read from `init.checkpoint`, `config.frozen`, the configured learning
-    rate), plus the objective's own `fields` (loss_fn, prepare, ...).
-    `summary` is followed by ' on <data> images, encoder frozen|trained'."""
+def unlabeled_image_fields(config, source, dataset) -> dict:
+    """The `loop.Stage` fields every stage-2 objective on unlabeled images
+    shares (DDeP / DeP, rotation, MoCo): the init input float32 [1, H, W, 3],
+    `config.frozen`, the encoder read from `init.checkpoint`, the batch spec
+    and a random example batch of uint8 [B, H, W, 3], the dataset and its
+    length (0 without one)."""
     h, w = config.model.encoder.image_size
     b = config.batch_size
-    source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
-    frozen = tuple(config.frozen)
-    images = images_name(config.data)
-    return loop.Stage(
-        name=name,
-        model=model,
+    return dict(
         init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
-        peak_lr=config.optimizer.learning_rate,
-        frozen=frozen,
+        frozen=tuple(config.frozen),
         init_collections=("encoder",),
-        keys=("init", "train"),
         batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
         example_batch=lambda rng: {
             "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
         dataset=dataset,
-        num_examples=len(source) if source is not None else 0,
+        num_examples=len(source) if source is not None else 0)
+
+
+def pretext_stage(config, name: str, model, *, data: bool, describe, summary: str,
+                  workdir: str | None = None, **fields) -> loop.Stage:
+    """The `loop.Stage` of a stage-2 pretext objective (`rotation`, `moco`):
+    `unlabeled_image_fields` on the unlabeled images of `config.data`, the
+    configured learning rate, plus the objective's own `fields` (loss_fn,
+    prepare, ...). `summary` is followed by ' on <data> images, encoder
+    frozen|trained'."""
+    source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
+    frozen = tuple(config.frozen)
+    return loop.Stage(
+        name=name,
+        model=model,
+        **unlabeled_image_fields(config, source, dataset),
+        peak_lr=config.optimizer.learning_rate,
+        keys=("init", "train"),
         describe=describe,
-        summary=(f"{summary} on {images} images, encoder "
+        summary=(f"{summary} on {images_name(config.data)} images, encoder "
                  f"{'frozen' if 'encoder' in frozen else 'trained'}"),
         **fields)
 
@@ -370,30 +378,23 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     """The DDeP / DeP stage of `config` (`data=False`: no dataset is opened;
     an image folder writes its file list's record in `workdir`)."""
     model = build_model(config.model)
-    h, w = config.model.encoder.image_size
-    b = config.batch_size
     source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
-    conditioning = config.model.noise_conditioning
-    frozen = tuple(config.frozen)
+    fields = unlabeled_image_fields(config, source, dataset)
+    if config.model.noise_conditioning:  # the noise level, float32 [1]
+        fields["init_inputs"] += (jnp.ones((1,), jnp.float32),)
+    else:
+        fields["init_inputs"] += (None,)
     d = config.denoising
     return loop.Stage(
         name="ddep",
         model=model,
-        init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),
-                     jnp.ones((1,), jnp.float32) if conditioning else None),
+        **fields,
         loss_fn=make_loss_fn(config, model),
         prepare=make_prepare(config),
         peak_lr=learning_rate(config),
-        frozen=frozen,
-        init_collections=("encoder",),
         keys=("init", "train", "images"),
-        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
-        example_batch=lambda rng: {
-            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
-        dataset=dataset,
-        num_examples=len(source) if source is not None else 0,
         describe=lambda m: f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}",
-        summary=(f"{'DDeP' if 'encoder' in frozen else 'DeP'} on "
+        summary=(f"{'DDeP' if 'encoder' in fields['frozen'] else 'DeP'} on "
                  f"{images_name(config.data)} "
                  f"images ({d.noise_type} noise, sigma {d.sigma}, {d.target} target)"),
         after_step=make_image_grid_hook(config, model, mesh, source),
