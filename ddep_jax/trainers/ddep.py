@@ -380,10 +380,8 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     model = build_model(config.model)
     source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
     fields = unlabeled_image_fields(config, source, dataset)
-    if config.model.noise_conditioning:  # the noise level, float32 [1]
-        fields["init_inputs"] += (jnp.ones((1,), jnp.float32),)
-    else:
-        fields["init_inputs"] += (None,)
+    fields["init_inputs"] += (  # the noise level, float32 [1], or none
+        jnp.ones((1,), jnp.float32) if config.model.noise_conditioning else None,)
     d = config.denoising
     return loop.Stage(
         name="ddep",
