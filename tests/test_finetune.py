@@ -17,7 +17,8 @@ from ddep_jax import checkpointing, handover
 from ddep_jax.data import seg_datasets, seg_pipeline
 from ddep_jax.evaluation.segmentation import load_finetuned
 from ddep_jax.models.transunet import build_model
-from ddep_jax.objectives.segmentation import segmentation_loss
+from ddep_jax.objectives.segmentation import (class_frequencies, median_frequency_weights,
+                                              segmentation_loss)
 from ddep_jax.sharding import make_mesh, state_shardings
 from ddep_jax.trainers import finetune, loop
 
@@ -34,6 +35,44 @@ def test_segmentation_loss_ignores_void_and_matches_numpy():
                                    -1)[..., 0][valid].mean()
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert int(count) == valid.sum()
+
+
+def test_class_weighted_loss_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(2, 5, 6))
+    labels[1, 3:] = 255
+    weights = np.array([0.5, 2.0, 1.0, 4.0], np.float32)
+    loss, count = segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                    class_weights=jnp.asarray(weights))
+    valid = labels != 255
+    safe = np.where(valid, labels, 0)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, safe[..., None], -1)[..., 0]
+    w = np.where(valid, weights[safe], 0.0)
+    np.testing.assert_allclose(float(loss), (w * ce).sum() / w.sum(), rtol=1e-5)
+    assert int(count) == valid.sum()
+    # All weights equal: the plain mean.
+    plain, _ = segmentation_loss(jnp.asarray(logits), jnp.asarray(labels))
+    same, _ = segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                class_weights=jnp.full(4, 3.0))
+    np.testing.assert_allclose(float(same), float(plain), rtol=1e-6)
+
+
+def test_median_frequency_weights_by_hand():
+    """Eigen & Fergus's freq(c) = pixels of c / pixels of the images holding c;
+    weight = median(freq) / freq(c); void pixels count nowhere."""
+    a = np.array([[0, 0, 0, 1], [0, 0, 1, 255]], np.uint8)  # 7 non-void: 0 x5, 1 x2
+    b = np.array([[2, 2, 0, 0], [255, 255, 255, 255]], np.uint8)  # 4: 2 x2, 0 x2
+    pixels, image_pixels = class_frequencies([a, b], 4)
+    np.testing.assert_array_equal(pixels, [7, 2, 2, 0])
+    np.testing.assert_array_equal(image_pixels, [11, 7, 4, 0])
+    freq = np.array([7 / 11, 2 / 7, 2 / 4])  # classes 0, 1, 2; median 1/2
+    weights = median_frequency_weights(pixels, image_pixels)
+    np.testing.assert_allclose(weights, [0.5 / freq[0], 0.5 / freq[1], 1.0, 1.0],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        class_frequencies([np.array([[5]], np.uint8)], 4)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +224,36 @@ def test_finetune_and_evaluate_on_real_camvid_resumes(finetuned, camvid_tfds):
     with pytest.raises(ValueError, match=r"(?s)would mix two runs.*data.label_fraction"):
         loop.run(other, workdir)
     assert json.load(open(os.path.join(workdir, "labelled_subset.json"))) == subset
+
+
+def test_median_frequency_weights_of_real_camvid_subset(tmp_path, camvid_tfds):
+    """loss.class_weighting='median_frequency' on CamVid's 1/30 subset: the
+    weights come from the 13 labelled images only (written to
+    class_weights.json) and lift the thin classes above the large ones."""
+    config = tiny_finetune_config(**{"data.data_dir": camvid_tfds,
+                                     "loss.class_weighting": "median_frequency"})
+    stage = finetune.stage(config, make_mesh(1), str(tmp_path))
+    saved = json.load(open(tmp_path / "class_weights.json"))
+    subset = json.load(open(tmp_path / "labelled_subset.json"))
+    spec = seg_datasets.get_spec("camvid")
+    records = seg_datasets.open_split(spec, "train", camvid_tfds)
+    source = seg_pipeline.SegmentationSource(records, spec, subset["indices"])
+    pixels, image_pixels = class_frequencies(
+        [source[i]["label"] for i in range(len(source))], 11)
+    assert saved["labelled_images"] == 13 and saved["pixels"] == pixels.tolist()
+    weights = np.asarray(saved["weights"])
+    names = [c.lower() for c in spec.class_names]
+    for thin in ("pole", "signsymbol", "pedestrian", "bicyclist"):
+        if pixels[names.index(thin)]:
+            assert weights[names.index(thin)] > 1 > weights[names.index("road")]
+    # The step normalises by the batch's summed class weight (one road pixel).
+    batch, context, _ = stage.prepare(
+        {"image": np.zeros((1, 2, 2, 3), np.uint8),
+         "label": np.array([[[names.index("road"), 255], [255, 255]]], np.uint8)},
+        jax.random.key(0))
+    assert float(context["normaliser"]) == pytest.approx(weights[names.index("road")],
+                                                      rel=1e-5)
+    assert int(context["count"]) == 1
 
 
 def test_main_dispatches_to_finetune_stage(tmp_path):

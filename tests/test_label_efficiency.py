@@ -230,7 +230,9 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     # 4. The records alone carried to a new machine (no workdirs): a grid
     # whose every run is recorded runs nothing, not even its pretraining; with
     # one DDeP result taken out, the pretraining runs again (its checkpoint
-    # is gone), reproduces its recorded figures, and only that run is redone.
+    # is gone), reproduces its recorded figures, and only that run is redone,
+    # here by the CLI with --jobs=2: two worker processes, each pinned to a
+    # CPU, the fine-tuning started once the pretraining it reads is done.
     moved = tmp_path / "moved"
     moved.mkdir()
     for name in ("results.jsonl", "pretraining.jsonl"):
@@ -246,8 +248,20 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     lines = (moved / "results.jsonl").read_text().splitlines(keepends=True)
     (moved / "results.jsonl").write_text(
         "".join(line for line in lines if json.loads(line)["workdir"] != redo))
-    assert le.Harness(recipe, str(moved), run_fn=counting_moved).run() == 0
-    assert calls == ["pretrain/ddep", redo]
+    recipe_file = tmp_path / "tiny_recipe.py"
+    recipe_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_label_efficiency import _tiny_recipe\n"
+        f"TINY = _tiny_recipe({camvid_tfds!r})\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+         f"--recipe={recipe_file}:TINY", f"--out={moved}", "--jobs=2"],
+        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(moved / "logs")) == ["finetune_ddep_1-30_s1.log",
+                                                  "pretrain_ddep.log"]
+    assert proc.stdout.index("pretrain/ddep: done") < proc.stdout.index(f"{redo}: running")
+    assert not list(moved.glob(f"**/{le.WORKER_RECORD}"))  # moved into the records
     rerun = json.loads((moved / "pretraining.jsonl").read_text())
     assert rerun["earlier"][0]["final"] == rerun["final"]
     redone = [json.loads(line) for line in (moved / "results.jsonl").read_text().splitlines()]

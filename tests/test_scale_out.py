@@ -85,9 +85,11 @@ class _PixelClassifier(nn.Module):
         return nn.Conv(11, (3, 3), name="head")(x)
 
 
-def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels():
+@pytest.mark.parametrize("class_weights", [None, "median_frequency"])
+def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels(class_weights):
     """Stage 3: micro-batches with different numbers of void pixels still
-    give the mean over all valid pixels of the whole batch."""
+    give the mean over all valid pixels of the whole batch (with class
+    weights: the weighted mean, normalised by the whole batch's weight)."""
     model = _PixelClassifier()
     images = _images(8, size=16)
     labels = np.random.default_rng(1).integers(0, 11, (8, 16, 16)).astype(np.uint8)
@@ -98,9 +100,13 @@ def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels():
     tx, _ = optim.make_optimizer(params, (), schedule)
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
     # The stage-3 Stage with this model in place of the TransUNet.
+    weights = None
+    if class_weights:
+        weights = np.linspace(0.2, 3.0, 11).astype(np.float32)
     stage = dataclasses.replace(
         finetune.stage(tiny_finetune_config(), make_mesh(1), data=False),
-        model=model, loss_fn=finetune.make_loss_fn(model))
+        model=model, loss_fn=finetune.make_loss_fn(model, weights),
+        prepare=finetune.make_prepare(weights))
     results = {}
     for k in (1, 4):
         step = jax.jit(loop.make_train_step(stage, tx, schedule, k))

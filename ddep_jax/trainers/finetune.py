@@ -4,7 +4,9 @@ A labelled subset of the training split (`config.data.label_fraction`,
 chosen by `data.subset_seed`, written to WORKDIR/labelled_subset.json) ->
 TransUNet with a `num_classes` head -> initial weights (`init.mode`: scratch,
 an encoder checkpoint, or a stage-2 encoder + decoder) -> pixel-wise softmax
-cross-entropy ignoring void (`objectives.segmentation`) -> periodic and final
+cross-entropy ignoring void (`objectives.segmentation`; `loss.class_weighting`
+'median_frequency' weights it by the labelled subset's class frequencies,
+written to WORKDIR/class_weights.json) -> periodic and final
 evaluation with the paper's test-time protocols (global mIoU,
 `evaluation.segmentation`) written to WORKDIR/eval.
 
@@ -30,7 +32,9 @@ from ddep_jax.evaluation.inference import EVAL_MODES
 from ddep_jax.evaluation.segmentation import run_evaluation
 from ddep_jax.models import to_float_images
 from ddep_jax.models.transunet import build_model
-from ddep_jax.objectives.segmentation import correct_pixels, segmentation_loss
+from ddep_jax.objectives.segmentation import (CLASS_WEIGHTINGS, class_frequencies,
+                                              correct_pixels, median_frequency_weights,
+                                              segmentation_loss)
 from ddep_jax.trainers import loop
 
 INIT_COLLECTIONS = {"scratch": (), "encoder": ("encoder",),
@@ -97,6 +101,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.final_max_images = 0
     c.eval.num_visualize = 4  # colourised PNGs of the first N final-eval images
 
+    c.loss = ml_collections.ConfigDict()
+    # CLASS_WEIGHTINGS: 'none' (the paper's plain cross-entropy) or
+    # 'median_frequency' (Eigen & Fergus 2015; SegNet on CamVid), from the
+    # labelled subset's label maps.
+    c.loss.class_weighting = "none"
+
     c.batch_size = 16
     c.num_epochs = 0.0
     c.total_steps = 10000  # > 0 overrides num_epochs
@@ -124,6 +134,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
     require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
             f"expected one of {DATA_SOURCES}")
+    require(config.loss.class_weighting in CLASS_WEIGHTINGS, "loss.class_weighting",
+            config.loss.class_weighting, f"expected one of {CLASS_WEIGHTINGS}")
     try:
         spec = seg_datasets.spec_for(config.data, config.model.num_outputs)
     except (OSError, ValueError) as e:
@@ -203,24 +215,63 @@ def labelled_subset(config, spec, records, workdir: str) -> np.ndarray:
     return indices
 
 
-def prepare(batch, key):
-    """Labels to int32; the batch's non-void pixel count is the loss's
-    normaliser for every micro-batch."""
-    labels = batch["label"].astype(jnp.int32)
-    count = jnp.sum(labels != IGNORE_LABEL)
-    return {"image": batch["image"], "label": labels}, {"count": count}, key
+def labelled_class_weights(config, source, num_classes: int,
+                           workdir: str | None) -> np.ndarray | None:
+    """The loss's class weights of `config.loss.class_weighting` from the
+    labelled subset's label maps (None for 'none'), written with the class
+    frequencies to WORKDIR/class_weights.json. Only the labelled images are
+    read: at 1/30 the weights are what 13 images say, as a user with 13
+    labelled images would compute them.
+
+    Returns:
+      float32 [num_classes] or None.
+    """
+    if config.loss.class_weighting == "none":
+        return None
+    pixels, image_pixels = class_frequencies(
+        (source[i]["label"] for i in range(len(source))), num_classes)
+    weights = median_frequency_weights(pixels, image_pixels)
+    if workdir and jax.process_index() == 0:
+        writers.write_json(os.path.join(workdir, "class_weights.json"), {
+            "class_weighting": config.loss.class_weighting,
+            "labelled_images": len(source), "pixels": pixels.tolist(),
+            "image_pixels": image_pixels.tolist(),
+            "weights": [round(float(w), 6) for w in weights]})
+    return weights
 
 
-def make_loss_fn(model):
-    """(params, {'image': uint8, 'label': int32}, key, {'count'}) -> (this
-    micro-batch's share of the mean cross-entropy over the batch's non-void
-    pixels, {'correct': correctly classified non-void pixels})."""
+def make_prepare(class_weights: np.ndarray | None = None):
+    """`Stage.prepare`: labels to int32; the batch's non-void pixel count
+    (for the pixel accuracy) and the loss's normaliser for every micro-batch
+    (that count, or the batch's summed class weight)."""
+
+    def prepare(batch, key):
+        labels = batch["label"].astype(jnp.int32)
+        valid = labels != IGNORE_LABEL
+        count = jnp.sum(valid)
+        context = {"count": count, "normaliser": count}
+        if class_weights is not None:
+            weights = jnp.asarray(class_weights, jnp.float32)
+            context["normaliser"] = jnp.sum(
+                jnp.where(valid, weights[jnp.where(valid, labels, 0)], 0.0))
+        return {"image": batch["image"], "label": labels}, context, key
+
+    return prepare
+
+
+def make_loss_fn(model, class_weights: np.ndarray | None = None):
+    """(params, {'image': uint8, 'label': int32}, key, {'count', 'normaliser'})
+    -> (this micro-batch's share of the (class-weighted) mean cross-entropy
+    over the batch's non-void pixels, {'correct': correctly classified
+    non-void pixels})."""
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
     def loss_fn(params, batch, key, context):
         logits = model.apply({"params": params}, to_float_images(batch["image"]),
                              train=True, rngs={"dropout": key})
         loss, _ = segmentation_loss(logits, batch["label"],
-                                    normaliser=context["count"])
+                                    normaliser=context["normaliser"],
+                                    class_weights=weights)
         return loss, {"correct": correct_pixels(logits, batch["label"])}
 
     return loss_fn
@@ -285,6 +336,9 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     model = build_model(config.model, spec.num_classes)
     num_classes = model.num_outputs
     dataset = train_source = None
+    class_weights = None
+    if config.loss.class_weighting != "none":  # shapes only without data
+        class_weights = np.ones(num_classes, np.float32)
     if data:
         records = seg_datasets.open_split(spec, config.data.train_split,
                                           config.data.data_dir)
@@ -298,6 +352,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
             base_scale=config.data.base_scale, flip=config.data.flip,
             process_index=jax.process_index(), process_count=jax.process_count(),
             **config_lib.data_loading(config.data))
+        class_weights = labelled_class_weights(config, train_source, num_classes, workdir)
     eh, ew = config.model.encoder.image_size
     b, (h, w) = config.batch_size, config.data.crop_size
 
@@ -311,8 +366,8 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         name="finetune",
         model=model,
         init_inputs=(jnp.zeros((1, eh, ew, 3), jnp.float32),),
-        loss_fn=make_loss_fn(model),
-        prepare=prepare,
+        loss_fn=make_loss_fn(model, class_weights),
+        prepare=make_prepare(class_weights),
         mean_over_micro=False,
         metrics=metrics,
         peak_lr=config.optimizer.learning_rate,
