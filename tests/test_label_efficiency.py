@@ -107,6 +107,37 @@ def test_recipe_errors_and_selection(tmp_path):
                         ("finetune/ddep/1-30/s1", "pending")]
 
 
+def test_parallel_plan_waits_for_pretrainings_and_recipe_loading(tmp_path):
+    """--jobs: each task waits for the pretraining run it reads, recorded
+    runs are not tasks; workers load a recipe by name or FILE.py:NAME."""
+    recipe = _recipe()
+    h = le.Harness(recipe, str(tmp_path), seeds={"1/30": 1}, jobs=2,
+                   recipe_spec="x.py:R", only=["finetune/*/1-30/*"])
+    assert h._tasks() == [
+        ("pretrain/sup", []), ("pretrain/dd", ["pretrain/sup"]),
+        ("finetune/scratch/1-30/s0", []),
+        ("finetune/supervised/1-30/s0", ["pretrain/sup"]),
+        ("finetune/ddep/1-30/s0", ["pretrain/dd"])]
+    h.results = [_record("scratch", "1/30", 0, 0.3, 13)]
+    assert "finetune/scratch/1-30/s0" not in dict(h._tasks())
+    assert "--seeds=1/30:1" in h._worker_command("pretrain/sup")
+    with pytest.raises(ValueError, match="not in protocols.RECIPES"):
+        le.Harness(recipe, str(tmp_path), jobs=2)
+    assert le.Harness(protocols.get("camvid_cpu"), str(tmp_path),
+                      jobs=2).recipe_spec == "camvid_cpu"
+    path = tmp_path / "mine.py"
+    path.write_text("from ddep_jax.experiments import protocols\n"
+                    "MINE = protocols.get('camvid_cpu')\nNOT = 3\n")
+    assert le.load_recipe(f"{path}:MINE") is protocols.get("camvid_cpu")
+    assert le.load_recipe("ddep_jax.experiments.protocols:CAMVID_CPU").name == "camvid_cpu"
+    with pytest.raises(ValueError, match="no Recipe called 'NOT'"):
+        le.load_recipe(f"{path}:NOT")
+    with pytest.raises(ValueError, match="is not a file"):
+        le.load_recipe(f"{tmp_path}/absent.py:MINE")
+    with pytest.raises(ValueError, match="cannot import"):
+        le.load_recipe("no_such_module_here:X")
+
+
 @pytest.mark.parametrize("name", sorted(protocols.RECIPES))
 def test_every_recipe_builds_valid_configs(name, tmp_path):
     """Every run of every recipe gets a config its stage accepts (the
@@ -261,6 +292,10 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert sorted(os.listdir(moved / "logs")) == ["finetune_ddep_1-30_s1.log",
                                                   "pretrain_ddep.log"]
     assert proc.stdout.index("pretrain/ddep: done") < proc.stdout.index(f"{redo}: running")
+    cpus = sorted(os.sched_getaffinity(0))
+    logs = [(moved / "logs" / name).read_text() for name in sorted(os.listdir(moved / "logs"))]
+    assert all(f"worker pinned to CPUs [{cpus[0]}]" in t or
+               (len(cpus) > 1 and f"worker pinned to CPUs [{cpus[1]}]" in t) for t in logs)
     assert not list(moved.glob(f"**/{le.WORKER_RECORD}"))  # moved into the records
     rerun = json.loads((moved / "pretraining.jsonl").read_text())
     assert rerun["earlier"][0]["final"] == rerun["final"]

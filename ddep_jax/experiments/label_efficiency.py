@@ -10,12 +10,12 @@ one resumable command.
 
 `--jobs=N` runs up to N runs at once, each in its own process pinned to its
 share of this process's CPUs (`os.sched_getaffinity`), a run starting as soon
-as the runs it reads are finished. On CPU this is the fast way to run a grid:
-XLA CPU keeps one core busy at the CPU recipes' shapes hardly less well than
-two (camvid_cpu's fine-tuning: 1.41 steps/s on one core alone, 1.47 each with
-two runs side by side), so two one-core runs finish twice the runs an hour.
-The runs' results do not depend on N: each run is the same program on its
-own data. The workers' output goes to OUT/logs/<run id>.log.
+as the runs it reads are finished. On CPU this runs a grid faster: at the CPU
+recipes' shapes XLA CPU gains little from a second core (camvid_cpu's
+fine-tuning trained 1.41 steps/s on one core alone and 1.47 each with two
+runs side by side), so two one-core runs finish more runs an hour than one
+two-core run (README, "Parallel on CPU").
+The workers' output goes to OUT/logs/<run id>.log.
 
 A recipe (`ddep_jax.experiments.protocols`) names
 - the pretraining runs its rows need, each run once into OUT/pretrain/<name>
@@ -575,10 +575,12 @@ class Harness:
                                    "ab")
                     print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running on CPU "
                           f"{','.join(map(str, cpu_set))}", flush=True)
+                    # The worker pins itself (--cpus) before JAX starts its
+                    # threads: no preexec_fn, so no fork of this threaded process.
                     proc = subprocess.Popen(
-                        self._worker_command(run_id), stdout=log, stderr=log,
-                        stdin=subprocess.DEVNULL,
-                        preexec_fn=lambda c=tuple(cpu_set): os.sched_setaffinity(0, c))
+                        self._worker_command(run_id) + [
+                            "--cpus=" + ",".join(map(str, cpu_set))],
+                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
                     running[run_id] = (proc, slot, log)
                 if stopping and not running:
                     break
@@ -872,12 +874,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "of the CPUs (on a 2-core CPU: 2).")
     parser.add_argument("--worker", action="store_true",
                         help="(Internal) run the --only run for a parent harness.")
+    parser.add_argument("--cpus", default="",
+                        help="(Internal, with --worker) the CPUs to pin this process to.")
     parser.add_argument("--list", action="store_true",
                         help="Print the runs and their status; run nothing.")
     parser.add_argument("--summary_only", action="store_true",
                         help="Rewrite summary.md and the plot from results.jsonl.")
     args = parser.parse_args(argv)
 
+    if args.cpus:  # before the first JAX call sizes XLA's thread pool
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        print(f"worker pinned to CPUs {sorted(os.sched_getaffinity(0))}", flush=True)
     try:
         recipe = load_recipe(args.recipe)
     except ValueError as e:
