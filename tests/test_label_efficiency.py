@@ -45,6 +45,10 @@ def test_cell_difference_and_pooled_std_against_hand_computation():
     assert stats.pooled_std([[30, 32, 34], [40, 44], [50]]) == pytest.approx(
         math.sqrt(16 / 3))
     assert math.isnan(stats.pooled_std([[1.0], [2.0]]))
+    # Detectable difference: std 2, 3 seeds -> t(0.975, 4) * 2 * sqrt(2 / 3).
+    assert stats.detectable_difference(2.0, 3) == pytest.approx(
+        2.7764451051977987 * 2 * math.sqrt(2 / 3))
+    assert math.isnan(stats.detectable_difference(2.0, 1))
 
 
 def _recipe(**kw):
@@ -82,6 +86,8 @@ def test_summary_and_figure_from_records(tmp_path):
     assert f"Pooled seed std of the initialisations at 1/30: {pooled:.2f}" in text
     assert f"- Supervised - No pretraining: +10.00 = {10 / pooled:.2f} x pooled std " \
            "(> 2x: yes)" in text
+    assert (f"{stats.detectable_difference(pooled, 3):.2f} at 3 seeds, "
+            f"{stats.detectable_difference(pooled, 5):.2f} at 5 seeds") in text
     assert "Fine-tuning runs finished: 12 of 18. CPU time: pretraining 0.00 h, " \
            "fine-tuning 1.20 h." in text
     assert "| DDeP | 90.0 | - |" in text  # per-class IoU at 1/30, None -> '-'

@@ -453,6 +453,9 @@ class Harness:
         from ddep_jax.trainers import loop
 
         if self.jobs > 1:
+            if jax.process_count() > 1:
+                raise ValueError(f"jobs={self.jobs} runs worker processes on this "
+                                 "host; on several hosts run the harness with jobs=1.")
             return self.run_parallel()
         runs = [r for r in self.finetune_runs() if self.selected(r.id)]
         broken: set[str] = set()
@@ -582,11 +585,10 @@ class Harness:
                             "--cpus=" + ",".join(map(str, cpu_set))],
                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
                     running[run_id] = (proc, slot, log)
-                if stopping and not running:
-                    break
                 if not running:
-                    if pending:  # nothing can start: every one waits on a failure
-                        continue
+                    if not stopping:  # (cannot happen: a task waits on one before it)
+                        for run_id, deps in pending:
+                            self._fail(run_id, f"it waits on {deps}, which never ran")
                     break
                 time.sleep(0.5)
                 for run_id, (proc, slot, log) in list(running.items()):

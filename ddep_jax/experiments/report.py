@@ -154,6 +154,13 @@ def _sensitivity(recipe, cells) -> list[str]:
         verdict = "n/a" if math.isnan(ratio) else ("yes" if ratio > 2 else "no")
         lines.append(f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
                      f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
+    if pooled and not math.isnan(pooled):
+        sizes = (3, 5, 10, 20)
+        lines += ["", "Seeds it takes: with this seed std, the smallest difference "
+                  "between two rows whose 95% interval excludes 0 (independent seeds, "
+                  "t * std * sqrt(2 / n)): " + ", ".join(
+                      f"{_fmt(stats.detectable_difference(pooled, n))} at {n} seeds"
+                      for n in sizes) + "."]
     return lines
 
 

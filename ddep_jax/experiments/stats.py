@@ -111,3 +111,15 @@ def pooled_std(cells: Sequence[Sequence[float]]) -> float:
             num += (v.size - 1) * v.var(ddof=1)
             den += v.size - 1
     return math.sqrt(num / den) if den else math.nan
+
+
+def detectable_difference(std: float, n: int, confidence: float = 0.95) -> float:
+    """The half-width of the `confidence` interval of the difference of two
+    cells of `n` seeds each, both with seed std `std` and independent seeds:
+    t_{(1+confidence)/2, 2n-2} * std * sqrt(2 / n). A difference smaller
+    than it cannot exclude 0; pairing the seeds (the same labelled subsets)
+    narrows it when the rows' seeds agree. nan for n < 2 or a nan std."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    q = 0.5 + confidence / 2
+    return float(scipy_stats.t.ppf(q, 2 * n - 2) * std * math.sqrt(2 / n))
