@@ -311,6 +311,26 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert "an earlier run of the same config" in (moved / "summary.md").read_text()
 
 
+def test_grid_runs_share_a_compilation_cache_in_out(tmp_path):
+    """Without a cache set, a harness process caches XLA's compiles in
+    OUT/xla_cache (a grid's runs compile the same init and step); a cache
+    already set (here the tests' own) is kept."""
+    from jax import config
+
+    assert le.use_compilation_cache(str(tmp_path)) == config.jax_compilation_cache_dir
+    env = {k: v for k, v in subprocess_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    code = ("import jax, jax.numpy as jnp\n"
+            "from ddep_jax.experiments import label_efficiency as le\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            f"print(le.use_compilation_cache({str(tmp_path)!r}))\n"
+            "print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(4)).sum())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == str(tmp_path / "xla_cache")
+    assert any((tmp_path / "xla_cache").iterdir())
+
+
 def test_cli_lists_the_plan(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",

@@ -95,6 +95,21 @@ WORKER_RECORD = "harness_record.json"
 parent harness moves into results.jsonl / pretraining.jsonl."""
 
 
+def use_compilation_cache(out: str) -> str:
+    """Points XLA's persistent compilation cache at OUT/xla_cache unless one
+    is set already (`JAX_COMPILATION_CACHE_DIR`, `jax_compilation_cache_dir`)
+    or OUT is remote. A grid compiles the same fine-tuning init and step for
+    every run of a recipe (only the data and the key differ); from the
+    second run on both are cache hits (camvid_cpu: ~70 s of each run on one
+    core: init ~40 s, step 32-38 s). Returns the cache folder ('' = none)."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or writers.is_remote(out):
+        return current or ""
+    path = os.path.join(out, "xla_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def load_recipe(spec: str) -> "Recipe":
     """The recipe named `spec`: a name in `protocols.RECIPES`, or a `Recipe`
     object given as 'path/to/file.py:NAME' or 'package.module:NAME'.
@@ -452,6 +467,7 @@ class Harness:
         `loop.PREEMPTED_EXIT_CODE` when a signal stopped a run."""
         from ddep_jax.trainers import loop
 
+        use_compilation_cache(self.out)
         if self.jobs > 1:
             if jax.process_count() > 1:
                 raise ValueError(f"jobs={self.jobs} runs worker processes on this "
