@@ -49,6 +49,9 @@ def test_cell_difference_and_pooled_std_against_hand_computation():
     assert stats.detectable_difference(2.0, 3) == pytest.approx(
         2.7764451051977987 * 2 * math.sqrt(2 / 3))
     assert math.isnan(stats.detectable_difference(2.0, 1))
+    # 80% power adds t(0.8, 4) = 0.940965...
+    assert stats.detectable_difference(2.0, 3, power=0.8) == pytest.approx(
+        (2.7764451051977987 + 0.9409645) * 2 * math.sqrt(2 / 3), rel=1e-6)
 
 
 def _recipe(**kw):
@@ -88,6 +91,7 @@ def test_summary_and_figure_from_records(tmp_path):
            "(> 2x: yes)" in text
     assert (f"{stats.detectable_difference(pooled, 3):.2f} at 3 seeds, "
             f"{stats.detectable_difference(pooled, 5):.2f} at 5 seeds") in text
+    assert f"{stats.detectable_difference(pooled, 3, power=0.8):.2f} at 3, " in text
     assert "Fine-tuning runs finished: 12 of 18. CPU time: pretraining 0.00 h, " \
            "fine-tuning 1.20 h." in text
     assert "| DDeP | 90.0 | - |" in text  # per-class IoU at 1/30, None -> '-'
@@ -117,13 +121,23 @@ def test_parallel_plan_waits_for_pretrainings_and_recipe_loading(tmp_path):
     """--jobs: each task waits for the pretraining run it reads, recorded
     runs are not tasks; workers load a recipe by name or FILE.py:NAME."""
     recipe = _recipe()
+    spec = tmp_path / "synthetic.py"
+    spec.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                    "from test_label_efficiency import _recipe\nR = _recipe()\n")
     h = le.Harness(recipe, str(tmp_path), seeds={"1/30": 1}, jobs=2,
-                   recipe_spec="x.py:R", only=["finetune/*/1-30/*"])
+                   recipe_spec=f"{spec}:R", only=["finetune/*/1-30/*"])
+    # A fine-tuning waits for its whole pretraining chain.
     assert h._tasks() == [
         ("pretrain/sup", []), ("pretrain/dd", ["pretrain/sup"]),
         ("finetune/scratch/1-30/s0", []),
         ("finetune/supervised/1-30/s0", ["pretrain/sup"]),
-        ("finetune/ddep/1-30/s0", ["pretrain/dd"])]
+        ("finetune/ddep/1-30/s0", ["pretrain/sup", "pretrain/dd"])]
+    with pytest.raises(ValueError, match="loads another recipe"):
+        le.Harness(_recipe(fractions=("1/30",)), str(tmp_path), jobs=2,
+                   recipe_spec=f"{spec}:R")
+    with pytest.raises(ValueError, match="need jobs=1"):
+        le.Harness(recipe, str(tmp_path), jobs=2, recipe_spec=f"{spec}:R",
+                   run_fn=lambda c, w: {})
     h.results = [_record("scratch", "1/30", 0, 0.3, 13)]
     assert "finetune/scratch/1-30/s0" not in dict(h._tasks())
     assert "--seeds=1/30:1" in h._worker_command("pretrain/sup")
@@ -142,6 +156,20 @@ def test_parallel_plan_waits_for_pretrainings_and_recipe_loading(tmp_path):
         le.load_recipe(f"{tmp_path}/absent.py:MINE")
     with pytest.raises(ValueError, match="cannot import"):
         le.load_recipe("no_such_module_here:X")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('oops')\n")
+    with pytest.raises(ValueError, match="RuntimeError: oops"):
+        le.load_recipe(f"{tmp_path}/broken.py:R")
+    with pytest.raises(ValueError, match=r"as .*mine.py:NAME"):
+        le.load_recipe(str(path))
+    # Records of another protocol (other steps) in OUT are named, not mixed in.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "results.jsonl").write_text(json.dumps(
+        {**_record("scratch", "100%", 0, 30.0, 367), "steps": 1000,
+         "workdir": "finetune/scratch/100pct/s0"}) + "\n")
+    with pytest.raises(ValueError, match=r"trained 1000 steps where recipe "
+                                         r"'camvid_cpu' now trains 2000 at 100%"):
+        le.Harness(protocols.get("camvid_cpu"), str(stale))
 
 
 @pytest.mark.parametrize("name", sorted(protocols.RECIPES))
@@ -315,9 +343,6 @@ def test_grid_runs_share_a_compilation_cache_in_out(tmp_path):
     """Without a cache set, a harness process caches XLA's compiles in
     OUT/xla_cache (a grid's runs compile the same init and step); a cache
     already set (here the tests' own) is kept."""
-    from jax import config
-
-    assert le.use_compilation_cache(str(tmp_path)) == config.jax_compilation_cache_dir
     env = {k: v for k, v in subprocess_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
     code = ("import jax, jax.numpy as jnp\n"
             "from ddep_jax.experiments import label_efficiency as le\n"
@@ -329,6 +354,15 @@ def test_grid_runs_share_a_compilation_cache_in_out(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == str(tmp_path / "xla_cache")
     assert any((tmp_path / "xla_cache").iterdir())
+    # A second process (another run of the grid) reads the compile back.
+    hits = ("hits = []\njax.monitoring.register_event_listener(\n"
+            "    lambda name, **kw: hits.append(name))\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code.replace("from ddep_jax", hits + "from ddep_jax", 1)
+         + "print('/jax/compilation_cache/cache_hits' in hits)\n"],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "True"
 
 
 def test_cli_lists_the_plan(tmp_path):

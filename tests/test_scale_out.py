@@ -22,6 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import dataclasses
 
 from ddep_jax import distributed, optim, sharding
+from ddep_jax.models import to_float_images
+from ddep_jax.objectives.segmentation import segmentation_loss
 from ddep_jax.trainers import ddep, finetune, loop
 from ddep_jax.sharding import make_mesh
 
@@ -114,6 +116,12 @@ def test_fine_tuning_accumulation_weights_micro_batches_by_valid_pixels(class_we
                                   jax.random.key(1))
         results[k] = (jax.device_get(metrics), _adam_moments(new_state))
     np.testing.assert_allclose(results[4][0]["loss"], results[1][0]["loss"], rtol=1e-6)
+    # ... and that is the (weighted) mean over the whole batch's pixels.
+    logits = model.apply({"params": params}, to_float_images(jnp.asarray(images)))
+    expected, _ = segmentation_loss(
+        logits, jnp.asarray(labels, jnp.int32),
+        class_weights=None if weights is None else jnp.asarray(weights))
+    np.testing.assert_allclose(results[1][0]["loss"], float(expected), rtol=1e-5)
     np.testing.assert_allclose(results[4][0]["pixel_accuracy"],
                                results[1][0]["pixel_accuracy"], rtol=1e-6)
     _assert_gradients_close(results[4][1], results[1][1])

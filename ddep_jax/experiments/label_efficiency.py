@@ -15,7 +15,7 @@ recipes' shapes XLA CPU gains little from a second core (camvid_cpu's
 fine-tuning trained 1.41 steps/s on one core alone and 1.47 each with two
 runs side by side), so two one-core runs finish more runs an hour than one
 two-core run (README, "Parallel on CPU").
-The workers' output goes to OUT/logs/<run id>.log.
+The workers' output goes to OUT/logs/<run id, '/' -> '_'>.log.
 
 A recipe (`ddep_jax.experiments.protocols`) names
 - the pretraining runs its rows need, each run once into OUT/pretrain/<name>
@@ -110,6 +110,17 @@ def use_compilation_cache(out: str) -> str:
     return path
 
 
+def _recipe_signature(recipe: "Recipe") -> tuple:
+    """What must agree between a parent harness's recipe and its workers'."""
+    def name(config):
+        return getattr(config, "__qualname__", config)
+
+    return (recipe.name, name(recipe.finetune_config), recipe.finetune_arg,
+            tuple((r.key, r.init, r.pretraining) for r in recipe.rows),
+            tuple((p.name, name(p.config), p.arg, p.init_from) for p in recipe.pretrainings),
+            tuple(recipe.fractions), dict(recipe.finetune_steps))
+
+
 def load_recipe(spec: str) -> "Recipe":
     """The recipe named `spec`: a name in `protocols.RECIPES`, or a `Recipe`
     object given as 'path/to/file.py:NAME' or 'package.module:NAME'.
@@ -121,6 +132,9 @@ def load_recipe(spec: str) -> "Recipe":
     from ddep_jax.experiments import protocols
 
     if ":" not in spec:
+        if spec.endswith(".py"):
+            raise ValueError(f"--recipe={spec!r}: name the Recipe in the file too, "
+                             f"as {spec}:NAME.")
         return protocols.get(spec)
     source, _, attr = spec.rpartition(":")
     try:
@@ -133,8 +147,11 @@ def load_recipe(spec: str) -> "Recipe":
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(source)
-    except ImportError as e:
-        raise ValueError(f"--recipe={spec!r}: cannot import {source!r} ({e}).") from None
+    except ValueError:
+        raise
+    except Exception as e:  # an ImportError, or any error the file raises
+        raise ValueError(f"--recipe={spec!r}: cannot import {source!r} "
+                         f"({type(e).__name__}: {e}).") from None
     recipe = getattr(module, attr, None)
     if not isinstance(recipe, Recipe):
         raise ValueError(f"--recipe={spec!r}: {source} has no Recipe called {attr!r} "
@@ -321,15 +338,22 @@ class Harness:
         recipe.check()
         if jobs < 1:
             raise ValueError(f"jobs={jobs}: need at least 1.")
-        if jobs > 1 and not recipe_spec:
+        if jobs > 1:
             from ddep_jax.experiments import protocols
 
-            if protocols.RECIPES.get(recipe.name) is not recipe:
-                raise ValueError(
-                    f"jobs={jobs}: the workers load the recipe by name, and "
-                    f"{recipe.name!r} is not in protocols.RECIPES: pass recipe_spec="
-                    "'path/to/file.py:NAME' (or run with jobs=1).")
-            recipe_spec = recipe.name
+            if not recipe_spec:
+                if protocols.RECIPES.get(recipe.name) is not recipe:
+                    raise ValueError(
+                        f"jobs={jobs}: the workers load the recipe by name, and "
+                        f"{recipe.name!r} is not in protocols.RECIPES: pass recipe_spec="
+                        "'path/to/file.py:NAME' (or run with jobs=1).")
+                recipe_spec = recipe.name
+            elif _recipe_signature(load_recipe(recipe_spec)) != _recipe_signature(recipe):
+                raise ValueError(f"jobs={jobs}: recipe_spec={recipe_spec!r} loads another "
+                                 f"recipe than {recipe.name!r}, which the workers would run.")
+            if run_fn is not None or pathlib.Path(configs_dir) != REPO_CONFIGS:
+                raise ValueError(f"jobs={jobs}: workers run loop.run with the repository's "
+                                 "configs; run_fn and configs_dir need jobs=1.")
         self.jobs = jobs
         self.recipe_spec = recipe_spec
         self.worker = worker
@@ -347,6 +371,17 @@ class Harness:
         self.run_fn = run_fn
         self.failures: list[dict] = []
         self.results = self._read_jsonl("results.jsonl")
+        stale = [r for r in self.results
+                 if r.get("steps") is not None and r["fraction"] in recipe.finetune_steps
+                 and r["steps"] != recipe.finetune_steps[r["fraction"]]]
+        if stale:
+            r = stale[0]
+            raise ValueError(
+                f"{os.path.join(out, 'results.jsonl')} holds {len(stale)} run(s) of "
+                f"another protocol, e.g. {r.get('workdir')} trained {r['steps']} steps "
+                f"where recipe {recipe.name!r} now trains "
+                f"{recipe.finetune_steps[r['fraction']]} at {r['fraction']}: move those "
+                "lines and their workdirs to another OUT (or use a new OUT).")
         self.pretraining_records = self._read_jsonl("pretraining.jsonl")
         for name in self._needed_pretrainings(self.finetune_runs()):
             self.pretrain_dir(name)  # an external checkpoint must be given
@@ -469,9 +504,11 @@ class Harness:
 
         use_compilation_cache(self.out)
         if self.jobs > 1:
-            if jax.process_count() > 1:
-                raise ValueError(f"jobs={self.jobs} runs worker processes on this "
-                                 "host; on several hosts run the harness with jobs=1.")
+            if jax.default_backend() != "cpu" or jax.process_count() > 1:
+                raise ValueError(
+                    f"jobs={self.jobs} splits this host's CPUs between worker "
+                    f"processes; here JAX runs on {jax.default_backend()} with "
+                    f"{jax.process_count()} process(es): run the harness with jobs=1.")
             return self.run_parallel()
         runs = [r for r in self.finetune_runs() if self.selected(r.id)]
         broken: set[str] = set()
@@ -480,6 +517,12 @@ class Harness:
                 p = self.recipe.pretraining(name)
                 if p.init_from in broken or (p.init_from and not self._finished(p.init_from)):
                     broken.add(name)
+                    continue
+                if self.worker and not self.selected(f"pretrain/{name}"):
+                    # A worker runs its own run only: the parent ran the
+                    # chain first, and a pretraining not finished fails it.
+                    if not self._finished(name):
+                        broken.add(name)
                     continue
                 if not p.config:
                     continue  # external: pretrain_dir checks it was given
@@ -511,19 +554,25 @@ class Harness:
         recorded = {r["name"] for r in self.pretraining_records}
         todo: list[tuple[str, list[str]]] = []
         ids = set()
+        def chain(name: str) -> list[str]:  # the tasks among name and its sources
+            out = []
+            while name:
+                if f"pretrain/{name}" in ids:
+                    out.insert(0, f"pretrain/{name}")
+                name = self.recipe.pretraining(name).init_from
+            return out
+
         for name in self._needed_pretrainings(runs):
             p = self.recipe.pretraining(name)
             if not p.config or (name in recorded and self._finished(name)):
                 continue
-            deps = [f"pretrain/{p.init_from}"] if p.init_from else []
-            todo.append((f"pretrain/{name}", [d for d in deps if d in ids]))
+            todo.append((f"pretrain/{name}", chain(p.init_from)))
             ids.add(f"pretrain/{name}")
         done = {self._result_key(r) for r in self.results}
         for run in runs:
             if (run.row, run.fraction, run.seed) in done:
                 continue
-            name = self.recipe.row(run.row).pretraining
-            todo.append((run.id, [f"pretrain/{name}"] if f"pretrain/{name}" in ids else []))
+            todo.append((run.id, chain(self.recipe.row(run.row).pretraining)))
         return todo
 
     def _worker_command(self, run_id: str) -> list[str]:
@@ -547,13 +596,16 @@ class Harness:
         Ctrl-C is passed to the workers, which stop at a checkpoint; then
         the exit status is 75 as in `run`. A worker that fails fails its run
         (and the runs reading it), the others go on; its output is in
-        OUT/logs/<run id>.log.
+        OUT/logs/<run id, '/' -> '_'>.log.
 
         Returns: 0, 1 if a run failed, or `loop.PREEMPTED_EXIT_CODE`."""
         from ddep_jax.trainers import loop
 
-        cpus = sorted(os.sched_getaffinity(0))
-        groups = [cpus[i::self.jobs] for i in range(min(self.jobs, len(cpus)))]
+        if hasattr(os, "sched_getaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))
+            groups = [cpus[i::self.jobs] for i in range(min(self.jobs, len(cpus)))]
+        else:  # no pinning here (e.g. macOS): N unpinned workers
+            groups = [[] for _ in range(self.jobs)]
         pending = self._tasks()
         done: set[str] = set()
         failed: set[str] = set()
@@ -592,15 +644,18 @@ class Harness:
                         os.makedirs(log_dir, exist_ok=True)
                         log = open(os.path.join(log_dir, run_id.replace("/", "_") + ".log"),
                                    "ab")
-                    print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running on CPU "
-                          f"{','.join(map(str, cpu_set))}", flush=True)
+                    cpu_list = ",".join(map(str, cpu_set))
+                    print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running"
+                          + (f" on CPU {cpu_list}" if cpu_list else ""), flush=True)
                     # The worker pins itself (--cpus) before JAX starts its
                     # threads: no preexec_fn, so no fork of this threaded process.
                     proc = subprocess.Popen(
-                        self._worker_command(run_id) + [
-                            "--cpus=" + ",".join(map(str, cpu_set))],
+                        self._worker_command(run_id)
+                        + ([f"--cpus={cpu_list}"] if cpu_list else []),
                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
                     running[run_id] = (proc, slot, log)
+                    if stopping:  # a signal since the check above
+                        proc.send_signal(signal.SIGTERM)
                 if not running:
                     if not stopping:  # (cannot happen: a task waits on one before it)
                         for run_id, deps in pending:
@@ -614,25 +669,32 @@ class Harness:
                     del running[run_id]
                     if log is not None:
                         log.close()
-                    if code == 0 and self._collect(run_id):
+                    where = (f"; see {os.path.join(log_dir, run_id.replace('/', '_'))}"
+                             ".log" if log is not None else "")
+                    if self._collect(run_id):  # a record: the run finished
                         done.add(run_id)
-                    elif code == loop.PREEMPTED_EXIT_CODE or stopping:
+                    elif code == loop.PREEMPTED_EXIT_CODE or (stopping and code != 0):
                         pending.insert(0, (run_id, []))  # stopped; resumes later
                     else:
                         failed.add(run_id)
-                        where = (f"; see {os.path.join(log_dir, run_id.replace('/', '_'))}"
-                                 ".log" if log is not None else "")
-                        self._fail(run_id, f"its worker exited with status {code}{where}")
+                        self._fail(run_id, f"its worker exited with status {code} "
+                                           f"and left no {WORKER_RECORD}{where}")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            for proc, _, log in running.values():  # an error here: no orphans
+                proc.terminate()
+                proc.wait()
+                if log is not None:
+                    log.close()
         self.write_outputs()
         if stopping:
             return loop.PREEMPTED_EXIT_CODE
         return 1 if self.failures else 0
 
     def _collect(self, run_id: str) -> bool:
-        """Moves a finished worker's record into OUT's files (False: none)."""
+        """Moves a finished worker's record into OUT's files (False: it left
+        none)."""
         if run_id.startswith("pretrain/"):
             workdir = self.pretrain_dir(run_id[len("pretrain/"):])
         else:
@@ -641,7 +703,6 @@ class Harness:
         path = os.path.join(workdir, WORKER_RECORD)
         item = writers.read_json(path)
         if item is None:
-            self._fail(run_id, f"its worker left no {WORKER_RECORD} in {workdir}")
             return False
         record = item["record"]
         epath.Path(path).unlink()  # now in OUT's records
@@ -928,9 +989,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(f"--seeds: {fraction!r} is not one of the recipe's "
                                  f"fractions {list(recipe.fractions)}")
                 seeds[fraction] = int(n)
-    harness = Harness(recipe, args.out, data_dir=args.data_dir, checkpoints=checkpoints,
-                      only=[p for p in args.only.split(",") if p], seeds=seeds,
-                      jobs=args.jobs, recipe_spec=args.recipe, worker=args.worker)
+    try:
+        harness = Harness(recipe, args.out, data_dir=args.data_dir,
+                          checkpoints=checkpoints,
+                          only=[p for p in args.only.split(",") if p], seeds=seeds,
+                          jobs=args.jobs, recipe_spec=args.recipe, worker=args.worker)
+    except ValueError as e:
+        parser.error(str(e))
     if args.list:
         for run_id, status in harness.plan():
             print(f"{status:8s} {run_id}")

@@ -156,11 +156,14 @@ def _sensitivity(recipe, cells) -> list[str]:
                      f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
     if pooled and not math.isnan(pooled):
         sizes = (3, 5, 10, 20)
-        lines += ["", "Seeds it takes: with this seed std, the smallest difference "
-                  "between two rows whose 95% interval excludes 0 (independent seeds, "
-                  "t * std * sqrt(2 / n)): " + ", ".join(
+        lines += ["", "Seeds it takes, at this seed std (independent seeds; pairing "
+                  "narrows it when the seeds agree): the smallest observed difference "
+                  "between two rows whose 95% interval excludes 0 is " + ", ".join(
                       f"{_fmt(stats.detectable_difference(pooled, n))} at {n} seeds"
-                      for n in sizes) + "."]
+                      for n in sizes) + "; a true difference is found with 80% power "
+                  "from " + ", ".join(
+                      f"{_fmt(stats.detectable_difference(pooled, n, power=0.8))} at {n}"
+                      for n in sizes) + " seeds."]
     return lines
 
 

@@ -113,13 +113,20 @@ def pooled_std(cells: Sequence[Sequence[float]]) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
-def detectable_difference(std: float, n: int, confidence: float = 0.95) -> float:
-    """The half-width of the `confidence` interval of the difference of two
-    cells of `n` seeds each, both with seed std `std` and independent seeds:
-    t_{(1+confidence)/2, 2n-2} * std * sqrt(2 / n). A difference smaller
-    than it cannot exclude 0; pairing the seeds (the same labelled subsets)
-    narrows it when the rows' seeds agree. nan for n < 2 or a nan std."""
+def detectable_difference(std: float, n: int, confidence: float = 0.95,
+                          power: float | None = None) -> float:
+    """For two cells of `n` seeds each with seed std `std` and independent
+    seeds (df = 2n - 2): with `power` None, the half-width of the
+    `confidence` interval of their difference, t_{(1+confidence)/2} * std *
+    sqrt(2 / n): the smallest observed difference that excludes 0. With a
+    `power` (e.g. 0.8), the true difference found to exclude 0 with that
+    probability: (t_{(1+confidence)/2} + t_{power}) * std * sqrt(2 / n).
+    Pairing the seeds (the same labelled subsets) narrows both when the rows'
+    seeds agree. nan for n < 2 or a nan std."""
     if n < 2 or math.isnan(std):
         return math.nan
-    q = 0.5 + confidence / 2
-    return float(scipy_stats.t.ppf(q, 2 * n - 2) * std * math.sqrt(2 / n))
+    df = 2 * n - 2
+    t = scipy_stats.t.ppf(0.5 + confidence / 2, df)
+    if power is not None:
+        t += scipy_stats.t.ppf(power, df)
+    return float(t * std * math.sqrt(2 / n))
