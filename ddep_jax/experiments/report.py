@@ -193,8 +193,9 @@ def _per_class(recipe, results) -> list[str]:
 
 def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     """Writes the Figure-6 PNG at `path`: mean mIoU (%) against labelled
-    images (log x axis) per row, with a +- 1 std band (no band for a single
-    seed)."""
+    images (log x axis) per row, with a +- 1 std band and error bar (none for
+    a single seed); the rows' points are spread a little along x so that
+    their bars do not hide each other."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +205,7 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     labelled = _labelled(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ticks = []
-    for row in rows:
+    for index, row in enumerate(rows):
         xs, means, stds = [], [], []
         for f in recipe.fractions:
             values = cells.get((row.key, f))
@@ -220,13 +221,19 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
         xs = [xs[i] for i in order]
         means = [means[i] for i in order]
         stds = [stds[i] for i in order]
+        ticks.extend(xs)
+        shift = 1.0 + 0.025 * (index - (len(rows) - 1) / 2)  # on the log axis
+        xs = [x * shift for x in xs]
         (line,) = ax.plot(xs, means, marker="o", label=row.name)
+        ax.errorbar(xs, means, yerr=stds, fmt="none", ecolor=line.get_color(),
+                    capsize=3, linewidth=1)
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
                         [m + s for m, s in zip(means, stds)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
-        ticks.extend(xs)
     ax.set_xscale("log")
     ticks = sorted(set(ticks))
+    if ticks:  # room around the points, also when one fraction has results
+        ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
     names = {v: k for k, v in labelled.items()}
     ax.set_xticks(ticks, [f"{t}\n({names.get(t, '')})" for t in ticks])
     ax.minorticks_off()
