@@ -203,7 +203,7 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
 
     cells = _by_cell(results)
     labelled = _labelled(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
     ticks = []
     for index, row in enumerate(rows):
         xs, means, stds = [], [], []
@@ -241,7 +241,7 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     ax.set_ylabel(f"{recipe.metric_split} mIoU (%)")
     ax.set_title(f"{recipe.name}: mean ± 1 std over seeds")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
