@@ -44,6 +44,8 @@ device kind is a known accelerator. A human-readable block, then one
       # TransUNet's own decoder widths instead of the config's
   python benchmarks/train_step.py --recipe=cpu --loop_steps=60
       # the CPU recipes: bare step and the training loop with real data
+  python benchmarks/train_step.py --recipe=cpu --profile_steps=3
+      # and where a step's time goes: XLA's ops by kind (jax.profiler trace)
 
 FLOPs are XLA's cost analysis of the compiled step, which counts a loop
 body once. So on CPU the step is built and compiled a second time from a
@@ -158,6 +160,14 @@ _MATMUL_N = flags.DEFINE_integer(
     "matmul_n", 0, "n of the n x n matmul peak; 0: 4096 on CPU, 16384 otherwise.")
 _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Matmul peak: best of N.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and input seed.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "After timing, trace this many steps with jax.profiler "
+    "and print XLA's op time per step by kind of op (profiling.op_breakdown).")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "Where --profile_steps writes its traces (one folder per "
+    "stage; TensorBoard's profile plugin or ui.perfetto.dev read them); default "
+    "a temporary folder, printed.")
+_PROFILE_TOP = flags.DEFINE_integer("profile_top", 15, "Op kinds printed.")
 
 
 # ----------------------------------------------------------------------------
@@ -543,6 +553,8 @@ def run_stage(name: str, batch: int, mesh) -> dict:
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t)
         loss = float(jax.device_get(metrics["loss"])) if metrics is not None else None
+        if _PROFILE_STEPS.value:
+            result["profile"] = profile_steps(name, compiled, state, inputs, key)
         del state
         if times:
             step_s = float(np.median(times))
@@ -567,6 +579,22 @@ def run_stage(name: str, batch: int, mesh) -> dict:
             result["loop_vs_bare"] = result["loop_steps_per_s"] * result["step_s_median"]
     print_block(bench, result)
     return result
+
+
+def profile_steps(name: str, compiled, state, inputs, key) -> dict:
+    """--profile_steps steps under `jax.profiler.trace`; returns {'dir',
+    'step_s' (traced, tracing included), 'ops' (`profiling.op_breakdown`)}."""
+    root = _PROFILE_DIR.value or tempfile.mkdtemp(prefix="train_step_profile_")
+    log_dir = str(Path(root) / name)
+    num = _PROFILE_STEPS.value
+    start = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(num):
+            state, metrics = compiled(state, inputs, key)
+            jax.block_until_ready((state, metrics))
+        traced_s = (time.perf_counter() - start) / num
+    return {"dir": log_dir, "steps": num, "step_s": traced_s,
+            "ops": profiling.op_breakdown(log_dir, num)}
 
 
 def run_loop(bench: Bench) -> dict:
@@ -662,6 +690,18 @@ def print_block(bench: Bench, r: dict) -> None:
             f"{1.0 / r['step_s_median']:.3f} steps/s: loop/bare {r['loop_vs_bare']:.1%}")
     elif "loop_note" in r:
         lines.append(f"training loop: {r['loop_note']}")
+    if "profile" in r:
+        prof = r["profile"]
+        ops = prof["ops"]
+        lines.append(
+            f"profile ({prof['steps']} steps, {prof['step_s']:.3f} s/step traced, in "
+            f"{prof['dir']}): XLA op time per step, by kind, "
+            f"{sum(o['ms_per_step'] for o in ops):.1f} ms in all (thread time of "
+            "the ops' own threads: op-parallel ops overlap, intra-op work on "
+            "other threads is not counted)")
+        lines += [f"  {o['ms_per_step']:8.1f} ms {o['share']:6.1%} "
+                  f"{o['ops_per_step']:6.0f}/step  {o['kind']}"
+                  for o in ops[:_PROFILE_TOP.value]]
     print("\n".join(lines))
     print("RESULT " + json.dumps(_rounded(r), sort_keys=False), flush=True)
 

@@ -6,12 +6,18 @@ ahead-of-time compiled step; the trainers log it once at start-up and write
 it to WORKDIR/compile_report.json, and `benchmarks/train_step.py` prints it
 with the measured throughput. `StepTrace` captures a `jax.profiler` trace of
 steps [start, start + num) into WORKDIR/profile (TensorBoard's profile plugin
-or Perfetto read it).
+or Perfetto read it); `op_breakdown` sums a trace's XLA op events by kind
+(`benchmarks/train_step.py --profile_steps`).
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 
 import jax
 from absl import logging
@@ -117,3 +123,55 @@ class StepTrace:
 
 def trace_dir(workdir: str) -> str:
     return os.path.join(workdir, "profile")
+
+
+def op_breakdown(log_dir: str, num_steps: int, module: str | None = None) -> list[dict]:
+    """XLA op time per step of a `jax.profiler` trace, by kind of op.
+
+    Reads the newest `perfetto_trace.json.gz` under `log_dir` (written by
+    `jax.profiler.trace(log_dir, create_perfetto_trace=True)`; Chrome trace
+    event format) and sums the durations of its complete ('X') events that
+    are one HLO instruction of a compiled program (named as in the optimised
+    HLO, e.g. `transpose_copy_fusion.16`, `ynn_fusion.4`, `convolution.3`),
+    grouped by the name without its `.N` suffix. (xprof's op statistics
+    cover accelerator planes only: for a CPU-only trace they are empty.)
+
+    On the CPU backend an op's event is the span of its thunk on the thread
+    that ran it; the intra-op work it hands to the other threads of XLA's
+    pool (Eigen convolutions) is not under any event, so the column is
+    thread time of the ops' own threads, which can sum to less than the
+    step's wall time x threads.
+
+    Args:
+      log_dir: the trace's directory.
+      num_steps: steps the trace holds (the figures are per step).
+      module: only the ops of this HLO module (e.g. 'jit_step_fn'); None: all.
+
+    Returns:
+      rows {'kind', 'ms_per_step', 'share' (of all op time, 0-1),
+      'ops_per_step'}, largest first.
+
+    Raises:
+      FileNotFoundError: no perfetto_trace.json.gz under `log_dir`.
+    """
+    paths = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True), key=os.path.getmtime)
+    if not paths:
+        raise FileNotFoundError(
+            f"no perfetto_trace.json.gz under {log_dir}: trace with "
+            "jax.profiler.trace(..., create_perfetto_trace=True).")
+    with gzip.open(paths[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    time_us, count = collections.Counter(), collections.Counter()
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("ph") != "X" or "hlo_op" not in args or (
+                module is not None and args.get("hlo_module") != module):
+            continue
+        kind = re.sub(r"\.\d+$", "", args["hlo_op"])
+        time_us[kind] += float(e.get("dur", 0.0))
+        count[kind] += 1
+    total = sum(time_us.values()) or 1.0
+    return [{"kind": k, "ms_per_step": v / 1e3 / num_steps, "share": v / total,
+             "ops_per_step": count[k] / num_steps} for k, v in time_us.most_common()]

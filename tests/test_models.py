@@ -207,6 +207,43 @@ def test_strided_conv_input_gradient_matches_lax_exactly(size, kernel, stride, c
         assert not routed((24, 24), 64) and not routed((8, 8), 32)
 
 
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 16, 16, 8), (3, 3), (2, 2), "SAME"),    # the ResNet root's pool
+    ((2, 15, 13, 4), (3, 3), (2, 2), "SAME"),    # odd sides
+    ((1, 9, 9, 3), (2, 2), (2, 2), "VALID"),     # windows that do not overlap
+    ((2, 10, 10, 5), (3, 2), (1, 2), ((1, 0), (2, 1))),  # explicit pads
+])
+def test_max_pool_taps_matches_flax_values_and_gradients(shape, window, strides,
+                                                         padding):
+    """'auto' on CPU: the max pool's gradient per window tap
+    (`fast_conv.max_pool_taps`) routes dy to the same input as XLA's
+    select-and-scatter, the first maximum of a window in row-major order,
+    also where a window's values tie (after a ReLU, whole windows are 0):
+    with integer dy the gradients are equal exactly (a routing difference
+    would be a whole dy); values are equal exactly."""
+    import flax.linen as nn
+
+    from ddep_jax.models import fast_conv
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    tied = jnp.maximum(jnp.round(x), 0.0)  # many equal values per window
+    for inputs in (x, tied):
+        flax_pool = lambda v: nn.max_pool(v, window, strides, padding)
+        taps_pool = lambda v: fast_conv.max_pool_auto(v, window, strides, padding)
+        want, got = flax_pool(inputs), taps_pool(inputs)
+        np.testing.assert_array_equal(got, want)
+        dy = jnp.round(4 * jax.random.normal(jax.random.key(1), want.shape))
+        np.testing.assert_array_equal(jax.vjp(taps_pool, inputs)[1](dy)[0],
+                                      jax.vjp(flax_pool, inputs)[1](dy)[0])
+        dy = jax.random.normal(jax.random.key(2), want.shape)
+        np.testing.assert_allclose(jax.vjp(taps_pool, inputs)[1](dy)[0],
+                                   jax.vjp(flax_pool, inputs)[1](dy)[0],
+                                   rtol=0, atol=1e-6)  # summation order only
+    assert fast_conv.max_pool_of(fast_conv.resolve("auto")) is fast_conv.max_pool_auto
+    assert fast_conv.max_pool_of(fast_conv.resolve("tap_gemm")) is fast_conv.max_pool_auto
+    assert fast_conv.max_pool_of(fast_conv.resolve("xla")) is nn.max_pool
+
+
 def test_per_tap_kernel_gradient_matches_lax_with_few_channels():
     """`fast_conv.kernel_gradient` itself (used from 16 channels) is exact
     for any channel count, batch and odd kernel."""

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddep_jax.models import fast_conv
+
 
 # ViT widths by name (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT / AugReg).
 # 'mu' and 'nano' are tiny sizes for tests and CPU smoke runs.
@@ -322,7 +324,8 @@ class HybridViT(nn.Module):
       num_groups: GroupNorm groups (32 upstream).
       dropout_rate: dropout in the transformer blocks (stage 1).
       conv: the ResNet convolutions' `conv_general_dilated`
-        (`fast_conv.resolve(config.model.conv)`).
+        (`fast_conv.resolve(config.model.conv)`); it also selects the root's
+        max pooling (`fast_conv.max_pool_of`).
 
     Call: images float [B, H, W, 3] in [-1, 1], H and W multiples of 16 (32
       for the plain ResNet) -> `EncoderFeatures`.
@@ -383,7 +386,8 @@ class HybridViT(nn.Module):
                     conv_general_dilated=self.conv, name="conv_root")(x)
         x = nn.relu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="gn_root")(x))
         skips = [x]  # 1/2
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        # On CPU ("auto"), a max pool whose gradient avoids select-and-scatter.
+        x = fast_conv.max_pool_of(self.conv)(x, (3, 3), strides=(2, 2), padding="SAME")
         for s, num_units in enumerate(layers):
             x = ResNetStage(num_units, width * 2**s, 2 if s > 0 else 1, self.num_groups,
                             self.dtype, self.conv, name=f"block{s + 1}")(x)
