@@ -37,7 +37,10 @@ Which implementation a model uses is its config value `model.conv`
   kernel tap (`conv_strided`, `MAX_STRIDED_OUTPUT`): in the stage-1 CIFAR-10
   step XLA CPU lowered that gradient (the ResNet's block3, 8x8 -> 4x4) as a
   batch/feature-swapped convolution taking 168 of 528 ms; per tap the step
-  is 1.48-1.54x faster (stage 3 at 96x96 unchanged: 1.04x, noise).
+  is 1.48-1.54x faster (stage 3 at 96x96 unchanged: 1.04x, noise). The
+  ResNet root's max pool takes its gradient per window tap
+  (`max_pool_taps`, chosen by `max_pool_of(conv)`): stage-1 step 0.94x,
+  stage 3 1.00x (alternating A/B in one process).
   With them XLA CPU runs the kernel-gradient convolutions 3-4x faster (the
   96x96 64->64 one above: 484 -> 141 ms; the optimised HLO is the same
   convolution, so the difference is in the runtime kernel XLA picks, not
