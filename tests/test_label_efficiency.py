@@ -274,6 +274,8 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
         assert json.loads(report_path.read_text())["miou"] == r["miou"]
         assert 0 < r["miou"] < 1 and len(r["per_class_iou"]) == 11
         assert r["cpu_seconds"] > 0 and r["steps"] == 2
+        history = json.loads((out / r["workdir"] / "loss_history.json").read_text())
+        assert r["train_loss"] == [[step, round(loss, 5)] for step, loss in history]
     # The same seed means the same labelled images in both rows.
     subsets = {(r["row"], r["fraction"], r["seed"]): json.loads(
         (out / r["workdir"] / "labelled_subset.json").read_text())["indices"]
@@ -285,6 +287,7 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert "| No pretraining | " in summary and "| DDeP | " in summary
     assert "Difference against No pretraining" in summary
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "pretraining.jsonl").read_text())["name"] == "ddep"
 
     # 3. A rerun of the finished grid runs nothing.
@@ -377,3 +380,34 @@ def test_cli_lists_the_plan(tmp_path):
                          "pending  pretrain/ddep"]
     assert "pending  finetune/ddep/1-30/s0" in lines
     assert not any("100pct" in line for line in lines)
+
+
+def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
+    """`loss_curve`: CURVE_POINTS window means of loss_history.json, each at
+    its window's last step; `fill_loss_curves` adds them to results lines
+    written without (from their workdirs) and rewrites results.jsonl;
+    `report.mean_curve` averages runs over the steps they share."""
+    from ddep_jax.experiments import report
+
+    run = tmp_path / "finetune" / "scratch" / "1-30" / "s0"
+    run.mkdir(parents=True)
+    (run / "loss_history.json").write_text(json.dumps([[s, float(s)] for s in range(1, 51)]))
+    curve = le.loss_curve(str(run), points=20)  # windows of 3 steps (50 / 20, up)
+    assert curve[0] == [3, 2.0] and curve[1] == [6, 5.0] and curve[-1] == [50, 49.5]
+    assert len(curve) == 17
+    assert le.loss_curve(str(tmp_path)) is None  # no history
+    assert report.mean_curve([[[1, 1.0], [2, 3.0]], [[2, 5.0], [3, 0.0]]]) == ([2], [4.0])
+
+    recipe = le.Recipe(name="tiny", description="", finetune_config=lambda arg: None,
+                       rows=(le.Row("scratch", "No pretraining", "scratch"),),
+                       pretrainings=(), fractions=("1/30",), seeds={"1/30": 1})
+    line = {"recipe": "tiny", "row": "scratch", "fraction": "1/30", "seed": 0,
+            "labelled_images": 13, "miou": 0.2, "steps": 50,
+            "workdir": "finetune/scratch/1-30/s0"}
+    (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
+    harness = le.Harness(recipe, str(tmp_path))
+    assert harness.fill_loss_curves() == 1
+    written = json.loads((tmp_path / "results.jsonl").read_text())
+    assert written["train_loss"] == le.loss_curve(str(run))
+    assert harness.fill_loss_curves() == 0  # nothing left to fill
+

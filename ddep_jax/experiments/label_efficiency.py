@@ -50,7 +50,9 @@ Writes, after every finished run:
   the lowest fraction and the CPU hours;
 - OUT/label_efficiency.png (and _ablations.png for a recipe's second table):
   mIoU against labelled images on a log axis, one line per row with a +- 1
-  std band (the paper's Fig. 6), drawn with matplotlib.
+  std band (the paper's Fig. 6), drawn with matplotlib;
+- OUT/training_loss.png (and _ablations.png): each row's fine-tuning loss
+  against steps, mean over seeds, one panel per label fraction.
 """
 
 from __future__ import annotations
@@ -82,12 +84,16 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",
                "miou", "per_class_iou", "pixel_accuracy", "split", "steps",
                "cpu_seconds", "cpu_seconds_complete", "wall_seconds", "workdir",
-               "init_checkpoint")
+               "init_checkpoint", "train_loss")
 """The fields of a results.jsonl line: mIoU and pixel accuracy in [0, 1] as
 the evaluation reports them, per-class IoU as {class name: IoU or null},
 CPU seconds (user + system, all threads) of the invocations that ran it
 (`cpu_seconds_complete` false when one of them was killed before it could
-count), the workdir relative to OUT."""
+count), the workdir relative to OUT, and the training loss curve
+(`loss_curve`: [[last step of a window, mean loss], ...])."""
+
+CURVE_POINTS = 20
+"""Windows a run's training loss is averaged over in its results line."""
 
 COST_FILE = "harness_cost.json"
 WORKER_RECORD = "harness_record.json"
@@ -843,7 +849,8 @@ class Harness:
                 "wall_seconds": None,
                 "workdir": os.path.relpath(workdir, self.out)
                 if not writers.is_remote(workdir) else workdir,
-                "init_checkpoint": str(config.init.checkpoint)}
+                "init_checkpoint": str(config.init.checkpoint),
+                "train_loss": loss_curve(workdir)}
 
     def _fail(self, run_id: str, why: str) -> str:
         self.failures.append({"run": run_id, "error": why,
@@ -894,11 +901,44 @@ class Harness:
             if rows and any(r["row"] in {x.key for x in rows} for r in self.results):
                 report.plot(self.recipe, self.results, rows,
                             os.path.join(self.out, f"label_efficiency{suffix}.png"))
+                if any(r.get("train_loss") for r in self.results):
+                    report.plot_curves(self.recipe, self.results, rows, os.path.join(
+                        self.out, f"training_loss{suffix}.png"))
+
+    def fill_loss_curves(self) -> int:
+        """Adds `train_loss` to the results lines that lack it, from their
+        workdirs where these still hold loss_history.json (lines written
+        before the field existed); rewrites results.jsonl if any changed.
+        Returns how many lines got a curve."""
+        filled = 0
+        for record in self.results:
+            if record.get("train_loss") or writers.is_remote(record["workdir"]):
+                continue
+            curve = loss_curve(os.path.join(self.out, record["workdir"]))
+            if curve:
+                record["train_loss"] = curve
+                filled += 1
+        if filled:
+            self._write_jsonl("results.jsonl", self.results)
+        return filled
 
 
 def _config_name(config, arg: str) -> str:
     name = getattr(config, "__qualname__", None) if callable(config) else config
     return f"{name}{':' + arg if arg else ''}"
+
+
+def loss_curve(workdir: str, points: int = CURVE_POINTS) -> list[list[float]] | None:
+    """A run's training loss (WORKDIR/loss_history.json, one [step, loss] per
+    step, `loop.run`) as `points` window means: [[last step of the window,
+    mean loss], ...]; None where the workdir has no history."""
+    history = writers.read_json(os.path.join(workdir, "loss_history.json"))
+    if not history:
+        return None
+    history = sorted((int(step), float(loss)) for step, loss in history)
+    size = max(1, -(-len(history) // points))
+    return [[chunk[-1][0], round(sum(v for _, v in chunk) / len(chunk), 5)]
+            for chunk in (history[i:i + size] for i in range(0, len(history), size))]
 
 
 def _final_figures(workdir: str, done: Mapping) -> dict:
@@ -958,7 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true",
                         help="Print the runs and their status; run nothing.")
     parser.add_argument("--summary_only", action="store_true",
-                        help="Rewrite summary.md and the plot from results.jsonl.")
+                        help="Rewrite summary.md and the plots from results.jsonl "
+                        "(adding training loss curves missing there from the runs' "
+                        "workdirs).")
     args = parser.parse_args(argv)
 
     if args.cpus:  # before the first JAX call sizes XLA's thread pool
@@ -1001,6 +1043,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{status:8s} {run_id}")
         return 0
     if args.summary_only:
+        filled = harness.fill_loss_curves()
+        if filled:
+            print(f"training loss curves added to {filled} results lines from their workdirs")
         harness.write_outputs()
         print(os.path.join(args.out, "summary.md"))
         return 0

@@ -247,3 +247,64 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     writers.write_bytes(path, buffer.getvalue())
+
+
+def mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> tuple[list, list]:
+    """Steps and the mean loss over the runs at each step all of them have
+    (curves: [[step, loss], ...] per run, `label_efficiency.loss_curve`)."""
+    common = set.intersection(*(set(step for step, _ in c) for c in curves))
+    steps = sorted(common)
+    by_run = [dict((step, loss) for step, loss in c) for c in curves]
+    return steps, [sum(run[s] for run in by_run) / len(by_run) for s in steps]
+
+
+def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
+    """Writes a PNG at `path` of each row's fine-tuning training loss against
+    steps (the results lines' `train_loss` window means, mean over seeds),
+    one panel per label fraction with curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labelled = _labelled(results)
+    curves = collections.defaultdict(list)
+    for r in results:
+        if r.get("train_loss"):
+            curves[(r["row"], r["fraction"])].append(r["train_loss"])
+    fractions = [f for f in recipe.fractions
+                 if any((row.key, f) in curves for row in rows)]
+    if not fractions:
+        return
+    legend_in = 3.6  # inches to the right of the panels
+    fig, axes = plt.subplots(1, len(fractions),
+                             figsize=(3.6 * len(fractions) + legend_in, 3.6),
+                             dpi=120, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, f in zip(axes[0], fractions):
+        for index, row in enumerate(rows):
+            runs = curves.get((row.key, f))
+            if not runs:
+                continue
+            steps, loss = mean_curve(runs)
+            ax.plot(steps, loss, color=colours[index % len(colours)],
+                    label=f"{row.name} (n={len(runs)})")
+        images = f" ({labelled[f]} images)" if f in labelled else ""
+        ax.set_title(f"{f}{images}", fontsize="medium")
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("training loss (window mean)")
+    handles, labels = {}, {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            name = lab.rsplit(" (n=", 1)[0]
+            handles.setdefault(name, h)
+            labels.setdefault(name, name)
+    fig.legend(list(handles.values()), list(labels.values()), loc="center right",
+               fontsize="small")
+    fig.suptitle(f"{recipe.name}: fine-tuning loss, mean over seeds", fontsize="medium")
+    fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    writers.write_bytes(path, buffer.getvalue())
