@@ -384,8 +384,9 @@ def test_cli_lists_the_plan(tmp_path):
 
 def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     """`loss_curve`: CURVE_POINTS window means of loss_history.json, each at
-    its window's last step; `fill_loss_curves` adds them to results lines
-    written without (from their workdirs) and rewrites results.jsonl;
+    its window's last step; `fill_from_workdirs` adds them to results lines
+    written without (from their workdirs), puts per-class IoU back in the
+    evaluation report's class order, and rewrites results.jsonl;
     `report.mean_curve` averages runs over the steps they share."""
     from ddep_jax.experiments import report
 
@@ -401,13 +402,20 @@ def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     recipe = le.Recipe(name="tiny", description="", finetune_config=lambda arg: None,
                        rows=(le.Row("scratch", "No pretraining", "scratch"),),
                        pretrainings=(), fractions=("1/30",), seeds={"1/30": 1})
+    classes = {"Sky": 0.9, "Building": 0.5, "Pole": 0.0}  # CamVid's order
+    (run / "eval").mkdir()
+    (run / "eval" / "test_00000050.json").write_text(json.dumps({"per_class": classes}))
     line = {"recipe": "tiny", "row": "scratch", "fraction": "1/30", "seed": 0,
-            "labelled_images": 13, "miou": 0.2, "steps": 50,
+            "labelled_images": 13, "miou": 0.2, "steps": 50, "split": "test",
+            "per_class_iou": dict(sorted(classes.items())),
             "workdir": "finetune/scratch/1-30/s0"}
     (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
     harness = le.Harness(recipe, str(tmp_path))
-    assert harness.fill_loss_curves() == 1
+    assert harness.fill_from_workdirs() == 1
     written = json.loads((tmp_path / "results.jsonl").read_text())
     assert written["train_loss"] == le.loss_curve(str(run))
-    assert harness.fill_loss_curves() == 0  # nothing left to fill
+    assert list(written["per_class_iou"]) == ["Sky", "Building", "Pole"]
+    assert harness.fill_from_workdirs() == 0  # nothing left to fill
+    summary = report.summary_markdown(recipe, harness.results, [], total_runs=1)
+    assert "| initialisation | Sky | Building | Pole |" in summary
 

@@ -882,7 +882,8 @@ class Harness:
 
     def _write_jsonl(self, name: str, records: Sequence[Mapping]) -> None:
         if _is_main():
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            # Keys in the records' own order (per-class IoU in class order).
+            text = "".join(json.dumps(r) + "\n" for r in records)
             writers.write_bytes(os.path.join(self.out, name), text.encode())
 
     def write_outputs(self) -> None:
@@ -905,22 +906,32 @@ class Harness:
                     report.plot_curves(self.recipe, self.results, rows, os.path.join(
                         self.out, f"training_loss{suffix}.png"))
 
-    def fill_loss_curves(self) -> int:
-        """Adds `train_loss` to the results lines that lack it, from their
-        workdirs where these still hold loss_history.json (lines written
-        before the field existed); rewrites results.jsonl if any changed.
-        Returns how many lines got a curve."""
-        filled = 0
+    def fill_from_workdirs(self) -> int:
+        """Completes results lines written by earlier versions from their
+        workdirs, where these are still at hand: adds a missing `train_loss`
+        (from loss_history.json) and puts `per_class_iou` back in the
+        dataset's class order (from the run's evaluation report; lines were
+        once written with sorted keys). Rewrites results.jsonl if any line
+        changed; returns how many did."""
+        changed = 0
         for record in self.results:
-            if record.get("train_loss") or writers.is_remote(record["workdir"]):
+            if writers.is_remote(record["workdir"]):
                 continue
-            curve = loss_curve(os.path.join(self.out, record["workdir"]))
-            if curve:
-                record["train_loss"] = curve
-                filled += 1
-        if filled:
+            workdir = os.path.join(self.out, record["workdir"])
+            before = json.dumps(record)
+            if not record.get("train_loss"):
+                record["train_loss"] = loss_curve(workdir)
+            per_class = record.get("per_class_iou")
+            report = writers.read_json(os.path.join(
+                workdir, "eval", f"{record.get('split', self.recipe.metric_split)}_"
+                f"{int(record.get('steps') or 0):08d}.json")) or {}
+            order = list(report.get("per_class") or {})
+            if per_class and sorted(order) == sorted(per_class):
+                record["per_class_iou"] = {name: per_class[name] for name in order}
+            changed += json.dumps(record) != before
+        if changed:
             self._write_jsonl("results.jsonl", self.results)
-        return filled
+        return changed
 
 
 def _config_name(config, arg: str) -> str:
@@ -999,8 +1010,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Print the runs and their status; run nothing.")
     parser.add_argument("--summary_only", action="store_true",
                         help="Rewrite summary.md and the plots from results.jsonl "
-                        "(adding training loss curves missing there from the runs' "
-                        "workdirs).")
+                        "(completing older lines from the runs' workdirs: training loss "
+                        "curves, per-class order).")
     args = parser.parse_args(argv)
 
     if args.cpus:  # before the first JAX call sizes XLA's thread pool
@@ -1043,9 +1054,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{status:8s} {run_id}")
         return 0
     if args.summary_only:
-        filled = harness.fill_loss_curves()
+        filled = harness.fill_from_workdirs()
         if filled:
-            print(f"training loss curves added to {filled} results lines from their workdirs")
+            print(f"{filled} results lines completed from their workdirs (training loss "
+                  "curve, class order)")
         harness.write_outputs()
         print(os.path.join(args.out, "summary.md"))
         return 0

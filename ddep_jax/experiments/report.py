@@ -176,7 +176,10 @@ def _per_class(recipe, results) -> list[str]:
             per_row[r["row"]].append(r["per_class_iou"])
     if not per_row:
         return []
-    names = list(next(iter(per_row.values()))[0])
+    # Columns in the newest line's order (the dataset's class order; lines of
+    # earlier versions were written with sorted keys).
+    names = list(next(r["per_class_iou"] for r in reversed(results)
+                      if r["fraction"] == lowest and r.get("per_class_iou")))
     lines = ["", f"## Per-class IoU at {lowest} (%, mean over seeds)", "",
              "| initialisation | " + " | ".join(names) + " |",
              "|---" * (len(names) + 1) + "|"]
