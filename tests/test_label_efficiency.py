@@ -342,6 +342,52 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     assert "an earlier run of the same config" in (moved / "summary.md").read_text()
 
 
+def _broken_recipe(data_dir: str) -> le.Recipe:
+    """The tiny recipe whose one pretraining fails in its worker (a dataset
+    that does not exist), so the row reading it cannot run either."""
+    tiny = _tiny_recipe(data_dir)
+
+    def broken(arg):
+        return tiny_config(**{"data.source": "tfds", "data.name": "no_such_dataset",
+                              "data.data_dir": data_dir, "total_steps": 2})
+
+    return le.Recipe(
+        name="broken", description="A pretraining that fails.",
+        finetune_config=tiny.finetune_config, rows=tiny.rows,
+        pretrainings=(le.Pretraining("ddep", "fails: no such dataset", broken),),
+        fractions=("1/30",), seeds={"1/30": 1}, metric_split="validation")
+
+
+def test_parallel_harness_fails_a_run_and_what_reads_it_and_goes_on(tmp_path,
+                                                                     camvid_tfds):
+    """--jobs=2: a worker that fails fails its run, the run reading its
+    checkpoint is failed without starting, the independent run still
+    finishes and is recorded; failures.jsonl names both with the reason,
+    the worker's log holds its error, and the exit status is 1."""
+    out = tmp_path / "grid"
+    recipe_file = tmp_path / "broken_recipe.py"
+    recipe_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_label_efficiency import _broken_recipe\n"
+        f"BROKEN = _broken_recipe({camvid_tfds!r})\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+         f"--recipe={recipe_file}:BROKEN", f"--out={out}", "--jobs=2"],
+        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failures = {f["run"]: f["error"] for f in map(
+        json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert set(failures) == {"pretrain/ddep", "finetune/ddep/1-30/s0"}
+    assert "its worker exited with status" in failures["pretrain/ddep"]
+    assert "pretrain_ddep.log" in failures["pretrain/ddep"]
+    assert "did not finish" in failures["finetune/ddep/1-30/s0"]
+    assert "no_such_dataset" in (out / "logs" / "pretrain_ddep.log").read_text()
+    assert not (out / "logs" / "finetune_ddep_1-30_s0.log").exists()  # never started
+    [record] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert (record["row"], record["fraction"], record["seed"]) == ("scratch", "1/30", 0)
+    assert 0 < record["miou"] < 1
+
+
 def test_grid_runs_share_a_compilation_cache_in_out(tmp_path):
     """Without a cache set, a harness process caches XLA's compiles in
     OUT/xla_cache (a grid's runs compile the same init and step); a cache
