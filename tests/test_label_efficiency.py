@@ -29,9 +29,13 @@ def test_cell_difference_and_pooled_std_against_hand_computation():
     assert d.mean == pytest.approx(10.0)
     assert (d.low, d.high) == pytest.approx((10 - half, 10 + half))
     assert d.significant
+    # Seeds in common with more in one cell: paired over the common ones.
+    p = stats.difference({0: 40.0, 1: 45.0, 2: 41.0, 3: 99.0, 4: 0.0},
+                         {0: 30.0, 1: 32.0, 2: 34.0})
+    assert (p.method, p.n, p.mean, p.low) == ("paired", 3, d.mean, d.low)
     # Welch (different seeds): means 42 and 32; s^2/n = 8/2 and 4/3;
     # nu = (4 + 4/3)^2 / (4^2 / 1 + (4/3)^2 / 2) = 1.68421...
-    w = stats.difference({0: 40.0, 1: 44.0}, {0: 30.0, 1: 32.0, 2: 34.0})
+    w = stats.difference({3: 40.0, 4: 44.0}, {0: 30.0, 1: 32.0, 2: 34.0})
     se = math.sqrt(4 + 4 / 3)
     nu = (4 + 4 / 3) ** 2 / (16 + (16 / 9) / 2)
     assert nu == pytest.approx(1.684210526)

@@ -149,11 +149,19 @@ def _sensitivity(recipe, cells) -> list[str]:
     for row in main:
         if row.key == "scratch" or not scratch or (row.key, lowest) not in cells:
             continue
-        d = stats.difference(cells[(row.key, lowest)], scratch)
+        values = cells[(row.key, lowest)]
+        d = stats.difference(values, scratch)
         ratio = d.mean / pooled if pooled and not math.isnan(pooled) else math.nan
         verdict = "n/a" if math.isnan(ratio) else ("yes" if ratio > 2 else "no")
-        lines.append(f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
-                     f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
+        line = (f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
+                f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
+        common = sorted(set(values) & set(scratch))
+        if len(common) >= 2:  # the seed-to-seed noise a paired comparison sees
+            sd = stats.cell([values[k] - scratch[k] for k in common]).std
+            if sd > 0:
+                line += (f"; paired over {len(common)} seeds, the differences' sd is "
+                         f"{_fmt(sd)}, the effect {_fmt(d.mean / sd)} x it")
+        lines.append(line)
     if pooled and not math.isnan(pooled):
         sizes = (3, 5, 10, 20)
         lines += ["", "Seeds it takes, at this seed std (independent seeds; pairing "
