@@ -133,7 +133,9 @@ def op_breakdown(log_dir: str, num_steps: int, module: str | None = None) -> lis
     event format) and sums the durations of its complete ('X') events that
     are one HLO instruction of a compiled program (named as in the optimised
     HLO, e.g. `transpose_copy_fusion.16`, `ynn_fusion.4`, `convolution.3`),
-    grouped by the name without its `.N` suffix. (xprof's op statistics
+    grouped by the name without its `.N` suffix; each op counts its self
+    time (its span less the ops nested in it on its thread: a `while` loop's
+    body ops are counted once, not also in the `while`). (xprof's op statistics
     cover accelerator planes only: for a CPU-only trace they are empty.)
 
     On the CPU backend an op's event is the span of its thunk on the thread
@@ -163,15 +165,32 @@ def op_breakdown(log_dir: str, num_steps: int, module: str | None = None) -> lis
     with gzip.open(paths[-1], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    time_us, count = collections.Counter(), collections.Counter()
+    ops = []
     for e in events:
         args = e.get("args") or {}
         if e.get("ph") != "X" or "hlo_op" not in args or (
                 module is not None and args.get("hlo_module") != module):
             continue
-        kind = re.sub(r"\.\d+$", "", args["hlo_op"])
-        time_us[kind] += float(e.get("dur", 0.0))
+        ops.append((e.get("pid"), e.get("tid"), float(e["ts"]), float(e.get("dur", 0.0)),
+                    re.sub(r"\.\d+$", "", args["hlo_op"])))
+    # Self time: an op's span less the ops nested in it on its thread (a
+    # `while`, `call` or `conditional` spans the ops of its body).
+    ops.sort(key=lambda o: (o[0], o[1], o[2], -o[3]))
+    time_us, count = collections.Counter(), collections.Counter()
+    stack: list[list] = []  # [thread, end, kind, self time]
+
+    def close(item):
+        time_us[item[2]] += item[3]
+
+    for pid, tid, ts, dur, kind in ops:
+        while stack and (stack[-1][0] != (pid, tid) or stack[-1][1] <= ts):
+            close(stack.pop())
+        if stack:
+            stack[-1][3] -= min(dur, stack[-1][1] - ts)
+        stack.append([(pid, tid), ts + dur, kind, dur])
         count[kind] += 1
+    while stack:
+        close(stack.pop())
     total = sum(time_us.values()) or 1.0
     return [{"kind": k, "ms_per_step": v / 1e3 / num_steps, "share": v / total,
              "ops_per_step": count[k] / num_steps} for k, v in time_us.most_common()]

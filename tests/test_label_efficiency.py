@@ -33,6 +33,9 @@ def test_cell_difference_and_pooled_std_against_hand_computation():
     p = stats.difference({0: 40.0, 1: 45.0, 2: 41.0, 3: 99.0, 4: 0.0},
                          {0: 30.0, 1: 32.0, 2: 34.0})
     assert (p.method, p.n, p.mean, p.low) == ("paired", 3, d.mean, d.low)
+    # Seeds that only overlap: Welch on all of them, not paired on two.
+    assert stats.difference({0: 40.0, 1: 45.0, 2: 41.0},
+                            {1: 30.0, 2: 32.0, 3: 34.0}).method == "welch"
     # Welch (different seeds): means 42 and 32; s^2/n = 8/2 and 4/3;
     # nu = (4 + 4/3)^2 / (4^2 / 1 + (4/3)^2 / 2) = 1.68421...
     w = stats.difference({3: 40.0, 4: 44.0}, {0: 30.0, 1: 32.0, 2: 34.0})
@@ -446,6 +449,12 @@ def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     curve = le.loss_curve(str(run), points=20)  # windows of 3 steps (50 / 20, up)
     assert curve[0] == [3, 2.0] and curve[1] == [6, 5.0] and curve[-1] == [50, 49.5]
     assert len(curve) == 17
+    # A history that lacks steps (a resumed run) keeps the same step grid.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "loss_history.json").write_text(json.dumps([[s, 1.0] for s in range(8, 51)]))
+    assert [s for s, _ in le.loss_curve(str(partial), points=20)] == [
+        s for s, _ in curve if s >= 9]
     assert le.loss_curve(str(tmp_path)) is None  # no history
     assert report.mean_curve([[[1, 1.0], [2, 3.0]], [[2, 5.0], [3, 0.0]]]) == ([2], [4.0])
 

@@ -239,6 +239,15 @@ def test_max_pool_taps_matches_flax_values_and_gradients(shape, window, strides,
         np.testing.assert_allclose(jax.vjp(taps_pool, inputs)[1](dy)[0],
                                    jax.vjp(flax_pool, inputs)[1](dy)[0],
                                    rtol=0, atol=1e-6)  # summation order only
+    # bfloat16 (integer-valued, so exact): the same values and routing.
+    low = jnp.round(4 * x).astype(jnp.bfloat16)
+    flax_pool = lambda v: nn.max_pool(v, window, strides, padding)
+    taps_pool = lambda v: fast_conv.max_pool_auto(v, window, strides, padding)
+    dy = jnp.ones(flax_pool(low).shape, jnp.bfloat16)
+    got = jax.vjp(taps_pool, low)[1](dy)[0]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(
+        jax.vjp(flax_pool, low)[1](dy)[0], np.float32))
     assert fast_conv.max_pool_of(fast_conv.resolve("auto")) is fast_conv.max_pool_auto
     assert fast_conv.max_pool_of(fast_conv.resolve("tap_gemm")) is fast_conv.max_pool_auto
     assert fast_conv.max_pool_of(fast_conv.resolve("xla")) is nn.max_pool

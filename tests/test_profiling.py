@@ -35,3 +35,21 @@ def test_op_breakdown_names_the_compiled_programs_ops(tmp_path):
 def test_op_breakdown_without_a_trace_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace=True"):
         profiling.op_breakdown(str(tmp_path), 1)
+
+
+def test_op_breakdown_counts_a_loops_body_once(tmp_path):
+    """A `while` event spans its body's ops: each op counts its self time,
+    so the loop's share is its own overhead, not its body's time again."""
+    def body(i, x):
+        return jnp.tanh(x @ x)
+
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 20, body, x))
+    a = jnp.eye(256) * 0.5
+    jax.block_until_ready(f(a))
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        jax.block_until_ready(f(a))
+    rows = {r["kind"]: r for r in profiling.op_breakdown(str(tmp_path), num_steps=1)}
+    assert "while" in rows
+    body_ms = sum(r["ms_per_step"] for k, r in rows.items() if k != "while")
+    assert rows["while"]["ms_per_step"] < 0.5 * body_ms, rows
+    assert all(r["ms_per_step"] >= 0 for r in rows.values())

@@ -908,7 +908,8 @@ class Harness:
 
     def fill_from_workdirs(self) -> int:
         """Completes results lines written by earlier versions from their
-        workdirs, where these are still at hand: adds a missing `train_loss`
+        workdirs, where these are still at hand (not while a harness is
+        writing the same OUT: both rewrite results.jsonl): adds a missing `train_loss`
         (from loss_history.json) and puts `per_class_iou` back in the
         dataset's class order (from the run's evaluation report; lines were
         once written with sorted keys). Rewrites results.jsonl if any line
@@ -919,8 +920,9 @@ class Harness:
                 continue
             workdir = os.path.join(self.out, record["workdir"])
             before = json.dumps(record)
-            if not record.get("train_loss"):
-                record["train_loss"] = loss_curve(workdir)
+            curve = None if record.get("train_loss") else loss_curve(workdir)
+            if curve:
+                record["train_loss"] = curve
             per_class = record.get("per_class_iou")
             report = writers.read_json(os.path.join(
                 workdir, "eval", f"{record.get('split', self.recipe.metric_split)}_"
@@ -941,15 +943,22 @@ def _config_name(config, arg: str) -> str:
 
 def loss_curve(workdir: str, points: int = CURVE_POINTS) -> list[list[float]] | None:
     """A run's training loss (WORKDIR/loss_history.json, one [step, loss] per
-    step, `loop.run`) as `points` window means: [[last step of the window,
-    mean loss], ...]; None where the workdir has no history."""
+    step, `loop.run`) as means over at most `points` windows of a fixed step
+    grid: window k holds steps ((k - 1) * size, k * size], size =
+    ceil(last step / points), and is reported at its end (the last window at
+    the last step), so runs of the same length share their steps even where a
+    history lacks some. Returns [[step, mean loss], ...]; None where the
+    workdir has no history."""
     history = writers.read_json(os.path.join(workdir, "loss_history.json"))
     if not history:
         return None
-    history = sorted((int(step), float(loss)) for step, loss in history)
-    size = max(1, -(-len(history) // points))
-    return [[chunk[-1][0], round(sum(v for _, v in chunk) / len(chunk), 5)]
-            for chunk in (history[i:i + size] for i in range(0, len(history), size))]
+    last = max(int(step) for step, _ in history)
+    size = max(1, -(-last // points))
+    windows: dict[int, list[float]] = {}
+    for step, loss in history:
+        end = min(-(-int(step) // size) * size, last)
+        windows.setdefault(end, []).append(float(loss))
+    return [[end, round(sum(v) / len(v), 5)] for end, v in sorted(windows.items())]
 
 
 def _final_figures(workdir: str, done: Mapping) -> dict:
@@ -1011,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--summary_only", action="store_true",
                         help="Rewrite summary.md and the plots from results.jsonl "
                         "(completing older lines from the runs' workdirs: training loss "
-                        "curves, per-class order).")
+                        "curves, per-class order; not while a harness runs into OUT).")
     args = parser.parse_args(argv)
 
     if args.cpus:  # before the first JAX call sizes XLA's thread pool

@@ -156,7 +156,7 @@ def _sensitivity(recipe, cells) -> list[str]:
         line = (f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
                 f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
         common = sorted(set(values) & set(scratch))
-        if len(common) >= 2:  # the seed-to-seed noise a paired comparison sees
+        if d.method == "paired":  # the seed-to-seed noise a paired comparison sees
             sd = stats.cell([values[k] - scratch[k] for k in common]).std
             if sd > 0:
                 line += (f"; paired over {len(common)} seeds, the differences' sd is "
@@ -298,6 +298,8 @@ def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -
             if not runs:
                 continue
             steps, loss = mean_curve(runs)
+            if not steps:  # runs of different lengths share no step
+                continue
             ax.plot(steps, loss, color=colours[index % len(colours)],
                     label=f"{row.name} (n={len(runs)})")
         images = f" ({labelled[f]} images)" if f in labelled else ""

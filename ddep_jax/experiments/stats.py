@@ -67,10 +67,10 @@ def difference(row: Mapping[int, float], reference: Mapping[int, float],
 
     A seed fixes the labelled subset, the initialisation and the data order,
     so the runs of two rows with the same seed share their labelled images:
-    where the cells share at least two seeds, the interval is the paired t
-    interval mean(d) +- t_{n-1} sd(d) / sqrt(n) of the per-seed differences d
-    over the seeds both have (a row run at more seeds than the other, e.g. 5
-    against 3, is compared on the 3). Otherwise Welch's interval (mean difference +- t_nu *
+    where one cell's seeds (at least two) are all among the other's, the
+    interval is the paired t interval mean(d) +- t_{n-1} sd(d) / sqrt(n) of
+    the per-seed differences d over those seeds (a row run at 5 seeds against
+    one at 3 is compared on the 3). Otherwise Welch's interval (mean difference +- t_nu *
     sqrt(s1^2/n1 + s2^2/n2), nu from the Welch-Satterthwaite equation);
     with a single seed on either side the interval is (nan, nan).
 
@@ -81,7 +81,7 @@ def difference(row: Mapping[int, float], reference: Mapping[int, float],
         raise ValueError("a difference needs values in both cells.")
     q = 0.5 + confidence / 2
     common = sorted(set(row) & set(reference))
-    if len(common) >= 2:
+    if len(common) >= 2 and len(common) == min(len(row), len(reference)):
         d = np.array([row[s] - reference[s] for s in common], np.float64)
         n = d.size
         half = scipy_stats.t.ppf(q, n - 1) * d.std(ddof=1) / math.sqrt(n)

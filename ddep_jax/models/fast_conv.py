@@ -39,8 +39,8 @@ Which implementation a model uses is its config value `model.conv`
   batch/feature-swapped convolution taking 168 of 528 ms; per tap the step
   is 1.48-1.54x faster (stage 3 at 96x96 unchanged: 1.04x, noise). The
   ResNet root's max pool takes its gradient per window tap
-  (`max_pool_taps`, chosen by `max_pool_of(conv)`): stage-1 step 0.94x,
-  stage 3 1.00x (alternating A/B in one process).
+  (`max_pool_taps`, chosen by `max_pool_of(conv)`): stage-1 step time
+  0.94x (1.06x faster), stage 3 1.00x (alternating A/B in one process).
   With them XLA CPU runs the kernel-gradient convolutions 3-4x faster (the
   96x96 64->64 one above: 484 -> 141 ms; the optimised HLO is the same
   convolution, so the difference is in the runtime kernel XLA picks, not
@@ -342,11 +342,13 @@ max_pool_taps.defvjp(_max_pool_taps_fwd, _max_pool_taps_bwd)
 
 
 def max_pool_auto(x: jax.Array, window_shape: tuple[int, int],
-                  strides: tuple[int, int], padding="VALID") -> jax.Array:
+                  strides: tuple[int, int] | None = None, padding="VALID") -> jax.Array:
     """Drop-in for `flax.linen.max_pool` on NHWC inputs ('auto' and 'tap_gemm'
     on CPU): `max_pool_taps` for a float [B, H, W, C] input, `nn.max_pool`
-    otherwise. padding: 'SAME', 'VALID' or ((lo, hi), (lo, hi))."""
-    window, strides = tuple(int(k) for k in window_shape), tuple(int(s) for s in strides)
+    otherwise. strides: None means 1; padding: 'SAME', 'VALID' or
+    ((lo, hi), (lo, hi))."""
+    window = tuple(int(k) for k in window_shape)
+    strides = tuple(int(s) for s in strides) if strides is not None else (1,) * len(window)
     if x.ndim != 4 or len(window) != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         return nn.max_pool(x, window, strides, padding)
     pads = tuple(explicit_pads(x.shape[1:3], window, strides, padding))
