@@ -223,6 +223,20 @@ def _tiny_recipe(data_dir: str) -> le.Recipe:
         metric_split="validation")
 
 
+def _run_cli_jobs2(tmp_path, factory: str, data_dir: str, out):
+    """The harness CLI with --jobs=2 on this module's recipe `factory`
+    (given as a file, which the worker processes load too)."""
+    recipe_file = tmp_path / f"{factory.strip('_')}.py"
+    recipe_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        f"from test_label_efficiency import {factory}\n"
+        f"RECIPE = {factory}({data_dir!r})\n")
+    return subprocess.run(
+        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+         f"--recipe={recipe_file}:RECIPE", f"--out={out}", "--jobs=2"],
+        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL: nothing in the harness catches it."""
 
@@ -323,15 +337,7 @@ def test_tiny_grid_on_real_camvid_is_killed_resumed_and_not_redone(tmp_path,
     lines = (moved / "results.jsonl").read_text().splitlines(keepends=True)
     (moved / "results.jsonl").write_text(
         "".join(line for line in lines if json.loads(line)["workdir"] != redo))
-    recipe_file = tmp_path / "tiny_recipe.py"
-    recipe_file.write_text(
-        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "from test_label_efficiency import _tiny_recipe\n"
-        f"TINY = _tiny_recipe({camvid_tfds!r})\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
-         f"--recipe={recipe_file}:TINY", f"--out={moved}", "--jobs=2"],
-        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    proc = _run_cli_jobs2(tmp_path, "_tiny_recipe", camvid_tfds, moved)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(moved / "logs")) == ["finetune_ddep_1-30_s1.log",
                                                   "pretrain_ddep.log"]
@@ -372,15 +378,7 @@ def test_parallel_harness_fails_a_run_and_what_reads_it_and_goes_on(tmp_path,
     finishes and is recorded; failures.jsonl names both with the reason,
     the worker's log holds its error, and the exit status is 1."""
     out = tmp_path / "grid"
-    recipe_file = tmp_path / "broken_recipe.py"
-    recipe_file.write_text(
-        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "from test_label_efficiency import _broken_recipe\n"
-        f"BROKEN = _broken_recipe({camvid_tfds!r})\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
-         f"--recipe={recipe_file}:BROKEN", f"--out={out}", "--jobs=2"],
-        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    proc = _run_cli_jobs2(tmp_path, "_broken_recipe", camvid_tfds, out)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     failures = {f["run"]: f["error"] for f in map(
         json.loads, (out / "failures.jsonl").read_text().splitlines())}

@@ -202,15 +202,22 @@ def _per_class(recipe, results) -> list[str]:
     return lines
 
 
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     """Writes the Figure-6 PNG at `path`: mean mIoU (%) against labelled
     images (log x axis) per row, with a +- 1 std band and error bar (none for
     a single seed); the rows' points are spread a little along x so that
     their bars do not hide each other."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cells = _by_cell(results)
     labelled = _labelled(results)
@@ -273,10 +280,7 @@ def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -
     """Writes a PNG at `path` of each row's fine-tuning training loss against
     steps (the results lines' `train_loss` window means, mean over seeds),
     one panel per label fraction with curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     labelled = _labelled(results)
     curves = collections.defaultdict(list)
@@ -300,20 +304,17 @@ def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -
             steps, loss = mean_curve(runs)
             if not steps:  # runs of different lengths share no step
                 continue
-            ax.plot(steps, loss, color=colours[index % len(colours)],
-                    label=f"{row.name} (n={len(runs)})")
+            ax.plot(steps, loss, color=colours[index % len(colours)], label=row.name)
         images = f" ({labelled[f]} images)" if f in labelled else ""
         ax.set_title(f"{f}{images}", fontsize="medium")
         ax.set_xlabel("fine-tuning step")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("training loss (window mean)")
-    handles, labels = {}, {}
+    handles = {}  # one legend entry per row, whichever panels it is in
     for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            name = lab.rsplit(" (n=", 1)[0]
+        for h, name in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(name, h)
-            labels.setdefault(name, name)
-    fig.legend(list(handles.values()), list(labels.values()), loc="center right",
+    fig.legend(list(handles.values()), list(handles), loc="center right",
                fontsize="small")
     fig.suptitle(f"{recipe.name}: fine-tuning loss, mean over seeds", fontsize="medium")
     fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
