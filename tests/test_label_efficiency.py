@@ -433,6 +433,40 @@ def test_cli_lists_the_plan(tmp_path):
     assert not any("100pct" in line for line in lines)
 
 
+def test_list_prints_recorded_and_estimated_cpu_time(tmp_path):
+    """--list: recorded runs' CPU time, unrecorded ones estimated from the
+    recorded runs at their fraction (else per step), a started run less the
+    steps its checkpoint holds, and the total left."""
+    recipe = _recipe(seeds={"1/30": 2, "100%": 1}, finetune_steps={"1/30": 100, "100%": 400})
+    lines = [dict(_record("scratch", "1/30", 0, 30, 13), steps=100, wall_seconds=200.0),
+             dict(_record("supervised", "1/30", 0, 40, 13), steps=100, cpu_seconds=480.0,
+                  wall_seconds=300.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "pretraining.jsonl").write_text(json.dumps(
+        {"name": "sup", "cpu_seconds": 1200.0, "wall_seconds": 700.0}) + "\n")
+    (tmp_path / "pretrain" / "sup").mkdir(parents=True)
+    (tmp_path / "pretrain" / "sup" / "done.json").write_text("{}")
+    (tmp_path / "finetune" / "ddep" / "1-30" / "s0" / "checkpoints" / "25").mkdir(parents=True)
+    h = le.Harness(recipe, str(tmp_path), jobs=1)
+    costs = h.costs()
+    assert costs["pretrain/sup"] == (1200.0, 700.0, False)
+    assert costs["pretrain/dd"] is None  # never recorded
+    assert costs["finetune/supervised/1-30/s0"] == (480.0, 300.0, False)
+    assert costs["finetune/scratch/1-30/s1"] == (420.0, 250.0, True)  # mean at 1/30
+    assert costs["finetune/ddep/1-30/s0"] == (315.0, 187.5, True)  # 3/4 of the steps left
+    assert costs["finetune/ddep/100pct/s0"] == (4 * 840.0 / 2, 4 * 500.0 / 2, True)  # per step
+    text = le._list_text(h).splitlines()
+    assert text[0] == "done     pretrain/sup                            20.0 CPU min"
+    assert text[1] == "pending  pretrain/dd"
+    assert "started  finetune/ddep/1-30/s0                   ~5.2 CPU min" in text
+    # Left: 4 runs at 1/30 (ddep s0 started, 3 at s1), 3 at 100%, and dd (unknown).
+    left_cpu = (315 + 3 * 420 + 3 * 1680) / 3600
+    left_wall = (187.5 + 3 * 250 + 3 * 1000) / 3600
+    assert text[-1] == (f"left: 8 run(s), ~{left_cpu:.2f} CPU h; ~{left_wall:.2f} h wall at "
+                        "--jobs=1 (from the recorded runs' wall time, at the --jobs they ran "
+                        "with); 1 with nothing recorded to estimate from")
+
+
 def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     """`loss_curve`: CURVE_POINTS window means of loss_history.json, each at
     its window's last step; `fill_from_workdirs` adds them to results lines

@@ -442,6 +442,60 @@ class Harness:
             out.append((run.id, status))
         return out
 
+    def costs(self) -> dict[str, tuple[float, float, bool] | None]:
+        """{run id: (CPU seconds, wall seconds, estimated)} for `plan()`'s runs.
+
+        A recorded run gives its own figures (estimated False). An unrecorded
+        fine-tuning run is estimated (True) from the recorded runs at its
+        fraction (their mean), else from all recorded runs per step times its
+        steps, less the share of its steps its newest checkpoint holds; an
+        unrecorded pretraining, or a run with nothing recorded to go by, is
+        None. The wall seconds are as recorded, i.e. under the --jobs the
+        records ran at.
+        """
+        records = [r for r in self.results if r.get("cpu_seconds") is not None]
+        pretrained = {r["name"]: r for r in self.pretraining_records}
+        runs = {r.id: r for r in self.finetune_runs()}
+        out: dict[str, tuple[float, float, bool] | None] = {}
+        for run_id, status in self.plan():
+            if run_id.startswith("pretrain/"):
+                r = pretrained.get(run_id.split("/", 1)[1])
+                out[run_id] = (None if r is None or r.get("cpu_seconds") is None else
+                               (r["cpu_seconds"], r.get("wall_seconds", 0.0), False))
+                continue
+            run = runs[run_id]
+            mine = [r for r in records if self._result_key(r) == (run.row, run.fraction,
+                                                                  run.seed)]
+            if mine:
+                out[run_id] = (mine[-1]["cpu_seconds"], mine[-1].get("wall_seconds", 0.0),
+                               False)
+                continue
+            steps = self.recipe.finetune_steps.get(run.fraction)
+            same = [r for r in records if r["fraction"] == run.fraction]
+            if same:
+                cpu = sum(r["cpu_seconds"] for r in same) / len(same)
+                wall = sum(r.get("wall_seconds", 0.0) for r in same) / len(same)
+            elif steps and any(r.get("steps") for r in records):
+                counted = [r for r in records if r.get("steps")]
+                per_step = steps / sum(r["steps"] for r in counted)
+                cpu = per_step * sum(r["cpu_seconds"] for r in counted)
+                wall = per_step * sum(r.get("wall_seconds", 0.0) for r in counted)
+            else:
+                out[run_id] = None
+                continue
+            if status == "started" and steps:
+                left = 1.0 - min(self._checkpoint_step(self.finetune_dir(run)) / steps, 1.0)
+                cpu, wall = cpu * left, wall * left
+            out[run_id] = (cpu, wall, True)
+        return out
+
+    @staticmethod
+    def _checkpoint_step(workdir: str) -> int:
+        """The newest step checkpointed under WORKDIR/checkpoints (0 if none)."""
+        path = epath.Path(workdir, "checkpoints")
+        steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
+        return max(steps, default=0)
+
     def _status(self, workdir: str) -> str:
         if writers.read_json(os.path.join(workdir, "done.json")) is not None:
             return "done"
@@ -941,6 +995,31 @@ def _config_name(config, arg: str) -> str:
     return f"{name}{':' + arg if arg else ''}"
 
 
+def _list_text(harness: Harness) -> str:
+    """`--list`: each run's status and CPU minutes (recorded, or '~' estimated
+    from the recorded runs: `Harness.costs`), then what is left to run."""
+    costs = harness.costs()
+    lines, cpu_left, wall_left, left, unknown = [], 0.0, 0.0, 0, 0
+    for run_id, status in harness.plan():
+        cost = costs[run_id]
+        text = "" if cost is None else f"{'~' * cost[2] + f'{cost[0] / 60:.1f}':>7s} CPU min"
+        lines.append(f"{status:8s} {run_id:36s} {text}".rstrip())
+        if status != "done":
+            left += 1
+            if cost is None:
+                unknown += 1
+            else:
+                cpu_left, wall_left = cpu_left + cost[0], wall_left + cost[1]
+    tail = f"left: {left} run(s)"
+    if left > unknown:
+        tail += (f", ~{cpu_left / 3600:.2f} CPU h; ~{wall_left / 3600 / harness.jobs:.2f} h "
+                 f"wall at --jobs={harness.jobs} (from the recorded runs' wall time, "
+                 "at the --jobs they ran with)")
+    if unknown:
+        tail += f"; {unknown} with nothing recorded to estimate from"
+    return "\n".join(lines + [tail]) + "\n"
+
+
 def loss_curve(workdir: str, points: int = CURVE_POINTS) -> list[list[float]] | None:
     """A run's training loss (WORKDIR/loss_history.json, one [step, loss] per
     step, `loop.run`) as means over at most `points` windows of a fixed step
@@ -1016,7 +1095,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", default="",
                         help="(Internal, with --worker) the CPUs to pin this process to.")
     parser.add_argument("--list", action="store_true",
-                        help="Print the runs and their status; run nothing.")
+                        help="Print the runs, their status and CPU minutes (recorded, or "
+                             "'~' estimated from the recorded runs) and what is left; "
+                             "run nothing.")
     parser.add_argument("--summary_only", action="store_true",
                         help="Rewrite summary.md and the plots from results.jsonl "
                         "(completing older lines from the runs' workdirs: training loss "
@@ -1059,8 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.list:
-        for run_id, status in harness.plan():
-            print(f"{status:8s} {run_id}")
+        print(_list_text(harness), end="")
         return 0
     if args.summary_only:
         filled = harness.fill_from_workdirs()
