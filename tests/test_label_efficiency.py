@@ -467,6 +467,27 @@ def test_list_prints_recorded_and_estimated_cpu_time(tmp_path):
                         "with); 1 with nothing recorded to estimate from")
 
 
+def test_invocations_sharing_out_keep_each_others_records(tmp_path):
+    """Two harnesses on one OUT (e.g. different --only): each writes the
+    file as it is on disk plus its record, so neither drops the other's."""
+    a = le.Harness(_recipe(), str(tmp_path), only=["finetune/*/1-30/*"])
+    b = le.Harness(_recipe(), str(tmp_path), only=["finetune/*/100pct/*"])
+    a._add_result(_record("scratch", "1/30", 0, 30, 13))
+    b._add_result(_record("scratch", "100%", 0, 60, 367))  # b read OUT before a wrote
+    a._add_result(_record("ddep", "1/30", 0, 35, 13))
+    b._add_result(dict(_record("scratch", "100%", 0, 61, 367)))  # a rerun replaces its line
+    a._add_pretraining_record({"name": "sup", "cpu_seconds": 1.0})
+    b._add_pretraining_record({"name": "dd", "cpu_seconds": 2.0})
+    on_disk = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    assert [(r["row"], r["fraction"], r["miou"]) for r in on_disk] == [
+        ("scratch", "1/30", 0.30), ("ddep", "1/30", 0.35), ("scratch", "100%", 0.61)]
+    assert b.results == on_disk
+    assert [json.loads(line)["name"] for line in (tmp_path / "pretraining.jsonl").open()] \
+        == ["sup", "dd"]
+    assert le.Harness(_recipe(), str(tmp_path)).plan()[2:4] == [
+        ("finetune/scratch/1-30/s0", "done"), ("finetune/supervised/1-30/s0", "pending")]
+
+
 def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     """`loss_curve`: CURVE_POINTS window means of loss_history.json, each at
     its window's last step; `fill_from_workdirs` adds them to results lines

@@ -767,16 +767,11 @@ class Harness:
         record = item["record"]
         epath.Path(path).unlink()  # now in OUT's records
         if item["kind"] == "pretraining":
-            self.pretraining_records = [r for r in self.pretraining_records
-                                        if r["name"] != record["name"]] + [record]
-            self._write_jsonl("pretraining.jsonl", self.pretraining_records)
+            self._add_pretraining_record(record)
             print(f"  {run_id}: done ({record['cpu_seconds'] / 60:.1f} CPU min)",
                   flush=True)
         else:
-            key = self._result_key(record)
-            self.results = [r for r in self.results if self._result_key(r) != key]
-            self.results.append(record)
-            self._write_jsonl("results.jsonl", self.results)
+            self._add_result(record)
             print(f"  {run_id}: {self.recipe.metric_split} mIoU "
                   f"{100 * record['miou']:.2f} ({record['cpu_seconds'] / 60:.1f} CPU min)",
                   flush=True)
@@ -857,9 +852,7 @@ class Harness:
         if self.worker:
             self._write_worker_record(workdir, "pretraining", record)
             return
-        self.pretraining_records = [r for r in self.pretraining_records
-                                    if r["name"] != name] + [record]
-        self._write_jsonl("pretraining.jsonl", self.pretraining_records)
+        self._add_pretraining_record(record)
         print(f"  pretrain/{name}: done ({cpu / 60:.1f} CPU min)", flush=True)
 
     @staticmethod
@@ -881,8 +874,7 @@ class Harness:
         if self.worker:
             self._write_worker_record(workdir, "finetune", record)
             return
-        self.results.append(record)
-        self._write_jsonl("results.jsonl", self.results)
+        self._add_result(record)
         self.write_outputs()
         print(f"  {run.id}: {self.recipe.metric_split} mIoU {100 * record['miou']:.2f} "
               f"({cpu / 60:.1f} CPU min)", flush=True)
@@ -933,6 +925,28 @@ class Harness:
                                      "delete that line (the run is then read back "
                                      "from its workdir).") from None
         return records
+
+    def _add_result(self, record: dict) -> None:
+        self.results = self._merged("results.jsonl", self.results, record,
+                                    self._result_key)
+        self._write_jsonl("results.jsonl", self.results)
+
+    def _add_pretraining_record(self, record: dict) -> None:
+        self.pretraining_records = self._merged(
+            "pretraining.jsonl", self.pretraining_records, record, lambda r: r["name"])
+        self._write_jsonl("pretraining.jsonl", self.pretraining_records)
+
+    def _merged(self, name: str, mine: Sequence[dict], record: dict,
+                key: Callable[[Mapping], Any]) -> list[dict]:
+        """OUT/name as it is now (what other invocations sharing OUT wrote
+        since this one read it), this invocation's records it lacks, and
+        `record` in place of its key's line: invocations with different
+        --only add to the same files without dropping each other's runs."""
+        merged = {key(r): r for r in self._read_jsonl(name)}
+        for r in mine:
+            merged.setdefault(key(r), r)
+        merged.pop(key(record), None)
+        return [*merged.values(), record]
 
     def _write_jsonl(self, name: str, records: Sequence[Mapping]) -> None:
         if _is_main():
