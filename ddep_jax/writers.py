@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import tempfile
 import os
 import time
 
@@ -45,9 +46,18 @@ def write_bytes(path: str, data: bytes) -> None:
     if is_remote(path):
         p.write_bytes(data)
         return
-    tmp = p.parent / (p.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(p)
+    # A temporary name of its own: processes writing the same file at once
+    # (harness invocations sharing OUT) must not rename each other's.
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(path: str, obj) -> None:

@@ -440,31 +440,48 @@ def test_list_prints_recorded_and_estimated_cpu_time(tmp_path):
     recipe = _recipe(seeds={"1/30": 2, "100%": 1}, finetune_steps={"1/30": 100, "100%": 400})
     lines = [dict(_record("scratch", "1/30", 0, 30, 13), steps=100, wall_seconds=200.0),
              dict(_record("supervised", "1/30", 0, 40, 13), steps=100, cpu_seconds=480.0,
-                  wall_seconds=300.0)]
+                  wall_seconds=300.0),
+             # Killed before its CPU time was counted: shown, not estimated from.
+             dict(_record("scratch", "1/30", 1, 30, 13), steps=100, cpu_seconds=10.0,
+                  wall_seconds=None, cpu_seconds_complete=False)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "pretraining.jsonl").write_text(json.dumps(
         {"name": "sup", "cpu_seconds": 1200.0, "wall_seconds": 700.0}) + "\n")
     (tmp_path / "pretrain" / "sup").mkdir(parents=True)
     (tmp_path / "pretrain" / "sup" / "done.json").write_text("{}")
-    (tmp_path / "finetune" / "ddep" / "1-30" / "s0" / "checkpoints" / "25").mkdir(parents=True)
+    started = tmp_path / "finetune" / "ddep" / "1-30" / "s0" / "checkpoints"
+    (started / "25" / "state").mkdir(parents=True)
+    (started / "50").mkdir()  # unfinished (no state/): not counted
     h = le.Harness(recipe, str(tmp_path), jobs=1)
     costs = h.costs()
     assert costs["pretrain/sup"] == (1200.0, 700.0, False)
     assert costs["pretrain/dd"] is None  # never recorded
     assert costs["finetune/supervised/1-30/s0"] == (480.0, 300.0, False)
-    assert costs["finetune/scratch/1-30/s1"] == (420.0, 250.0, True)  # mean at 1/30
+    assert costs["finetune/scratch/1-30/s1"] == (10.0, 0.0, False)
+    assert costs["finetune/supervised/1-30/s1"] == (420.0, 250.0, True)  # mean at 1/30
     assert costs["finetune/ddep/1-30/s0"] == (315.0, 187.5, True)  # 3/4 of the steps left
     assert costs["finetune/ddep/100pct/s0"] == (4 * 840.0 / 2, 4 * 500.0 / 2, True)  # per step
     text = le._list_text(h).splitlines()
     assert text[0] == "done     pretrain/sup                            20.0 CPU min"
     assert text[1] == "pending  pretrain/dd"
     assert "started  finetune/ddep/1-30/s0                   ~5.2 CPU min" in text
-    # Left: 4 runs at 1/30 (ddep s0 started, 3 at s1), 3 at 100%, and dd (unknown).
-    left_cpu = (315 + 3 * 420 + 3 * 1680) / 3600
-    left_wall = (187.5 + 3 * 250 + 3 * 1000) / 3600
-    assert text[-1] == (f"left: 8 run(s), ~{left_cpu:.2f} CPU h; ~{left_wall:.2f} h wall at "
+    # Left: 3 runs at 1/30 (ddep s0 started, 2 at s1), 3 at 100%, and dd (unknown).
+    left_cpu = (315 + 2 * 420 + 3 * 1680) / 3600
+    left_wall = (187.5 + 2 * 250 + 3 * 1000) / 3600
+    assert text[-1] == (f"left: 7 run(s), ~{left_cpu:.2f} CPU h; ~{left_wall:.2f} h wall at "
                         "--jobs=1 (from the recorded runs' wall time, at the --jobs they ran "
                         "with); 1 with nothing recorded to estimate from")
+    # An external checkpoint (--checkpoint) is never run: not left to run.
+    external = _recipe(pretrainings=(le.Pretraining("sup", "stage 1", ""),
+                                     le.Pretraining("dd", "stage 2", "ddep_camvid.py",
+                                                    init_from="sup")),
+                       seeds={"1/30": 1, "100%": 1}, finetune_steps={"1/30": 100, "100%": 400})
+    h = le.Harness(external, str(tmp_path), checkpoints={"sup": str(tmp_path / "enc")})
+    assert h.plan()[0] == ("pretrain/sup", "external")
+    text = le._list_text(h).splitlines()
+    assert text[0] == "external pretrain/sup"
+    assert text[-1].startswith("left: 5 run(s), ~") and text[-1].endswith(
+        "; 1 with nothing recorded to estimate from")  # ddep/1-30/s0, 100% x 3 and dd
 
 
 def test_invocations_sharing_out_keep_each_others_records(tmp_path):
@@ -476,14 +493,22 @@ def test_invocations_sharing_out_keep_each_others_records(tmp_path):
     b._add_result(_record("scratch", "100%", 0, 60, 367))  # b read OUT before a wrote
     a._add_result(_record("ddep", "1/30", 0, 35, 13))
     b._add_result(dict(_record("scratch", "100%", 0, 61, 367)))  # a rerun replaces its line
-    a._add_pretraining_record({"name": "sup", "cpu_seconds": 1.0})
-    b._add_pretraining_record({"name": "dd", "cpu_seconds": 2.0})
+    a._add_pretraining_record({"name": "sup", "config": "c.py", "cpu_seconds": 1.0})
+    b._add_pretraining_record({"name": "dd", "config": "d.py", "cpu_seconds": 2.0})
     on_disk = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
     assert [(r["row"], r["fraction"], r["miou"]) for r in on_disk] == [
         ("scratch", "1/30", 0.30), ("ddep", "1/30", 0.35), ("scratch", "100%", 0.61)]
     assert b.results == on_disk
     assert [json.loads(line)["name"] for line in (tmp_path / "pretraining.jsonl").open()] \
         == ["sup", "dd"]
+    # Both read, both wrote: the second write lacks the first's run. The first
+    # puts it back at its next write (a record, or the outputs after a run).
+    (tmp_path / "results.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in on_disk if r["row"] != "ddep"))
+    a.write_outputs()
+    assert [json.loads(line)["row"] for line in (tmp_path / "results.jsonl").open()] == [
+        "scratch", "scratch", "ddep"]
+    assert "| DDeP | 35.00 (n=1) |" in (tmp_path / "summary.md").read_text()
     assert le.Harness(_recipe(), str(tmp_path)).plan()[2:4] == [
         ("finetune/scratch/1-30/s0", "done"), ("finetune/supervised/1-30/s0", "pending")]
 

@@ -1,7 +1,8 @@
 """Reliability of the one loop, tried from the outside where it matters:
 signals at start-up, during a run and during the final evaluation, two runs
 on one workdir, error exits, non-finite losses, resumes with another config,
-a damaged checkpoint, metrics after a resume, and rerunning a finished run."""
+a damaged checkpoint, metrics after a resume, rerunning a finished run, and
+concurrent writes of one record file."""
 
 import dataclasses
 import json
@@ -281,3 +282,32 @@ def test_metrics_after_a_resume_hold_every_step_once_and_a_rerun_does_nothing(tm
     assert again["already_finished"] and again["step"] == 5
     assert again["loss"] == finished["loss"] and again["history"] == []
     assert (tmp_path / "compile_report.json").stat().st_mtime_ns == report
+
+
+def test_concurrent_atomic_writes_of_one_file(tmp_path):
+    """writers.write_bytes from two threads at once (harness invocations
+    sharing OUT rewrite results.jsonl): each write is whole, none raises, no
+    temporary file is left; the file is readable by others (0o644)."""
+    import threading
+
+    from ddep_jax import writers
+
+    path = str(tmp_path / "results.jsonl")
+    errors = []
+
+    def write(text):
+        try:
+            for _ in range(300):
+                writers.write_bytes(path, text.encode())
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(c * 5000,)) for c in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert open(path).read() in ("a" * 5000, "b" * 5000)
+    assert os.listdir(tmp_path) == ["results.jsonl"]
+    assert os.stat(path).st_mode & 0o777 == 0o644

@@ -430,11 +430,14 @@ class Harness:
 
     def plan(self) -> list[tuple[str, str]]:
         """[(run id, status)] of the selected runs in the order they run;
-        status 'done', 'started' (a workdir with checkpoints) or 'pending'."""
+        status 'done', 'started' (a workdir with checkpoints), 'pending', or
+        'external' (a pretraining read from --checkpoint, never run here)."""
         runs = [r for r in self.finetune_runs() if self.selected(r.id)]
         out = []
         for name in self._needed_pretrainings(runs):
-            out.append((f"pretrain/{name}", self._status(self.pretrain_dir(name))))
+            external = not self.recipe.pretraining(name).config
+            out.append((f"pretrain/{name}", "external" if external
+                        else self._status(self.pretrain_dir(name))))
         done = {self._result_key(r) for r in self.results}
         for run in runs:
             key = (run.row, run.fraction, run.seed)
@@ -448,53 +451,55 @@ class Harness:
         A recorded run gives its own figures (estimated False). An unrecorded
         fine-tuning run is estimated (True) from the recorded runs at its
         fraction (their mean), else from all recorded runs per step times its
-        steps, less the share of its steps its newest checkpoint holds; an
-        unrecorded pretraining, or a run with nothing recorded to go by, is
+        steps, less the share of its steps its newest finished checkpoint
+        holds (the resume's compilation and final evaluation not counted).
+        Estimates use only records whose CPU time is complete (a run killed
+        before its time was counted undercounts). An unrecorded pretraining,
+        an external checkpoint, or a run with nothing recorded to go by, is
         None. The wall seconds are as recorded, i.e. under the --jobs the
         records ran at.
         """
-        records = [r for r in self.results if r.get("cpu_seconds") is not None]
+        from ddep_jax import checkpointing
+
+        def figures(r):
+            return r["cpu_seconds"], r.get("wall_seconds") or 0.0
+
+        timed = [r for r in self.results if r.get("cpu_seconds") is not None]
+        complete = [r for r in timed if r.get("cpu_seconds_complete") is not False]
         pretrained = {r["name"]: r for r in self.pretraining_records}
         runs = {r.id: r for r in self.finetune_runs()}
         out: dict[str, tuple[float, float, bool] | None] = {}
         for run_id, status in self.plan():
             if run_id.startswith("pretrain/"):
                 r = pretrained.get(run_id.split("/", 1)[1])
-                out[run_id] = (None if r is None or r.get("cpu_seconds") is None else
-                               (r["cpu_seconds"], r.get("wall_seconds", 0.0), False))
+                out[run_id] = (None if r is None or r.get("cpu_seconds") is None
+                               or status == "external" else (*figures(r), False))
                 continue
             run = runs[run_id]
-            mine = [r for r in records if self._result_key(r) == (run.row, run.fraction,
-                                                                  run.seed)]
+            mine = [r for r in timed
+                    if self._result_key(r) == (run.row, run.fraction, run.seed)]
             if mine:
-                out[run_id] = (mine[-1]["cpu_seconds"], mine[-1].get("wall_seconds", 0.0),
-                               False)
+                out[run_id] = (*figures(mine[-1]), False)
                 continue
-            steps = self.recipe.finetune_steps.get(run.fraction)
-            same = [r for r in records if r["fraction"] == run.fraction]
+            steps = self.recipe.finetune_steps.get(run.fraction) or next(
+                (r["steps"] for r in self.results
+                 if r["fraction"] == run.fraction and r.get("steps")), None)
+            same = [r for r in complete if r["fraction"] == run.fraction]
+            counted = [r for r in complete if r.get("steps")]
             if same:
-                cpu = sum(r["cpu_seconds"] for r in same) / len(same)
-                wall = sum(r.get("wall_seconds", 0.0) for r in same) / len(same)
-            elif steps and any(r.get("steps") for r in records):
-                counted = [r for r in records if r.get("steps")]
+                cpu, wall = (sum(x) / len(same) for x in zip(*map(figures, same)))
+            elif steps and counted:
                 per_step = steps / sum(r["steps"] for r in counted)
-                cpu = per_step * sum(r["cpu_seconds"] for r in counted)
-                wall = per_step * sum(r.get("wall_seconds", 0.0) for r in counted)
+                cpu, wall = (per_step * sum(x) for x in zip(*map(figures, counted)))
             else:
                 out[run_id] = None
                 continue
             if status == "started" and steps:
-                left = 1.0 - min(self._checkpoint_step(self.finetune_dir(run)) / steps, 1.0)
+                done = max(checkpointing.checkpoint_steps(self.finetune_dir(run)), default=0)
+                left = 1.0 - min(done / steps, 1.0)
                 cpu, wall = cpu * left, wall * left
             out[run_id] = (cpu, wall, True)
         return out
-
-    @staticmethod
-    def _checkpoint_step(workdir: str) -> int:
-        """The newest step checkpointed under WORKDIR/checkpoints (0 if none)."""
-        path = epath.Path(workdir, "checkpoints")
-        steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
-        return max(steps, default=0)
 
     def _status(self, workdir: str) -> str:
         if writers.read_json(os.path.join(workdir, "done.json")) is not None:
@@ -765,7 +770,6 @@ class Harness:
         if item is None:
             return False
         record = item["record"]
-        epath.Path(path).unlink()  # now in OUT's records
         if item["kind"] == "pretraining":
             self._add_pretraining_record(record)
             print(f"  {run_id}: done ({record['cpu_seconds'] / 60:.1f} CPU min)",
@@ -775,6 +779,7 @@ class Harness:
             print(f"  {run_id}: {self.recipe.metric_split} mIoU "
                   f"{100 * record['miou']:.2f} ({record['cpu_seconds'] / 60:.1f} CPU min)",
                   flush=True)
+        epath.Path(path).unlink()  # now in OUT's records
         self.write_outputs()
         return True
 
@@ -948,6 +953,20 @@ class Harness:
         merged.pop(key(record), None)
         return [*merged.values(), record]
 
+    def _sync_records(self) -> None:
+        """Takes in the records other invocations sharing OUT wrote, and
+        writes back any of this invocation's that a concurrent write dropped
+        (both read, both wrote: the second write lacks the first's run)."""
+        for name, attr, key in (("results.jsonl", "results", self._result_key),
+                                ("pretraining.jsonl", "pretraining_records",
+                                 lambda r: r["name"])):
+            merged = {key(r): r for r in self._read_jsonl(name)}
+            missing = [r for r in getattr(self, attr) if key(r) not in merged]
+            merged.update((key(r), r) for r in missing)
+            setattr(self, attr, list(merged.values()))
+            if missing:
+                self._write_jsonl(name, getattr(self, attr))
+
     def _write_jsonl(self, name: str, records: Sequence[Mapping]) -> None:
         if _is_main():
             # Keys in the records' own order (per-class IoU in class order).
@@ -960,6 +979,7 @@ class Harness:
             return
         from ddep_jax.experiments import report
 
+        self._sync_records()
         total = len(self.finetune_runs())
         text = report.summary_markdown(self.recipe, self.results,
                                        self.pretraining_records, total_runs=total,
@@ -976,13 +996,12 @@ class Harness:
 
     def fill_from_workdirs(self) -> int:
         """Completes results lines written by earlier versions from their
-        workdirs, where these are still at hand (not while a harness is
-        writing the same OUT: both rewrite results.jsonl): adds a missing `train_loss`
+        workdirs, where these are still at hand: adds a missing `train_loss`
         (from loss_history.json) and puts `per_class_iou` back in the
         dataset's class order (from the run's evaluation report; lines were
         once written with sorted keys). Rewrites results.jsonl if any line
         changed; returns how many did."""
-        changed = 0
+        changed = {}
         for record in self.results:
             if writers.is_remote(record["workdir"]):
                 continue
@@ -998,10 +1017,13 @@ class Harness:
             order = list(report.get("per_class") or {})
             if per_class and sorted(order) == sorted(per_class):
                 record["per_class_iou"] = {name: per_class[name] for name in order}
-            changed += json.dumps(record) != before
-        if changed:
+            if json.dumps(record) != before:
+                changed[self._result_key(record)] = record
+        if changed:  # into results.jsonl as it is now (a harness may have added runs)
+            self.results = [changed.get(self._result_key(r), r)
+                            for r in self._read_jsonl("results.jsonl")]
             self._write_jsonl("results.jsonl", self.results)
-        return changed
+        return len(changed)
 
 
 def _config_name(config, arg: str) -> str:
@@ -1018,7 +1040,7 @@ def _list_text(harness: Harness) -> str:
         cost = costs[run_id]
         text = "" if cost is None else f"{'~' * cost[2] + f'{cost[0] / 60:.1f}':>7s} CPU min"
         lines.append(f"{status:8s} {run_id:36s} {text}".rstrip())
-        if status != "done":
+        if status not in ("done", "external"):
             left += 1
             if cost is None:
                 unknown += 1
@@ -1115,7 +1137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--summary_only", action="store_true",
                         help="Rewrite summary.md and the plots from results.jsonl "
                         "(completing older lines from the runs' workdirs: training loss "
-                        "curves, per-class order; not while a harness runs into OUT).")
+                        "curves, per-class order, into results.jsonl as it is on disk).")
     args = parser.parse_args(argv)
 
     if args.cpus:  # before the first JAX call sizes XLA's thread pool
