@@ -314,7 +314,9 @@ def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -
     for ax in axes[0]:
         for h, name in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(name, h)
-    fig.legend(list(handles.values()), list(handles), loc="center right",
+    # Beside the panels (the reserved width fits the longest row names).
+    fig.legend(list(handles.values()), list(handles), loc="center left",
+               bbox_to_anchor=(1 - legend_in / fig.get_figwidth() + 0.005, 0.5),
                fontsize="small")
     fig.suptitle(f"{recipe.name}: fine-tuning loss, mean over seeds", fontsize="medium")
     fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
