@@ -101,10 +101,36 @@ def test_summary_and_figure_from_records(tmp_path):
     assert f"{stats.detectable_difference(pooled, 3, power=0.8):.2f} at 3, " in text
     assert "Fine-tuning runs finished: 12 of 18. CPU time: pretraining 0.00 h, " \
            "fine-tuning 1.20 h." in text
-    assert "| DDeP | 90.0 | - |" in text  # per-class IoU at 1/30, None -> '-'
+    assert "| DDeP (n=3) | 90.0 | - |" in text  # per-class IoU at 1/30, None -> '-'
+    assert "## Per-class IoU at 100%" in text
+    assert "## Sensitivity at 100%" not in text  # one seed per cell: no pooled std
     path = tmp_path / "fig.png"
     report.plot(recipe, results, recipe.rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_and_per_class_at_each_fraction():
+    """Past the lowest fraction, each fraction with a pooled std gets its own
+    sensitivity lines (hand-computed) and per-class table."""
+    values = {("scratch", "1/30"): (30, 32), ("supervised", "1/30"): (31, 33),
+              ("scratch", "100%"): (60, 62), ("supervised", "100%"): (60, 70),
+              ("ddep", "100%"): (65,)}
+    results = [_record(row, f, s, v, 13 if f == "1/30" else 367)
+               for (row, f), vs in values.items() for s, v in enumerate(vs)]
+    text = report.summary_markdown(_recipe(), results)
+    assert "## Sensitivity at the lowest fraction (1/30)" in text
+    # 100%: variances 2 and 50, one df each -> pooled sqrt(26); Supervised -
+    # No pretraining paired (0, +8): mean +4, sd sqrt(32).
+    pooled = math.sqrt(26)
+    assert "## Sensitivity at 100%" in text
+    assert f"Pooled seed std of the initialisations at 100%: {pooled:.2f}" in text
+    assert (f"- Supervised - No pretraining: +4.00 = {4 / pooled:.2f} x pooled std "
+            f"(> 2x: no); paired over 2 seeds, the differences' sd is "
+            f"{math.sqrt(32):.2f}, the effect {4 / math.sqrt(32):.2f} x it") in text
+    assert f"- DDeP - No pretraining: +4.00 = {4 / pooled:.2f} x pooled std" in text
+    assert f"{stats.detectable_difference(pooled, 3):.2f} at 3 seeds" in text
+    assert "## Per-class IoU at 100% (%, mean over seeds)" in text
+    assert "| DDeP (n=1) | 90.0 | - |" in text
 
 
 def test_recipe_errors_and_selection(tmp_path):

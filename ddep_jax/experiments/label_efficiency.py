@@ -45,9 +45,10 @@ Writes, after every finished run:
 - OUT/pretraining.jsonl: one line per pretraining run (its cost and figures);
 - OUT/summary.md: mean +- std per cell, each row's difference against
   Supervised and against No pretraining with a 95% confidence interval over
-  seeds (`stats.difference`), the sensitivity check at the lowest fraction
-  (each reference effect against twice the pooled seed std), per-class IoU at
-  the lowest fraction and the CPU hours;
+  seeds (`stats.difference`), the sensitivity check per fraction (each
+  effect over No pretraining against twice the pooled seed std; the
+  criterion is read at the lowest), per-class IoU per fraction and the CPU
+  hours;
 - OUT/label_efficiency.png (and _ablations.png for a recipe's second table):
   mIoU against labelled images on a log axis, one line per row with a +- 1
   std band (the paper's Fig. 6), drawn with matplotlib;
