@@ -114,10 +114,18 @@ def test_sensitivity_and_per_class_at_each_fraction():
     sensitivity lines (hand-computed) and per-class table."""
     values = {("scratch", "1/30"): (30, 32), ("supervised", "1/30"): (31, 33),
               ("scratch", "100%"): (60, 62), ("supervised", "100%"): (60, 70),
-              ("ddep", "100%"): (65,)}
+              ("ddep", "100%"): (65,), ("dep", "1/30"): (28, 29)}
     results = [_record(row, f, s, v, 13 if f == "1/30" else 367)
                for (row, f), vs in values.items() for s, v in enumerate(vs)]
-    text = report.summary_markdown(_recipe(), results)
+    recipe = _recipe()
+    recipe = _recipe(rows=(*recipe.rows, le.Row("dep", "DeP", "pretrained", "dd")))
+    text = report.summary_markdown(recipe, results)
+    # The default references include DeP: Supervised - DeP at 1/30, paired
+    # (+3, +4): +3.50, half-width t(0.975, 1) * sd / sqrt(2).
+    half = 12.706204736174698 * math.sqrt(0.5) / math.sqrt(2)
+    assert "Difference against DeP" in text
+    assert f"| Supervised | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (paired, n=2) |" \
+        in text
     assert "## Sensitivity at the lowest fraction (1/30)" in text
     # 100%: variances 2 and 50, one df each -> pooled sqrt(26); Supervised -
     # No pretraining paired (0, +8): mean +4, sd sqrt(32).

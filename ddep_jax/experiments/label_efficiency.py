@@ -44,7 +44,7 @@ Writes, after every finished run:
 - OUT/results.jsonl: one line per fine-tuning run (`RESULT_KEYS`);
 - OUT/pretraining.jsonl: one line per pretraining run (its cost and figures);
 - OUT/summary.md: mean +- std per cell, each row's difference against
-  Supervised and against No pretraining with a 95% confidence interval over
+  Supervised, No pretraining and DeP with a 95% confidence interval over
   seeds (`stats.difference`), the sensitivity check per fraction (each
   effect over No pretraining against twice the pooled seed std; the
   criterion is read at the lowest), per-class IoU per fraction and the CPU
@@ -218,7 +218,9 @@ class Recipe:
     fine-tuning runs; finetune_steps optionally sets `total_steps` per
     fraction. metric_split: the split whose final mIoU is the result (CamVid
     'test'; the paper reports Cityscapes, Pascal Context and ADE20K 'validation').
-    references: the row keys differences are taken against.
+    references: the row keys differences are taken against (those the
+      recipe has no row for are left out): by default Supervised, No
+      pretraining and DeP, the paper's comparisons for DDeP (Fig. 6).
     """
 
     name: str
@@ -233,7 +235,7 @@ class Recipe:
     finetune_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
     metric_split: str = "test"
-    references: tuple[str, ...] = ("supervised", "scratch")
+    references: tuple[str, ...] = ("supervised", "scratch", "dep")
 
     def row(self, key: str) -> Row:
         return self._find("row", {r.key: r for r in self.rows}, key)
