@@ -173,8 +173,8 @@ CAMVID_CPU_ABLATIONS = Recipe(
 )
 
 # The ablations at the converged protocol, at 1/30 and 1/8. At 1/8 the
-# camvid_cpu_long rows separate (2 seeds: DDeP - No pretraining +4.13 with a
-# per-seed sd of 0.70; at 1/30 +1.15 with sd 2.82), so an ablation's cost to
+# camvid_cpu_long rows separate (3 seeds: DDeP - No pretraining +3.15 with a
+# per-seed sd of 1.76; at 1/30 +1.15 with sd 2.82), so an ablation's cost to
 # DDeP shows there first: run it with --only='*/1-8/*' into camvid_cpu_long's
 # OUT, whose pretraining runs and main-row results it reads.
 CAMVID_CPU_LONG_ABLATIONS = dataclasses.replace(
