@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddep_jax.models import hybrid_vit
+from ddep_jax.models import hybrid_vit, unet_decoder
 from ddep_jax.models.transunet import TransUNet, build_model
 from ddep_jax.optim import path_str
 
@@ -89,9 +89,24 @@ def test_noise_conditioning_starts_as_identity_and_uses_sigma():
     a = model.apply(bumped, x, jnp.array([0.1, 0.1]))
     b = model.apply(bumped, x, jnp.array([0.9, 0.9]))
     assert not np.allclose(a, b)
-    # Without a level (fine-tuning, inference) the decoder sees sigma = 0.
-    chex.assert_trees_all_close(model.apply(bumped, x, None),
-                                model.apply(bumped, x, jnp.zeros(2)))
+    # Without a level (fine-tuning, inference) the decoder sees sigma = 0,
+    # embedded as the floor: finite, as at the lowest level it was trained on.
+    clean = model.apply(bumped, x, None)
+    chex.assert_tree_all_finite(clean)
+    chex.assert_trees_all_close(clean, model.apply(bumped, x, jnp.zeros(2)))
+    chex.assert_trees_all_close(
+        clean, model.apply(bumped, x, jnp.full((2,), unet_decoder.SIGMA_FLOOR)))
+
+
+def test_noise_level_embedding_is_finite_from_sigma_zero():
+    sigma = jnp.array([0.0, 1e-6, unet_decoder.SIGMA_FLOOR, 0.22, 0.5])
+    emb = unet_decoder.noise_level_embedding(sigma, 16)
+    chex.assert_shape(emb, (5, 16))
+    chex.assert_tree_all_finite(emb)
+    # Below the floor all levels embed alike; above it they differ.
+    np.testing.assert_array_equal(emb[0], emb[2])
+    np.testing.assert_array_equal(emb[1], emb[2])
+    assert not np.allclose(emb[3], emb[4])
 
 
 def test_other_input_size_resamples_position_embedding():

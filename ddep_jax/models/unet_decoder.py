@@ -29,19 +29,27 @@ from ddep_jax.models.hybrid_vit import EncoderFeatures
 DECODER_WIDTHS_1X: tuple[int, ...] = (1024, 512, 256, 128, 64)
 
 
+# The lowest noise level the embedding tells apart: sigma below it (clean
+# images, sigma = 0, as fine-tuning and inference feed a conditioned decoder)
+# is embedded as this level, since log(0) = -inf makes sin/cos NaN.
+SIGMA_FLOOR = 1e-3
+
+
 def noise_level_embedding(sigma: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal features of log(sigma).
+    """Sinusoidal features of log(max(sigma, SIGMA_FLOOR)).
 
     Args:
-      sigma: float [B] noise standard deviations (> 0).
+      sigma: float [B] noise standard deviations (>= 0); values below
+        `SIGMA_FLOOR` (1e-3), clean images included, embed as the floor.
       dim: even embedding size.
 
     Returns:
-      float32 [B, dim].
+      float32 [B, dim], finite for every sigma >= 0.
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(1000.0) * jnp.arange(half) / max(half - 1, 1))
-    angles = jnp.log(sigma.astype(jnp.float32))[:, None] * freqs[None, :] * 100.0
+    sigma = jnp.maximum(sigma.astype(jnp.float32), SIGMA_FLOOR)
+    angles = jnp.log(sigma)[:, None] * freqs[None, :] * 100.0
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
