@@ -33,14 +33,18 @@ def set_architecture(m: ml_collections.ConfigDict, arch: str) -> ml_collections.
 
 def cpu_camvid_model(m: ml_collections.ConfigDict,
                      arch: str = "hybrid") -> ml_collections.ConfigDict:
-    """The CPU-sized model of the CamVid configs (stages 1-3 must match to
-    hand weights over). 'hybrid': R(1,1,1) hybrid with the R50 root width 64
-    + ViT-nano, 96x96 inputs, a narrow 5-block decoder. 'r50unet': the plain
-    ResNet-50 (root width 64) U-Net with decoder widths (256, 128, 64, 32, 16)
-    from its 1/32 map. Updates `m` (a `config.model`) in place and returns it."""
+    """The CPU-sized model of the CamVid configs and of every CPU protocol of
+    the label-efficiency harness (the one place that defines it; stages 1-3
+    must match to hand weights over). 'hybrid': R(1,1,1) hybrid with the R50
+    root width 64 + ViT-nano, 96x96 inputs, a narrow 5-block decoder of
+    widths (128, 96, 64, 32, 16) at 1/16 ... 1/1 (narrow at full resolution,
+    as TransUNet's (..., 64, 16): at 64 channels the last two blocks cost
+    most of the step). 'r50unet': the plain ResNet-50 (root width 64) U-Net
+    with decoder widths (256, 128, 64, 32, 16) from its 1/32 map. Updates `m`
+    (a `config.model`) in place and returns it."""
     m.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1), resnet_width=64,
                      image_size=(96, 96), num_groups=16)
-    m.decoder_widths = (128, 96, 64, 64, 64)
+    m.decoder_widths = (128, 96, 64, 32, 16)
     m.decoder_num_groups = 16
     if arch == "r50unet":
         m.decoder_widths = (256, 128, 64, 32, 16)

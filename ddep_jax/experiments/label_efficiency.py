@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -85,13 +86,15 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",
                "miou", "per_class_iou", "pixel_accuracy", "split", "steps",
                "cpu_seconds", "cpu_seconds_complete", "wall_seconds", "workdir",
-               "init_checkpoint", "train_loss")
+               "init_checkpoint", "train_loss", "code_commit", "config_hash")
 """The fields of a results.jsonl line: mIoU and pixel accuracy in [0, 1] as
 the evaluation reports them, per-class IoU as {class name: IoU or null},
 CPU seconds (user + system, all threads) of the invocations that ran it
 (`cpu_seconds_complete` false when one of them was killed before it could
 count), the workdir relative to OUT, and the training loss curve
-(`loss_curve`: [[last step of a window, mean loss], ...])."""
+(`loss_curve`: [[last step of a window, mean loss], ...]), and its
+provenance (`provenance`): the code's git commit and a hash of the resolved
+config (pretraining.jsonl lines carry the same two)."""
 
 CURVE_POINTS = 20
 """Windows a run's training loss is averaged over in its results line."""
@@ -115,6 +118,42 @@ def use_compilation_cache(out: str) -> str:
     path = os.path.join(out, "xla_cache")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def code_commit() -> str:
+    """The git commit of the code this process runs ('<sha>', '<sha>-dirty'
+    when tracked files differ from it, 'unknown' outside a git checkout or
+    without git)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"],
+                               capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def config_hash(config, out: str) -> str:
+    """sha256 (first 16 hex digits) of the resolved config as sorted JSON,
+    with the paths inside OUT (`init.checkpoint`) made relative to OUT and
+    `data.data_dir` left out, so that the same cell run in another OUT or on
+    another machine hashes the same."""
+    c = json.loads(config.to_json_best_effort(sort_keys=True))
+    ckpt = c.get("init", {}).get("checkpoint")
+    if ckpt and not writers.is_remote(ckpt) and not writers.is_remote(out):
+        rel = os.path.relpath(ckpt, out)
+        if not rel.startswith(".."):
+            c["init"]["checkpoint"] = rel
+    c.get("data", {}).pop("data_dir", None)
+    text = json.dumps(c, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def provenance(config, out: str) -> dict:
+    """{'code_commit': `code_commit()`, 'config_hash': `config_hash`} of a run."""
+    return {"code_commit": code_commit(), "config_hash": config_hash(config, out)}
 
 
 def _recipe_signature(recipe: "Recipe") -> tuple:
@@ -849,7 +888,8 @@ class Harness:
                   "cpu_seconds_complete": complete, "wall_seconds": wall,
                   "workdir": os.path.relpath(workdir, self.out)
                   if not writers.is_remote(workdir) else workdir,
-                  "init_checkpoint": str(config.init.checkpoint)}
+                  "init_checkpoint": str(config.init.checkpoint),
+                  **provenance(config, self.out)}
         if earlier:
             record["earlier"] = [{k: r.get(k) for k in ("steps", "final", "cpu_seconds")}
                                  for r in earlier]
@@ -904,7 +944,7 @@ class Harness:
                 "workdir": os.path.relpath(workdir, self.out)
                 if not writers.is_remote(workdir) else workdir,
                 "init_checkpoint": str(config.init.checkpoint),
-                "train_loss": loss_curve(workdir)}
+                "train_loss": loss_curve(workdir), **provenance(config, self.out)}
 
     def _fail(self, run_id: str, why: str) -> str:
         self.failures.append({"run": run_id, "error": why,
