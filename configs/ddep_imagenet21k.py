@@ -7,7 +7,9 @@ DDeP Sec. 5.1: batch 512, 100 epochs, 224x224, Adam with cosine decay, lr 6e-5
 Prepare the data once (docs/DATASETS.md), then:
   python -m ddep_jax.main --config=configs/ddep_imagenet21k.py --workdir=DIR
 Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
-  :vit=L (R50+ViT-L/16), :dep (DeP, encoder trained too),
+  :vit=L (R50+ViT-L/16), :dep (DeP: the whole model denoised from a random
+  initialisation, Sec. 3; refuses :ckpt, since denoising the whole model from
+  a pretrained encoder is another method, not the paper's DeP),
   :arch=r50unet (the Table 7 ResNet-50 U-Net, from a ResNet-50 stage-1 run:
   configs/classify_imagenet21k.py:arch=r50unet),
   :runlocal (tiny sizes to smoke-test the config on a laptop),
@@ -33,6 +35,11 @@ from ddep_jax.trainers import ddep
 def get_config(arg=None):
     arg = parse_arg(arg, decoder=1, vit="B", dep=False, runlocal=False, ckpt="",
                     dtype="float32", accum=1, arch="hybrid")
+    if arg.dep and arg.ckpt:
+        raise ValueError(
+            f"configs/ddep_imagenet21k.py:dep,ckpt={arg.ckpt}: DeP denoises the whole "
+            "model from a random initialisation (DDeP Sec. 3); drop ckpt for DeP, or "
+            "drop dep for DDeP (the encoder from ckpt, frozen).")
     c = ddep.default_config()
     c.model.encoder.vit_size = arg.vit
     c.model.decoder_multiplier = arg.decoder

@@ -127,6 +127,11 @@ def model_config() -> ml_collections.ConfigDict:
     m.decoder_num_groups = 32
     m.num_outputs = 3
     m.noise_conditioning = False
+    # The noise level a conditioned decoder is given on clean images
+    # (fine-tuning, inference): sigma; 0 embeds as unet_decoder.SIGMA_FLOOR.
+    # Set it inside the pretraining's range (e.g. its lowest level): a level
+    # it never saw in pretraining is another input distribution.
+    m.clean_noise_level = 0.0
     m.dtype = "float32"
     # Stride-1 convolutions (`models.fast_conv.CONV_IMPLS`): 'auto' is the
     # per-tap GEMM kernel gradient on CPU and XLA's convolution elsewhere.

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
+from ddep_jax import config_lib
+
 from ddep_jax.trainers import ddep, loop
 from ddep_jax.data import class_datasets, seg_datasets
 from ddep_jax.models.classifier import build_classifier
@@ -113,3 +115,30 @@ def test_default_config_takes_its_arguments():
     assert (c.total_steps, c.seed, c.data.name) == (20, 1, "embedded")
     with pytest.raises(ValueError, match="'stpes' is unknown"):
         _load(REPO / "configs" / "ddep_default.py").get_config("stpes=20")
+
+
+def test_dep_starts_from_nothing_pretrained(tmp_path):
+    """DeP (Sec. 3) denoises the whole model from a random initialisation:
+    the paper config refuses a checkpoint with `dep`, and every recipe's DeP
+    pretraining trains the encoder and reads no checkpoint; the whole model
+    denoised from an encoder is named otherwise."""
+    from ddep_jax.experiments import label_efficiency as le
+    from ddep_jax.experiments import protocols
+    from ddep_jax.trainers import ddep
+
+    with pytest.raises(ValueError, match="DeP denoises the whole model"):
+        config_lib.load_config_file(str(REPO / "configs/ddep_imagenet21k.py"),
+                                    "dep,ckpt=/some/encoder")
+    assert config_lib.load_config_file(str(REPO / "configs/ddep_imagenet21k.py"),
+                                       "dep").init.checkpoint == ""
+    for name, recipe in protocols.RECIPES.items():
+        if not any(p.name == "dep" for p in recipe.pretrainings):
+            continue
+        h = le.Harness(recipe, str(tmp_path / name),
+                       checkpoints={"supervised": "/ckpt/encoder"})
+        config = h.pretraining_config("dep")
+        assert config.stage == "ddep" and tuple(config.frozen) == (), name
+        assert config.init.checkpoint == "", name
+        assert ddep.denoising_run_name(config) == "DeP"
+        config.init.checkpoint = "/ckpt/encoder"
+        assert "not DeP" in ddep.denoising_run_name(config)

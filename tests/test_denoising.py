@@ -69,3 +69,38 @@ def test_unknown_noise_type_and_target():
         denoising.add_noise(x, eps, 0.2, "pink")
     with pytest.raises(ValueError, match="target"):
         denoising.denoising_loss(x, x, eps, "v")
+
+
+def test_table4_gamma_interval_is_sampled_as_gamma():
+    """Table 4's caption samples gamma in [0.9, 0.95], i.e. sigma in
+    [0.229, 0.333] (not sigma in [0, 0.5])."""
+    sigma = np.asarray(denoising.sample_sigma(jax.random.key(0), 4000, 0.22, None,
+                                              (0.9, 0.95)))
+    gamma = 1 / (1 + sigma.astype(np.float64) ** 2)
+    assert gamma.min() >= 0.9 - 1e-6 and gamma.max() <= 0.95 + 1e-6
+    assert abs(gamma.mean() - 0.925) < 0.002  # uniform in gamma
+    np.testing.assert_allclose([sigma.min(), sigma.max()],
+                               [np.sqrt(1 / 0.95 - 1), np.sqrt(1 / 0.9 - 1)], atol=2e-3)
+    with pytest.raises(ValueError, match="not both"):
+        denoising.sample_sigma(jax.random.key(0), 4, 0.22, (0.0, 0.5), (0.9, 0.95))
+
+
+def test_ddpm_gamma_interval_stays_finite():
+    sigma = np.asarray(denoising.sample_sigma(jax.random.key(1), 4000, 0.22, None,
+                                              (0.0, 1.0)))
+    assert np.all(np.isfinite(sigma)) and sigma.min() >= 0
+    assert sigma.max() <= denoising.sigma_from_gamma(denoising.GAMMA_FLOOR) + 1e-3
+    x, eps = _arrays(4, (4000, 1, 1, 3))
+    noisy = np.asarray(denoising.add_noise(x, eps, sigma, "scaled"))
+    assert np.all(np.isfinite(noisy))
+
+
+def test_corrupt_reads_gamma_range():
+    import ml_collections
+
+    d = ml_collections.ConfigDict(dict(noise_type="scaled", sigma=0.22, sigma_range=(),
+                                       gamma_range=(0.9, 0.95)))
+    images = np.zeros((64, 4, 4, 3), np.uint8)
+    _, _, sigma, _ = denoising.corrupt(d, images, jax.random.key(0))
+    gamma = 1 / (1 + np.asarray(sigma) ** 2)
+    assert gamma.min() >= 0.9 - 1e-6 and gamma.max() <= 0.95 + 1e-6

@@ -379,3 +379,17 @@ def test_cpu_fast_path_is_as_accurate_as_plain_convolutions():
     # layout gives ~1e-1).
     for what, e, bound in zip(("loss", "gradient"), got, (1e-6, 1.5e-5)):
         assert e <= bound, (what, e, bound)
+
+
+def test_conditioned_decoder_gets_its_clean_level_on_clean_images():
+    """Fine-tuning a conditioned decoder on clean images feeds it
+    `clean_noise_level` (a level inside its pretraining range), not sigma 0."""
+    model = TransUNet(TINY_ENCODER, decoder_widths=(16, 16, 8, 8, 8),
+                      decoder_num_groups=4, noise_conditioning=True,
+                      clean_noise_level=0.23)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 48, 3))
+    variables = jax.tree.map(lambda v: v + 0.1,
+                             model.init(jax.random.key(0), x, jnp.ones(2)))
+    clean = model.apply(variables, x, None)
+    chex.assert_trees_all_close(clean, model.apply(variables, x, jnp.full((2,), 0.23)))
+    assert not np.allclose(clean, model.apply(variables, x, jnp.zeros(2)))

@@ -32,6 +32,8 @@ class TransUNet(nn.Module):
       num_outputs: channels of the head (3 for denoising, classes later).
       decoder_num_groups: GroupNorm groups in the decoder.
       noise_conditioning: condition the decoder's norms on sigma (Sec. 4.4).
+      clean_noise_level: the sigma a conditioned decoder gets without a
+        noise level (clean images: fine-tuning, inference).
       conv: `conv_general_dilated` of the stride-1 convolutions of encoder,
         decoder and head (`fast_conv.resolve(config.model.conv)`).
 
@@ -47,6 +49,7 @@ class TransUNet(nn.Module):
     num_outputs: int = 3
     decoder_num_groups: int = 32
     noise_conditioning: bool = False
+    clean_noise_level: float = 0.0
     dtype: Any = jnp.float32
     conv: Callable = lax.conv_general_dilated
 
@@ -57,7 +60,8 @@ class TransUNet(nn.Module):
             widths=self.decoder_widths or tuple(
                 w * self.decoder_multiplier for w in DECODER_WIDTHS_1X),
             num_groups=self.decoder_num_groups,
-            noise_conditioning=self.noise_conditioning, dtype=self.dtype,
+            noise_conditioning=self.noise_conditioning,
+            clean_noise_level=self.clean_noise_level, dtype=self.dtype,
             conv=self.conv)
         self.head = self.make_head()
 
@@ -113,6 +117,7 @@ def build_model(model_config, num_outputs: int | None = None) -> TransUNet:
         num_outputs=model_config.num_outputs or num_outputs or 0,
         decoder_num_groups=model_config.decoder_num_groups,
         noise_conditioning=model_config.noise_conditioning,
+        clean_noise_level=float(model_config.get("clean_noise_level", 0.0)),
         dtype=jnp.dtype(model_config.dtype),
         conv=conv_of(model_config),
     )

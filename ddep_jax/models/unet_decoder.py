@@ -131,7 +131,9 @@ class UNetDecoder(nn.Module):
       num_groups: GroupNorm groups.
       noise_conditioning: if True, the norms are modulated by `noise_level`
         (Sec. 4.4); without one (fine-tuning, inference: clean images) the
-        level is sigma = 0.
+        level is `clean_noise_level`.
+      clean_noise_level: sigma given to a conditioned decoder on clean images
+        (`config.model.clean_noise_level`; 0 embeds as `SIGMA_FLOOR`).
       cond_dim: size of the noise-level embedding.
       conv: the 3x3 convolutions' `conv_general_dilated`
         (`fast_conv.resolve(config.model.conv)`).
@@ -143,6 +145,7 @@ class UNetDecoder(nn.Module):
     widths: Sequence[int] = DECODER_WIDTHS_1X
     num_groups: int = 32
     noise_conditioning: bool = False
+    clean_noise_level: float = 0.0
     cond_dim: int = 128
     dtype: Any = jnp.float32
     conv: Callable = lax.conv_general_dilated
@@ -155,7 +158,8 @@ class UNetDecoder(nn.Module):
         cond = None
         if self.noise_conditioning:
             if noise_level is None:  # clean images: fine-tuning and inference
-                noise_level = jnp.zeros((features.tokens.shape[0],), jnp.float32)
+                noise_level = jnp.full((features.tokens.shape[0],),
+                                       self.clean_noise_level, jnp.float32)
             cond = noise_level_embedding(noise_level, self.cond_dim)
             cond = nn.swish(nn.Dense(self.cond_dim, dtype=self.dtype,
                                      name="noise_embed")(cond))

@@ -70,20 +70,47 @@ def estimate_clean(noisy: jax.Array, eps_hat: jax.Array, sigma: jax.Array,
     raise ValueError(f"noise_type={noise_type!r}: expected one of {NOISE_TYPES}.")
 
 
+GAMMA_FLOOR = 1e-4
+"""The smallest gamma `sample_sigma` draws (sigma = sqrt(1 / gamma - 1) at
+most ~100): DDPM's interval [0, 1] includes gamma = 0, pure noise, whose
+sigma is infinite."""
+
+
+def sigma_from_gamma(gamma: jax.Array) -> jax.Array:
+    """sigma = sqrt(1 / gamma - 1), the inverse of `gamma_from_sigma`."""
+    return jnp.sqrt(1.0 / gamma - 1.0)
+
+
 def sample_sigma(key: jax.Array, batch_size: int, sigma: float,
-                 sigma_range: tuple[float, float] | None) -> jax.Array:
+                 sigma_range: tuple[float, float] | None,
+                 gamma_range: tuple[float, float] | None = None) -> jax.Array:
     """Noise magnitudes for a batch: fixed (paper default), or per example.
 
     Args:
       key: PRNG key.
       batch_size: B.
       sigma: the fixed value (0.22 is the paper's best for scaled noise, Fig. 5).
-      sigma_range: (low, high) to sample sigma uniformly per example instead
-        (the "sampled gamma" ablation, Table 4), or None for fixed.
+      sigma_range: (low, high) to sample sigma uniformly per example instead,
+        or None.
+      gamma_range: (low, high) to sample gamma = 1 / (1 + sigma^2) uniformly
+        per example instead, or None. Table 4's caption samples gamma in
+        [0.9, 0.95] (sigma in [0.229, 0.333]); DDPM (Ho et al. 2020), which
+        the text mentions, draws gamma in [0, 1]. Gamma is clipped to
+        [`GAMMA_FLOOR`, 1].
 
     Returns:
-      float32 [B].
+      float32 [B] sigma.
+
+    Raises:
+      ValueError: both ranges given.
     """
+    if sigma_range is not None and gamma_range is not None:
+        raise ValueError(f"sigma_range={sigma_range} and gamma_range={gamma_range}: "
+                         "sample one of sigma or gamma, not both.")
+    if gamma_range is not None:
+        low, high = gamma_range
+        gamma = jax.random.uniform(key, (batch_size,), jnp.float32, low, high)
+        return sigma_from_gamma(jnp.clip(gamma, GAMMA_FLOOR, 1.0))
     if sigma_range is None:
         return jnp.full((batch_size,), sigma, jnp.float32)
     low, high = sigma_range
@@ -115,7 +142,8 @@ def corrupt(denoising_config, images: jax.Array, key: jax.Array):
     """Draws sigma and eps for a batch and forms the noisy input (Eq. 1 or 5).
 
     Args:
-      denoising_config: `config.denoising` (noise_type, sigma, sigma_range).
+      denoising_config: `config.denoising` (noise_type, sigma, sigma_range,
+        gamma_range).
       images: uint8 [B, H, W, 3].
       key: PRNG key (split into sigma's and eps's).
 
@@ -125,6 +153,7 @@ def corrupt(denoising_config, images: jax.Array, key: jax.Array):
     d = denoising_config
     k_sigma, k_eps = jax.random.split(key)
     x = to_float_images(images)
-    sigma = sample_sigma(k_sigma, x.shape[0], d.sigma, tuple(d.sigma_range) or None)
+    sigma = sample_sigma(k_sigma, x.shape[0], d.sigma, tuple(d.sigma_range) or None,
+                         tuple(d.get("gamma_range", ())) or None)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     return x, eps, sigma, add_noise(x, eps, sigma, d.noise_type)

@@ -46,7 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.denoising.noise_type = "scaled"  # Eq. 5; 'simple' is Eq. 1
     c.denoising.target = "eps"  # Eq. 6; 'x' is Eq. 2
     c.denoising.sigma = 0.22  # Fig. 5
-    c.denoising.sigma_range = ()  # (low, high): sample sigma per example (Table 4)
+    c.denoising.sigma_range = ()  # (low, high): sample sigma per example
+    # (low, high): sample gamma = 1 / (1 + sigma^2) per example instead: Table 4's
+    # caption (0.9, 0.95), DDPM's (0, 1) (`denoising.sample_sigma`).
+    c.denoising.gamma_range = ()
 
     # Which top-level collections stay fixed: ('encoder',) is DDeP, () is DeP.
     c.frozen = ("encoder",)
@@ -105,6 +108,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
                 "denoising.sigma_range", low_high,
                 "need (low, high) with 0 <= low < high")
+    if d.gamma_range:
+        low_high = tuple(d.gamma_range)
+        require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1] <= 1,
+                "denoising.gamma_range", low_high,
+                "need (low, high) with 0 <= low < high <= 1 (Table 4: (0.9, 0.95))")
+        require(not d.sigma_range, "denoising.sigma_range", tuple(d.sigma_range),
+                "set sigma_range or gamma_range, not both")
+    require(config.model.clean_noise_level >= 0, "model.clean_noise_level",
+            config.model.clean_noise_level, "must be >= 0")
     config_lib.validate_model(config.model)
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
@@ -113,6 +125,18 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     config_lib.validate_run(config, num_devices, num_processes)
     require(config.image_grid_every >= 0, "image_grid_every",
             config.image_grid_every, ">= 0 (0: no image grids)")
+
+
+def denoising_run_name(config) -> str:
+    """What a denoising run is: 'DDeP' (encoder frozen), 'DeP' (the whole
+    model denoised from a random initialisation, Sec. 3), or, for the whole
+    model denoised from a pretrained encoder (`init.checkpoint`), a name of
+    its own: that is not the paper's DeP."""
+    if "encoder" in tuple(config.frozen):
+        return "DDeP"
+    if config.init.checkpoint:
+        return "Whole-model denoising from a pretrained encoder (not DeP)"
+    return "DeP"
 
 
 def unlabeled_image_fields(config, source, dataset) -> dict:
@@ -392,7 +416,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         peak_lr=learning_rate(config),
         keys=("init", "train", "images"),
         describe=lambda m: f"loss {m['loss']:.4f} | lr {m['learning_rate']:.3g}",
-        summary=(f"{'DDeP' if 'encoder' in fields['frozen'] else 'DeP'} on "
+        summary=(f"{denoising_run_name(config)} on "
                  f"{images_name(config.data)} "
                  f"images ({d.noise_type} noise, sigma {d.sigma}, {d.target} target)"),
         after_step=make_image_grid_hook(config, model, mesh, source),
