@@ -181,7 +181,8 @@ def tiny_moco_config(variant="image", **overrides):
     c = moco_stage.default_config()
     c.model.update(tiny_config().model.to_dict())
     c.model.num_outputs = 16
-    c.pretext.update(variant=variant, queue_size=64, hidden=32, momentum=0.9)
+    c.pretext.update(variant=variant, queue_size=64, hidden=32, momentum=0.9,
+                     frame_size=(48, 64))
     c.data.update(source="embedded", num_threads=1, prefetch=1, cache="none")
     c.frozen = () if variant == "patch" else ("encoder",)
     c.update(batch_size=8, total_steps=4, log_every=1, checkpoint_every=2)
@@ -320,3 +321,140 @@ def test_patch_moco_on_real_camvid_sharded_resumes_bit_for_bit_and_hands_over(
 
     assert_hands_over_to_finetuning(str(tmp_path / "straight"), state["params"],
                                     camvid_tfds, tmp_path)
+
+
+def test_own_image_is_never_a_negative_after_two_epochs_of_a_tiny_dataset(tmp_path):
+    """15 images, batch 4, a queue of 8 keys: after two epochs the queue
+    holds keys of images that are queried again. The queue keeps each key's
+    image id (the source index the pipeline adds), and InfoNCE over the queue
+    with the query's own image's keys excluded equals InfoNCE over the queue
+    with those rows removed."""
+    config = tiny_moco_config("image", **{"pretext.queue_size": 8, "batch_size": 4,
+                                          "total_steps": 8, "checkpoint_every": 8})
+    result = loop.run(config, str(tmp_path / "run"))
+    extra = jax.device_get(result["state"]["extra"])
+    ids = extra["queue_ids"]
+    assert ids.shape == (8,) and ids.min() >= 0 and ids.max() < 15
+    # The stream's last two batches are in the queue, in order.
+    stage = loop.trainer("moco").stage(config, None, str(tmp_path / "data"))
+    it = iter(stage.dataset)
+    batches = [next(it)["image_id"] for _ in range(8)]
+    np.testing.assert_array_equal(np.sort(ids), np.sort(np.concatenate(batches[-2:])))
+    # Two epochs of 15 images in batches of 4: some queried image has a key
+    # in the queue (the situation the exclusion exists for).
+    query_ids = np.concatenate([next(it)["image_id"] for _ in range(4)])
+    exclude, none = moco.negative_exclusions(jnp.asarray(query_ids), jnp.asarray(ids), 1)
+    exclude = np.asarray(exclude)
+    assert none is None and exclude.any()
+    np.testing.assert_array_equal(exclude, query_ids[:, None] == ids[None, :])
+    rng = np.random.RandomState(0)
+    q, k = _unit(rng.randn(len(query_ids), 16)), _unit(rng.randn(len(query_ids), 16))
+    queue = extra["queue"]
+    for i in range(len(query_ids)):
+        masked = moco.info_nce(jnp.asarray(q[i:i + 1]), jnp.asarray(k[i:i + 1]),
+                               jnp.zeros(1, jnp.int32), jnp.asarray(queue), 0.2,
+                               exclude_queue=jnp.asarray(exclude[i:i + 1]))
+        removed = moco.info_nce(jnp.asarray(q[i:i + 1]), jnp.asarray(k[i:i + 1]),
+                                jnp.zeros(1, jnp.int32),
+                                jnp.asarray(queue[~exclude[i]]), 0.2)
+        np.testing.assert_allclose(float(masked[0]), float(removed[0]), rtol=1e-6)
+
+
+def test_views_are_cropped_from_the_whole_frame(tmp_path):
+    """The MoCo stage's batches are whole frames (resized and centre-cropped
+    to `pretext.frame_size`), not the pipeline's random crops, with the
+    source index of each; the views' boxes lie inside that whole frame and
+    range over all of it (MoCo v2 crops both views from the whole image)."""
+    from ddep_jax.data import pipeline
+    from ddep_jax.data.embedded import EmbeddedImages
+
+    config = tiny_moco_config("image", **{"pretext.frame_size": (48, 64)})
+    stage = loop.trainer("moco").stage(config, None, str(tmp_path))
+    assert stage.batch_spec["image"].shape == (8, 48, 64, 3)
+    batch = next(iter(stage.dataset))
+    source = EmbeddedImages()
+    for image, i in zip(batch["image"], batch["image_id"]):
+        np.testing.assert_array_equal(image, pipeline.resize_centre_crop(
+            source[int(i)]["image"], (48, 64), 1.0))
+    boxes, _ = moco.sample_views(jax.random.key(0), 4000, (48, 64))
+    boxes = np.asarray(boxes)
+    assert boxes[..., 0].min() >= 0 and boxes[..., 1].min() >= 0
+    assert (boxes[..., 0] + boxes[..., 2]).max() <= 48 + 1e-4
+    assert (boxes[..., 1] + boxes[..., 3]).max() <= 64 + 1e-4
+    # Over many draws the views reach every border of the whole frame.
+    assert boxes[..., 0].min() < 0.5 and boxes[..., 1].min() < 0.5
+    assert (boxes[..., 0] + boxes[..., 2]).max() > 47.5
+    assert (boxes[..., 1] + boxes[..., 3]).max() > 63.5
+    c = config_lib.load_config_file("configs/moco_camvid.py", "")
+    assert tuple(c.pretext.frame_size) == (180, 240)  # CamVid's frames at half size
+
+
+def test_patch_regions_and_overlapping_negatives_by_hand():
+    """Query view: the whole 64x64 frame; key view: its top-left quarter,
+    flipped; a 2x2 grid. The key's four patches all lie inside the query's
+    top-left patch: for that query patch the three other key patches overlap
+    it fully and are no negatives (the positive stays); at
+    negative_max_overlap 1.0 every patch is a negative."""
+    boxes_q = jnp.array([[0.0, 0.0, 64.0, 64.0]])
+    boxes_k = jnp.array([[0.0, 0.0, 32.0, 32.0]])
+    flips_q, flips_k = jnp.array([False]), jnp.array([True])
+    rq = np.asarray(moco.patch_regions(boxes_q, flips_q, (2, 2)))[0]
+    rk = np.asarray(moco.patch_regions(boxes_k, flips_k, (2, 2)))[0]
+    np.testing.assert_allclose(rq, [[0, 0, 32, 32], [0, 32, 32, 64],
+                                    [32, 0, 64, 32], [32, 32, 64, 64]])
+    # Flipped: the view's first column shows the box's right half.
+    np.testing.assert_allclose(rk, [[0, 16, 16, 32], [0, 0, 16, 16],
+                                    [16, 16, 32, 32], [16, 0, 32, 16]])
+    overlap = moco.overlap_coefficient(jnp.asarray(rq)[None], jnp.asarray(rk)[None])
+    np.testing.assert_allclose(np.asarray(overlap)[0],
+                               [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    positive, valid = moco.match_patches(boxes_q, flips_q, boxes_k, flips_k,
+                                         (64, 64), (2, 2))
+    assert bool(valid[0, 0]) and not bool(valid[0, 1:].any())
+    ids = jnp.array([7])
+    no_queue = jnp.full((4,), moco.NO_IMAGE, jnp.int32)
+    _, exclude = moco.negative_exclusions(ids, no_queue, 4, overlap, 0.25)
+    np.testing.assert_array_equal(np.asarray(exclude)[0], [True] * 4)
+    np.testing.assert_array_equal(np.asarray(exclude)[1:], False)
+    _, keep_all = moco.negative_exclusions(ids, no_queue, 4, overlap, 1.0)
+    assert not np.asarray(keep_all).any()
+    # Query patch 0's centre (16, 16) is key-view pixel (32, 32), flipped
+    # column 32 -> key patch 3: the positive, which info_nce never excludes.
+    assert int(positive[0, 0]) == 3
+    rng = np.random.RandomState(0)
+    q = jnp.asarray(_unit(rng.randn(4, 8)))
+    k = jnp.asarray(_unit(rng.randn(4, 8)))
+    pos = jnp.asarray(np.asarray(positive)[0])
+    loss, _ = moco.info_nce(q[:1], k, pos[:1], jnp.zeros((0, 8)), 0.2,
+                            batch_negatives=True, exclude_keys=exclude[:1])
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)  # one class left: the positive
+
+
+def test_patch_level_exclusions_on_sampled_views():
+    """On MoCo v2's random views (6x6 grid): without the overlap exclusion
+    many queries have a negative overlapping them by more than 25%; with it
+    none does, and a query's own queued image keys are excluded too."""
+    cells, hw = (6, 6), (96, 96)
+    boxes, flips = moco.sample_views(jax.random.key(3), 256, (180, 240))
+    positive, valid = moco.match_patches(boxes[:, 0], flips[:, 0], boxes[:, 1],
+                                         flips[:, 1], hw, cells)
+    overlap = moco.overlap_coefficient(moco.patch_regions(boxes[:, 0], flips[:, 0], cells),
+                                       moco.patch_regions(boxes[:, 1], flips[:, 1], cells))
+    overlap, positive, valid = map(np.asarray, (overlap, positive, valid))
+    n = 36
+    not_pos = np.arange(n)[None, None, :] != positive[:, :, None]
+    high = ((overlap > 0.25) & not_pos).any(-1)[valid]
+    print(f"queries with an overlapping (>25%) negative: {high.mean():.1%}")
+    assert high.mean() > 0.2
+    ids = jnp.arange(256, dtype=jnp.int32)
+    queue_ids = jnp.array([3, 5, moco.NO_IMAGE, 3], jnp.int32)
+    ex_queue, ex_keys = moco.negative_exclusions(ids, queue_ids, n,
+                                                 jnp.asarray(overlap), 0.25)
+    ex_keys = np.asarray(ex_keys).reshape(256, n, 256, n)
+    for b in range(0, 256, 37):
+        block = ex_keys[b, :, b, :]
+        np.testing.assert_array_equal(block, overlap[b] > 0.25)
+        assert not np.delete(ex_keys[b], b, axis=1).any()  # other images: kept
+    ex_queue = np.asarray(ex_queue).reshape(256, n, 4)
+    np.testing.assert_array_equal(ex_queue[3, 0], [True, False, False, True])
+    np.testing.assert_array_equal(ex_queue[4, 0], [False] * 4)

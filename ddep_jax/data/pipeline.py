@@ -78,6 +78,48 @@ class RandomCropFlip:
                 **{k: example[k] for k in self.keep}}
 
 
+class FullFrame:
+    """The whole image, its shorter side resized and its longer side
+    centre-cropped to `size` (`resize_centre_crop` at fraction 1: CamVid's
+    4:3 frames at a 4:3 `size` keep every pixel), no flip: the frame a
+    pretext task crops its own views from (MoCo v2 crops both views from the
+    whole image).
+
+    Input: {'image': uint8 [H, W, 3], ...}; output: {'image': uint8
+    [size_h, size_w, 3]} plus the keys named in `keep`.
+    """
+
+    def __init__(self, size, keep: tuple[str, ...] = ()):
+        self.size = tuple(size)
+        self.keep = tuple(keep)
+
+    def __call__(self, example: dict) -> dict:
+        image = example["image"]
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an RGB image [H, W, 3], got {image.shape}.")
+        return {"image": resize_centre_crop(image, self.size, 1.0),
+                **{k: example[k] for k in self.keep}}
+
+
+IMAGE_ID = "image_id"
+"""The key `make_train_dataset(image_ids=True)` adds: int32, the record's
+index in the whole source (the same on every host)."""
+
+
+class _WithImageId:
+    """Adds `IMAGE_ID`: the index modulo the source's length (grain's
+    shuffle and repeat read a source at indices past its length, epoch after
+    epoch, and the source wraps them)."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, index: int, record):
+        if record is None:  # a record the source leaves out stays out
+            return None
+        return {**record, IMAGE_ID: np.int32(index % self.length)}
+
+
 def is_record(record) -> bool:
     """False for the None a source returns for a record it leaves out."""
     return record is not None
@@ -96,7 +138,8 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
                        flip: bool = True, keep: tuple[str, ...] = (),
                        num_threads: int = 8, prefetch: int = 4,
                        cache: str = "none", cache_max_mib: float = 2048,
-                       skip_missing: bool = False) -> grain.IterDataset:
+                       skip_missing: bool = False, crop: str = "random",
+                       image_ids: bool = False) -> grain.IterDataset:
     """The training stream of this host.
 
     Args:
@@ -115,16 +158,28 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
         image folder's unreadable files): they are filtered from the shuffled
         stream and batches are formed after the filter, so every batch is
         full and the stream stays deterministic and resumable.
+      crop: 'random' (an inception crop of `area_range` / `aspect_range`
+        and a flip, `RandomCropFlip`) or 'full' (the whole frame at
+        `image_size`, `FullFrame`; area, aspect and flip unused).
+      image_ids: add `IMAGE_ID` (int32 [batch_size]): each example's index in
+        the source (MoCo's queue keeps it to leave out negatives of the
+        query's own image).
 
     Returns:
       grain.IterDataset of {'image': uint8 [batch_size, H, W, 3], **keep};
       infinite.
 
     Raises:
-      ValueError: the host's shard holds fewer examples than one batch.
+      ValueError: the host's shard holds fewer examples than one batch; an
+        unknown `crop`.
     """
+    if crop not in ("random", "full"):
+        raise ValueError(f"crop={crop!r}: expected 'random' or 'full'.")
     if not isinstance(source, grain.MapDataset):
         source = grain.MapDataset.source(source)
+    if image_ids:  # before sharding: the index in the whole source
+        source = source.map_with_index(_WithImageId(len(source)))
+        keep = (*keep, IMAGE_ID)
     ds = source[process_index::process_count]
     if len(ds) < batch_size:
         raise ValueError(f"host {process_index} has {len(ds)} examples, fewer than "
@@ -134,9 +189,12 @@ def make_train_dataset(source, *, image_size, batch_size: int, seed: int,
     ds = ds.shuffle(seed=seed).repeat(None)
     if skip_missing:
         ds = ds.filter(is_record)
-    ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
-                                      keep),
-                       seed=augment_seed(seed, process_index))
+    if crop == "full":
+        ds = ds.map(FullFrame(image_size, keep))
+    else:
+        ds = ds.random_map(RandomCropFlip(image_size, area_range, aspect_range, flip,
+                                          keep),
+                           seed=augment_seed(seed, process_index))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     if skip_missing:  # a filtered MapDataset has holes: batch the stream instead
         stream = grain.experimental.WithOptionsIterDataset(  # never spin forever

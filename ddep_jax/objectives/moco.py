@@ -30,6 +30,17 @@ positive and are left out of the loss; the negatives are the other key
 patches of the batch and the queue, which holds every key patch of the
 recent batches.
 
+Where this project departs from a literal reading of the draft, to keep
+false negatives out (`negative_exclusions`): a key (queued or in the batch)
+of the query's own image is not a negative (MoCo's queue is a small
+fraction of its dataset, 65536 of 1.28 M images, so it rarely holds the
+query's image; a queue of 4096 over CamVid's 367 images holds each image ~11
+times), and a key patch of the same image whose region overlaps the query
+patch's region by more than `negative_max_overlap` (intersection over the
+smaller region, `overlap_coefficient`) is not a negative either. Both views
+are cropped from the whole frame (the pipeline hands over whole frames,
+`pipeline.FullFrame`), as in MoCo v2.
+
 Boxes are (y0, x0, h, w) in pixels of the source image, continuous
 coordinates with pixel i covering [i, i + 1).
 """
@@ -72,6 +83,18 @@ def enqueue(queue: jax.Array, pointer: jax.Array, keys: jax.Array):
             ((pointer + n) % size).astype(jnp.int32))
 
 
+def enqueue_ids(queue_ids: jax.Array, pointer: jax.Array, ids: jax.Array) -> jax.Array:
+    """The image id of every queued key, written where `enqueue` writes the
+    keys (the pointer before that call): int32 [K] with `ids` [N] at rows
+    pointer, ... (mod K)."""
+    rows = (pointer + jnp.arange(ids.shape[0])) % queue_ids.shape[0]
+    return queue_ids.at[rows].set(ids.astype(queue_ids.dtype))
+
+
+NO_IMAGE = -1
+"""The image id of a queue row that holds no key yet (the random start)."""
+
+
 def initial_queue(key: jax.Array, size: int, dim: int) -> jax.Array:
     """A queue of random unit vectors, float32 [size, dim] (MoCo starts from
     normalised Gaussian noise)."""
@@ -79,9 +102,14 @@ def initial_queue(key: jax.Array, size: int, dim: int) -> jax.Array:
     return q / jnp.linalg.norm(q, axis=1, keepdims=True)
 
 
+_EXCLUDED = -1e9
+"""The logit of a key that is not a negative (exp of it / T is 0)."""
+
+
 def info_nce(queries: jax.Array, keys: jax.Array, positive: jax.Array,
              queue: jax.Array, temperature: float, valid: jax.Array | None = None,
-             batch_negatives: bool = False):
+             batch_negatives: bool = False, exclude_queue: jax.Array | None = None,
+             exclude_keys: jax.Array | None = None):
     """The InfoNCE loss of MoCo: -log softmax(logits / T)[positive].
 
     Args:
@@ -94,6 +122,10 @@ def info_nce(queries: jax.Array, keys: jax.Array, positive: jax.Array,
       batch_negatives: False: the logits are [q . k_positive, q . queue]
         (MoCo, K + 1 classes); True: every row of `keys` is a class too
         (the other keys are negatives; M + K classes).
+      exclude_queue: bool [N, K]: queue rows that are not negatives of a
+        query (its own image's keys); None: all are.
+      exclude_keys: bool [N, M], with `batch_negatives`: keys that are not
+        negatives of a query (the positive is never excluded); None: all are.
 
     Returns:
       (mean loss over the valid queries, the fraction of valid queries whose
@@ -101,8 +133,14 @@ def info_nce(queries: jax.Array, keys: jax.Array, positive: jax.Array,
     """
     q = queries.astype(jnp.float32)
     neg = q @ queue.astype(jnp.float32).T
+    if exclude_queue is not None:
+        neg = jnp.where(exclude_queue, _EXCLUDED, neg)
     if batch_negatives:
-        logits = jnp.concatenate([q @ keys.astype(jnp.float32).T, neg], axis=1)
+        batch = q @ keys.astype(jnp.float32).T
+        if exclude_keys is not None:
+            is_positive = jnp.arange(keys.shape[0])[None, :] == positive[:, None]
+            batch = jnp.where(exclude_keys & ~is_positive, _EXCLUDED, batch)
+        logits = jnp.concatenate([batch, neg], axis=1)
         target = positive
     else:
         pos = jnp.sum(q * keys[positive].astype(jnp.float32), axis=1, keepdims=True)
@@ -206,6 +244,78 @@ def match_patches(boxes_q, flips_q, boxes_k, flips_k, out_hw, grid):
     row = jnp.clip(jnp.floor(u / (oh / gh)), 0, gh - 1).astype(jnp.int32)
     col = jnp.clip(jnp.floor(v / (ow / gw)), 0, gw - 1).astype(jnp.int32)
     return row * gw + col, valid
+
+
+def patch_regions(boxes: jax.Array, flips: jax.Array,
+                  grid: tuple[int, int]) -> jax.Array:
+    """The source-image region of every patch of a view.
+
+    boxes [B, 4], flips bool [B]; the view cut into a `grid` (gh, gw) ->
+    float32 [B, gh * gw, 4] (y0, x0, y1, x1), patches in row-major order of
+    the (flipped) view: column c of a flipped view shows the box's column
+    gw - 1 - c.
+    """
+    gh, gw = grid
+    ph, pw = boxes[:, 2] / gh, boxes[:, 3] / gw  # [B]
+    r = jnp.arange(gh, dtype=jnp.float32)
+    c = jnp.arange(gw, dtype=jnp.float32)
+    c = jnp.where(flips[:, None], gw - 1 - c[None], c[None])  # [B, gw]
+    y0 = boxes[:, 0, None] + r[None] * ph[:, None]  # [B, gh]
+    x0 = boxes[:, 1, None] + c * pw[:, None]  # [B, gw]
+    b = boxes.shape[0]
+    yy = jnp.broadcast_to(y0[:, :, None], (b, gh, gw))
+    xx = jnp.broadcast_to(x0[:, None, :], (b, gh, gw))
+    out = jnp.stack([yy, xx, yy + ph[:, None, None], xx + pw[:, None, None]], -1)
+    return out.reshape(b, gh * gw, 4)
+
+
+def overlap_coefficient(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Intersection over the smaller area of every pair of regions: 1 when
+    one contains the other, 0 when they share no area.
+
+    a [B, N, 4], b [B, M, 4] (y0, x0, y1, x1) -> float32 [B, N, M]."""
+    a, b = a[:, :, None], b[:, None, :]
+    h = jnp.maximum(0.0, jnp.minimum(a[..., 2], b[..., 2]) - jnp.maximum(a[..., 0], b[..., 0]))
+    w = jnp.maximum(0.0, jnp.minimum(a[..., 3], b[..., 3]) - jnp.maximum(a[..., 1], b[..., 1]))
+    area = lambda r: (r[..., 2] - r[..., 0]) * (r[..., 3] - r[..., 1])
+    return h * w / jnp.maximum(jnp.minimum(area(a), area(b)), 1e-12)
+
+
+def negative_exclusions(image_ids: jax.Array, queue_ids: jax.Array, n: int,
+                        overlap: jax.Array | None = None, max_overlap: float = 1.0,
+                        same_image: bool = True):
+    """Which keys are not negatives of which queries.
+
+    Args:
+      image_ids: int32 [B] the source index of each image of the batch.
+      queue_ids: int32 [K] the image id of each queued key (`NO_IMAGE`: none).
+      n: embeddings per image (1: image level; the patch grid's cells).
+      overlap: float [B, n, n] (patch levels): `overlap_coefficient` of each
+        query patch's region with each key patch's region of the same image.
+      max_overlap: a key patch of the query's own view pair overlapping its
+        region by more than this is excluded (1.0: none is).
+      same_image: exclude every key of the query's own image from the queue,
+        and of another batch row showing the same image (the positive's own
+        view pair is governed by `overlap` instead).
+
+    Returns:
+      (exclude_queue bool [B * n, K], exclude_keys bool [B * n, B * n] or
+      None at the image level), for `info_nce`.
+    """
+    q_img = jnp.repeat(image_ids, n)  # [B * n]
+    exclude_queue = (q_img[:, None] == queue_ids[None, :]) & same_image
+    if n == 1 and overlap is None:
+        return exclude_queue, None
+    b = image_ids.shape[0]
+    row = jnp.repeat(jnp.arange(b), n)
+    same_row = row[:, None] == row[None, :]
+    exclude_keys = (q_img[:, None] == q_img[None, :]) & ~same_row & same_image
+    if overlap is not None:
+        # Block-diagonal [B * n, B * n]: the query's own row's cells.
+        eye = jnp.eye(b, dtype=bool)
+        blocks = (overlap > max_overlap)[:, :, None, :] & eye[:, None, :, None]
+        exclude_keys = exclude_keys | blocks.reshape(b * n, b * n)
+    return exclude_queue, exclude_keys
 
 
 # ----------------------------------------------------------------------------

@@ -139,38 +139,55 @@ def denoising_run_name(config) -> str:
     return "DeP"
 
 
-def unlabeled_image_fields(config, source, dataset) -> dict:
+def unlabeled_image_fields(config, source, dataset, *, frame_size=None,
+                           image_ids: bool = False) -> dict:
     """The `loop.Stage` fields every stage-2 objective on unlabeled images
     shares (DDeP / DeP, rotation, MoCo): the init input float32 [1, H, W, 3],
     `config.frozen`, the encoder read from `init.checkpoint`, the batch spec
-    and a random example batch of uint8 [B, H, W, 3], the dataset and its
-    length (0 without one)."""
+    and a random example batch of uint8 [B, h, w, 3] ((h, w) = `frame_size`,
+    else the encoder's input size; with `image_ids` also 'image_id' int32
+    [B]), the dataset and its length (0 without one)."""
     h, w = config.model.encoder.image_size
+    fh, fw = frame_size or (h, w)
     b = config.batch_size
+    spec = {"image": jax.ShapeDtypeStruct((b, fh, fw, 3), jnp.uint8)}
+    if image_ids:
+        spec[pipeline.IMAGE_ID] = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def example_batch(rng):
+        batch = {"image": rng.randint(0, 256, (b, fh, fw, 3)).astype(np.uint8)}
+        if image_ids:
+            batch[pipeline.IMAGE_ID] = rng.randint(0, 4 * b, (b,)).astype(np.int32)
+        return batch
+
     return dict(
         init_inputs=(jnp.zeros((1, h, w, 3), jnp.float32),),
         frozen=tuple(config.frozen),
         init_collections=("encoder",),
-        batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8)},
-        example_batch=lambda rng: {
-            "image": rng.randint(0, 256, (b, h, w, 3)).astype(np.uint8)},
+        batch_spec=spec,
+        example_batch=example_batch,
         dataset=dataset,
         num_examples=len(source) if source is not None else 0)
 
 
 def pretext_stage(config, name: str, model, *, data: bool, describe, summary: str,
-                  workdir: str | None = None, **fields) -> loop.Stage:
+                  workdir: str | None = None, frame_size=None, image_ids: bool = False,
+                  **fields) -> loop.Stage:
     """The `loop.Stage` of a stage-2 pretext objective (`rotation`, `moco`):
-    `unlabeled_image_fields` on the unlabeled images of `config.data`, the
-    configured learning rate, plus the objective's own `fields` (loss_fn,
-    prepare, ...). `summary` is followed by ' on <data> images, encoder
-    frozen|trained'."""
-    source, dataset = make_unlabeled_data(config, workdir) if data else (None, None)
+    `unlabeled_image_fields` on the unlabeled images of `config.data` (the
+    encoder-sized crops, or with `frame_size` the whole frames at that size,
+    with `image_ids` their source indices), the configured learning rate,
+    plus the objective's own `fields` (loss_fn, prepare, ...). `summary` is
+    followed by ' on <data> images, encoder frozen|trained'."""
+    source, dataset = (make_unlabeled_data(config, workdir, frame_size=frame_size,
+                                           image_ids=image_ids)
+                       if data else (None, None))
     frozen = tuple(config.frozen)
     return loop.Stage(
         name=name,
         model=model,
-        **unlabeled_image_fields(config, source, dataset),
+        **unlabeled_image_fields(config, source, dataset, frame_size=frame_size,
+                                 image_ids=image_ids),
         peak_lr=config.optimizer.learning_rate,
         keys=("init", "train"),
         describe=describe,
@@ -261,19 +278,25 @@ def make_source(data_config, workdir: str | None = None):
                             data_config.data_dir or None)
 
 
-def make_unlabeled_data(config, workdir: str | None = None):
+def make_unlabeled_data(config, workdir: str | None = None, *, frame_size=None,
+                        image_ids: bool = False):
     """(source, host-local train batches {'image': uint8 [B / hosts, H, W, 3]})
     of `config.data`: inception crops to the encoder's input size and flips
     (`pipeline.make_train_dataset`), this host's shard. Shared by the stage-2
-    objectives that train on unlabeled images (DDeP, the pretext tasks)."""
+    objectives that train on unlabeled images (DDeP, the pretext tasks).
+    `frame_size` (h, w): the whole frames at that size instead of crops (a
+    pretext task that crops its own views); `image_ids`: batches carry
+    'image_id' int32 [B / hosts] (`pipeline.IMAGE_ID`)."""
     h, w = config.model.encoder.image_size
     source = make_source(config.data, workdir)
     dataset = pipeline.make_train_dataset(
-        source, image_size=(h, w), batch_size=config.batch_size // jax.process_count(),
+        source, image_size=tuple(frame_size or (h, w)),
+        batch_size=config.batch_size // jax.process_count(),
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), area_range=config.data.crop_area_range,
         aspect_range=config.data.crop_aspect_range, flip=config.data.flip,
         skip_missing=config.data.source == "folder",
+        crop="full" if frame_size else "random", image_ids=image_ids,
         **config_lib.data_loading(config.data))
     return source, dataset
 

@@ -2,17 +2,22 @@
 encoder-decoder MoCo, patch-level MoCo and patch-level encoder-decoder MoCo;
 `objectives.moco`, `models.contrastive`).
 
-Unlabeled images (the DDeP stage's sources and crops) -> two augmented views
-of each (MoCo v2's crops, flips, colour jitter, grayscale, blur, with their
-geometry kept) -> the trained network embeds the first view (the queries),
-its momentum copy the second (the keys) -> InfoNCE against the positive key
-and a queue of earlier keys. `pretext.variant` picks what an embedding
+Unlabeled images (the DDeP stage's sources, each whole frame resized to
+`pretext.frame_size` with its source index) -> two augmented views of each,
+both cropped from the whole frame (MoCo v2's crops, flips, colour jitter,
+grayscale, blur, with their geometry kept) -> the trained network embeds the
+first view (the queries), its momentum copy the second (the keys) -> InfoNCE
+against the positive key and a queue of earlier keys, leaving out of the
+negatives the keys of the query's own image (`pretext.exclude_same_image`)
+and, at the patch levels, the key patches overlapping the query patch's
+region (`pretext.negative_max_overlap`; `objectives.moco.negative_exclusions`). `pretext.variant` picks what an embedding
 describes (`models.contrastive.VARIANTS`): the whole image from the
 decoder's output, or the cells of the encoder's token grid (positives
 matched through the two crops), or the same cells of the decoder's output.
 
-The momentum encoder (a copy of every trained collection), the queue and
-its pointer are the loop's extra train state (`loop.Stage.extra_state`):
+The momentum encoder (a copy of every trained collection), the queue, the
+image id of each queued key and the queue's pointer are the loop's extra
+train state (`loop.Stage.extra_state`):
 sharded like the parameters, checkpointed and resumed with them. The
 encoder is frozen (`frozen=('encoder',)`, as DDeP; not for `patch`, which
 trains nothing else but the head), trained, or trained at a fraction of the
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddep_jax import config_lib
+from ddep_jax.data import pipeline
 from ddep_jax.models.contrastive import VARIANTS, ContrastiveTransUNet
 from ddep_jax.models.transunet import conv_of, encoder_kwargs
 from ddep_jax.objectives import moco
@@ -53,7 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.pretext.temperature = 0.2
     c.pretext.queue_size = 65536  # negatives; >= keys per batch
     c.pretext.hidden = 2048  # the projection MLP's hidden width
-    c.pretext.crop_area_range = moco.CROP_AREA  # of each view, in the input image
+    c.pretext.crop_area_range = moco.CROP_AREA  # of each view, in the whole frame
+    # The whole frame the two views are cropped from: each image resized
+    # (shorter side) and centre-cropped to this; data.crop_area_range and
+    # data.flip are not used.
+    c.pretext.frame_size = (256, 256)
+    # Keys of the query's own image are not negatives (queue and batch).
+    c.pretext.exclude_same_image = True
+    # Patch levels: a key patch of the query's own image overlapping the query
+    # patch's region by more than this (intersection over the smaller region)
+    # is not a negative; 1.0 keeps them all (the draft read literally).
+    c.pretext.negative_max_overlap = 0.25
     c.optimizer.learning_rate = 1e-4
     return c
 
@@ -91,6 +107,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             f"must hold one batch's {keys} keys (batch {config.batch_size} x "
             f"{gh * gw} embeddings)")
     config_lib.validate_crop_area("pretext.crop_area_range", p.crop_area_range)
+    frame = tuple(p.frame_size)
+    require(len(frame) == 2 and all(int(v) > 0 for v in frame), "pretext.frame_size",
+            frame, "need (height, width) in pixels, both > 0")
+    require(0 <= p.negative_max_overlap <= 1, "pretext.negative_max_overlap",
+            p.negative_max_overlap, "must be in [0, 1] (1: no patch is excluded)")
     require(not (p.variant == "patch" and config.frozen), "frozen",
             tuple(config.frozen), "pretext.variant='patch' embeds the encoder's "
             "tokens: with the encoder frozen only the head would train")
@@ -110,10 +131,12 @@ def build_model(config) -> ContrastiveTransUNet:
 
 
 def make_prepare(config):
-    """(batch {'image': uint8 [B, H, W, 3]}, key) -> ({'query', 'key_view':
-    float32 [B, H, W, 3] in [-1, 1], and for the patch variants 'positive':
-    int32 [B, N] (the key patch of each query patch), 'valid': bool [B, N]},
-    {}, dropout key)."""
+    """(batch {'image': uint8 [B, h, w, 3] whole frames, 'image_id': int32
+    [B]}, key) -> ({'query', 'key_view': float32 [B, H, W, 3] in [-1, 1],
+    'image_id', and for the patch variants 'positive': int32 [B, N] (the key
+    patch of each query patch), 'valid': bool [B, N], 'overlap': float32
+    [B, N, N] (each query patch's region against each key patch's,
+    `moco.overlap_coefficient`)}, {}, dropout key)."""
     hw = tuple(config.model.encoder.image_size)
     cells = grid(config)
     area = tuple(config.pretext.crop_area_range)
@@ -124,10 +147,14 @@ def make_prepare(config):
         boxes, flips = moco.sample_views(k_views, images.shape[0], images.shape[1:3],
                                          area=area)
         views = moco.render_views(k_photo, images, boxes, flips, hw)
-        out = {"query": views[0], "key_view": views[1]}
+        out = {"query": views[0], "key_view": views[1],
+               "image_id": batch[pipeline.IMAGE_ID]}
         if config.pretext.variant != "image":
             out["positive"], out["valid"] = moco.match_patches(
                 boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], hw, cells)
+            out["overlap"] = moco.overlap_coefficient(
+                moco.patch_regions(boxes[:, 0], flips[:, 0], cells),
+                moco.patch_regions(boxes[:, 1], flips[:, 1], cells))
         return out, {}, k_dropout
 
     return prepare
@@ -135,11 +162,13 @@ def make_prepare(config):
 
 def make_extra_state(config, model):
     """(params, key) -> {'momentum': a copy of params (the key encoder),
-    'queue': float32 [K, dim] random unit vectors, 'pointer': int32 0}."""
+    'queue': float32 [K, dim] random unit vectors, 'queue_ids': int32 [K]
+    `moco.NO_IMAGE`, 'pointer': int32 0}."""
     def extra_state(params, key):
+        size = config.pretext.queue_size
         return {"momentum": jax.tree.map(jnp.array, params),
-                "queue": moco.initial_queue(key, config.pretext.queue_size,
-                                            config.model.num_outputs),
+                "queue": moco.initial_queue(key, size, config.model.num_outputs),
+                "queue_ids": jnp.full((size,), moco.NO_IMAGE, jnp.int32),
                 "pointer": jnp.zeros((), jnp.int32)}
 
     return extra_state
@@ -149,46 +178,64 @@ def make_update_extra(config, model):
     """The step's MoCo bookkeeping before the loss: momentum update of the
     key encoder with the current parameters, the keys of the second views
     (no gradient) into the batch ('key_embedding' [B, N, dim]), the queue
-    before this batch into the context ('queue'), this batch's keys
-    enqueued."""
+    and its image ids before this batch into the context ('queue',
+    'queue_ids'), this batch's keys and their images' ids enqueued."""
     m = config.pretext.momentum
 
     def update_extra(extra, params, batch, context):
         momentum = moco.momentum_update(extra["momentum"], params, m)
         keys = jax.lax.stop_gradient(model.apply({"params": momentum},
                                                  batch["key_view"], train=False))
-        queue, pointer = moco.enqueue(extra["queue"], extra["pointer"],
-                                      keys.reshape(-1, keys.shape[-1]))
-        return ({"momentum": momentum, "queue": queue, "pointer": pointer},
-                {**batch, "key_embedding": keys}, {**context, "queue": extra["queue"]})
+        flat = keys.reshape(-1, keys.shape[-1])
+        ids = jnp.repeat(batch["image_id"], keys.shape[1])
+        queue, pointer = moco.enqueue(extra["queue"], extra["pointer"], flat)
+        queue_ids = moco.enqueue_ids(extra["queue_ids"], extra["pointer"], ids)
+        return ({"momentum": momentum, "queue": queue, "queue_ids": queue_ids,
+                 "pointer": pointer},
+                {**batch, "key_embedding": keys},
+                {**context, "queue": extra["queue"], "queue_ids": extra["queue_ids"]})
 
     return update_extra
 
 
 def make_loss_fn(config, model):
     """(params, micro-batch, key, context) -> (InfoNCE loss, {'contrastive_accuracy',
-    'matched_patches'}); a frozen encoder runs in inference mode."""
+    'matched_patches', 'excluded_negatives'}); a frozen encoder runs in
+    inference mode. The negatives leave out `moco.negative_exclusions`
+    (`excluded_negatives`: how many per query, mean over the queries)."""
     train = "encoder" not in tuple(config.frozen)
-    temperature = config.pretext.temperature
-    image_level = config.pretext.variant == "image"
+    p = config.pretext
+    temperature = p.temperature
+    image_level = p.variant == "image"
 
     def loss_fn(params, batch, key, context):
         q = model.apply({"params": params}, batch["query"], train=train,
                         rngs={"dropout": key} if train else None)
         k = batch["key_embedding"]
         b, n, d = q.shape
+        exclude_queue, exclude_keys = moco.negative_exclusions(
+            batch["image_id"], context["queue_ids"], n,
+            None if image_level else batch["overlap"], p.negative_max_overlap,
+            p.exclude_same_image)
         if image_level:
             loss, accuracy = moco.info_nce(q[:, 0], k[:, 0], jnp.arange(b),
-                                           context["queue"], temperature)
+                                           context["queue"], temperature,
+                                           exclude_queue=exclude_queue)
             matched = jnp.ones((), jnp.float32)
+            excluded = jnp.mean(jnp.sum(exclude_queue, axis=1).astype(jnp.float32))
         else:
-            positive = jnp.arange(b)[:, None] * n + batch["positive"]
+            positive = (jnp.arange(b)[:, None] * n + batch["positive"]).reshape(-1)
             loss, accuracy = moco.info_nce(
-                q.reshape(b * n, d), k.reshape(b * n, d), positive.reshape(-1),
+                q.reshape(b * n, d), k.reshape(b * n, d), positive,
                 context["queue"], temperature, batch["valid"].reshape(-1),
-                batch_negatives=True)
+                batch_negatives=True, exclude_queue=exclude_queue,
+                exclude_keys=exclude_keys)
             matched = jnp.mean(batch["valid"].astype(jnp.float32))
-        return loss, {"contrastive_accuracy": accuracy, "matched_patches": matched}
+            not_positive = jnp.arange(b * n)[None, :] != positive[:, None]
+            excluded = jnp.mean((jnp.sum(exclude_queue, axis=1) + jnp.sum(
+                exclude_keys & not_positive, axis=1)).astype(jnp.float32))
+        return loss, {"contrastive_accuracy": accuracy, "matched_patches": matched,
+                      "excluded_negatives": excluded}
 
     return loss_fn
 
@@ -200,11 +247,17 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
     p = config.pretext
     return ddep.pretext_stage(
         config, "moco", model, data=data, workdir=workdir,
+        frame_size=tuple(p.frame_size), image_ids=True,
         loss_fn=make_loss_fn(config, model), prepare=make_prepare(config),
         extra_state=make_extra_state(config, model),
         update_extra=make_update_extra(config, model),
         describe=lambda m: (f"loss {m['loss']:.4f} | contrastive acc "
                             f"{m['contrastive_accuracy']:.3f} | matched "
-                            f"{m['matched_patches']:.2f} | lr {m['learning_rate']:.3g}"),
+                            f"{m['matched_patches']:.2f} | excluded negatives "
+                            f"{m['excluded_negatives']:.1f} | lr "
+                            f"{m['learning_rate']:.3g}"),
         summary=(f"MoCo ({p.variant}, momentum {p.momentum}, T {p.temperature}, "
-                 f"queue {p.queue_size})"))
+                 f"queue {p.queue_size}, views from {tuple(p.frame_size)} frames, "
+                 f"same-image negatives {'excluded' if p.exclude_same_image else 'kept'}"
+                 + ("" if p.variant == "image" else
+                    f", overlap > {p.negative_max_overlap} excluded") + ")"))
