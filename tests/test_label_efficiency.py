@@ -590,3 +590,46 @@ def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     summary = report.summary_markdown(recipe, harness.results, [], total_runs=1)
     assert "| initialisation | Sky | Building | Pole |" in summary
 
+
+
+def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
+    """The summary's Reproduce section gives, per pretraining and per cell,
+    one `python -m ddep_jax.main` command; its flags applied to its config
+    file rebuild exactly the config the harness runs."""
+    import ast
+    import shlex
+
+    from ddep_jax import config_lib
+
+    recipe = protocols.get("camvid_cpu_v2")
+    h = le.Harness(recipe, str(tmp_path), data_dir="/data/tfds")
+
+    def rebuilt(command: str):
+        args = shlex.split(command)
+        assert args[:3] == ["python", "-m", "ddep_jax.main"]
+        spec = args[3][len("--config="):]
+        path, _, arg = spec.partition(":")
+        config = config_lib.load_config_file(str(REPO / path), arg or None)
+        for flag in args[4:-1]:
+            key, _, text = flag[len("--config."):].partition("=")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            config_lib.apply_overrides(config, {key: value})
+        assert args[-1].startswith("--workdir=OUT/")
+        return config
+
+    for p in recipe.pretrainings:
+        command = h.pretraining_command(p.name)
+        want = h.pretraining_config(p.name).to_dict()
+        got = rebuilt(command).to_dict()
+        got["init"]["checkpoint"] = got["init"]["checkpoint"].replace("OUT/", str(tmp_path) + "/")
+        assert got == want, p.name
+    for run in h.finetune_runs()[:len(recipe.rows)]:
+        got = rebuilt(h.finetune_command(run)).to_dict()
+        got["init"]["checkpoint"] = got["init"]["checkpoint"].replace("OUT/", str(tmp_path) + "/")
+        assert got == h.finetune_config(run).to_dict(), run.id
+    text = report.summary_markdown(recipe, [], commands=h.commands())
+    assert "## Reproduce" in text and text.count("\n  python -m ddep_jax.main") == (
+        len(recipe.pretrainings) + len(recipe.rows) * len(recipe.fractions))

@@ -68,6 +68,7 @@ import pathlib
 import importlib
 import importlib.util
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -118,6 +119,13 @@ def use_compilation_cache(out: str) -> str:
     path = os.path.join(out, "xla_cache")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def _flag_value(value) -> str:
+    """A config value as `--config.KEY=` takes it (tuples as (a,b,...))."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_flag_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
 
 
 def code_commit() -> str:
@@ -578,28 +586,74 @@ class Harness:
             config_lib.apply_overrides(config, {"data.data_dir": self.data_dir})
         return config
 
+    def _pretraining_overrides(self, name: str) -> dict:
+        p = self.recipe.pretraining(name)
+        o = {**self.recipe.overrides, **p.overrides}
+        if p.init_from:
+            o["init.checkpoint"] = self.pretrain_dir(p.init_from)
+        if self.data_dir:
+            o["data.data_dir"] = self.data_dir
+        return o
+
     def pretraining_config(self, name: str):
         p = self.recipe.pretraining(name)
-        config = self._load(p.config, p.arg, p.overrides)
-        if p.init_from:
-            config.init.checkpoint = self.pretrain_dir(p.init_from)
-        return config
+        return self._load(p.config, p.arg, p.overrides, self._pretraining_overrides(name))
 
-    def finetune_config(self, run: FinetuneRun):
+    def _finetune_overrides(self, run: FinetuneRun) -> dict:
+        """Every key a fine-tuning run sets on its config file's config, in
+        order (`finetune_config` applies them, `finetune_command` prints them)."""
         row = self.recipe.row(run.row)
         steps = self.recipe.finetune_steps.get(run.fraction)
-        config = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
-                            self.recipe.finetune_overrides, row.overrides,
-                            {"total_steps": steps} if steps else {})
-        config.seed = run.seed
-        config.data.subset_seed = -1  # the labelled subset follows the seed
-        config.data.label_fraction = run.fraction
-        config.init.mode = row.init
-        config.init.checkpoint = self.pretrain_dir(row.pretraining) if row.pretraining else ""
+        o = {**self.recipe.overrides, **self.recipe.finetune_overrides, **row.overrides}
+        if steps:
+            o["total_steps"] = steps
+        o.update({"seed": run.seed,
+                  "data.subset_seed": -1,  # the labelled subset follows the seed
+                  "data.label_fraction": run.fraction, "init.mode": row.init,
+                  "init.checkpoint": (self.pretrain_dir(row.pretraining)
+                                      if row.pretraining else "")})
+        if self.data_dir:
+            o["data.data_dir"] = self.data_dir
+        base = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
+                          self.recipe.finetune_overrides, row.overrides)
         split = self.recipe.metric_split
-        if split != config.eval.split and split not in config.eval.final_splits:
-            config.eval.final_splits = (*config.eval.final_splits, split)
-        return config
+        if split != base.eval.split and split not in base.eval.final_splits:
+            o["eval.final_splits"] = (*base.eval.final_splits, split)
+        return o
+
+    def finetune_config(self, run: FinetuneRun):
+        return self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
+                          self._finetune_overrides(run))
+
+    def _command(self, config_spec, arg: str, overrides: Mapping[str, Any],
+                 workdir: str) -> str:
+        """The `python -m ddep_jax.main` command that runs a config with
+        `overrides` into `workdir`; OUT's own path is written OUT."""
+        if callable(config_spec):
+            return (f"(config {getattr(config_spec, '__qualname__', config_spec)} is a "
+                    "Python callable, not a file: no command line)")
+        path = config_spec
+        if not os.path.isabs(path):
+            path = os.path.relpath(self.configs_dir / path, REPO_CONFIGS.parent)
+        flags = [f"--config={path}" + (f":{arg}" if arg else "")]
+        flags += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
+        flags.append(f"--workdir={workdir}")
+        text = "python -m ddep_jax.main " + " ".join(shlex.quote(f) for f in flags)
+        return text.replace(self.out.rstrip("/") + "/", "OUT/")
+
+    def pretraining_command(self, name: str) -> str:
+        """The one command that runs pretraining `name` as the harness does."""
+        p = self.recipe.pretraining(name)
+        if not p.config:
+            return f"(external checkpoint: --checkpoint={name}=PATH)"
+        return self._command(p.config, p.arg, self._pretraining_overrides(name),
+                             self.pretrain_dir(name))
+
+    def finetune_command(self, run: FinetuneRun) -> str:
+        """The one command that runs fine-tuning cell `run` as the harness
+        does (after the pretraining runs it reads)."""
+        return self._command(self.recipe.finetune_config, self.recipe.finetune_arg,
+                             self._finetune_overrides(run), self.finetune_dir(run))
 
     # -------------------------------------------------------------- running
     def run(self) -> int:
@@ -1026,7 +1080,7 @@ class Harness:
         total = len(self.finetune_runs())
         text = report.summary_markdown(self.recipe, self.results,
                                        self.pretraining_records, total_runs=total,
-                                       failures=self.failures)
+                                       failures=self.failures, commands=self.commands())
         writers.write_bytes(os.path.join(self.out, "summary.md"), text.encode())
         for group, suffix in (("main", ""), ("ablation", "_ablations")):
             rows = [r for r in self.recipe.rows if r.group == group]
@@ -1036,6 +1090,20 @@ class Harness:
                 if any(r.get("train_loss") for r in self.results):
                     report.plot_curves(self.recipe, self.results, rows, os.path.join(
                         self.out, f"training_loss{suffix}.png"))
+
+    def commands(self) -> dict:
+        """{'pretraining': {name: command}, 'finetune': {(row, fraction):
+        command of seed 0}} of every run of the recipe (`report._reproduce`)."""
+        pre = {p.name: self.pretraining_command(p.name) for p in self.recipe.pretrainings
+               if p.config}
+        ft = {}
+        for row in self.recipe.rows:
+            for f in self.recipe.fractions:
+                try:
+                    ft[(row.key, f)] = self.finetune_command(FinetuneRun(row.key, f, 0))
+                except ValueError as e:  # an external checkpoint not given
+                    ft[(row.key, f)] = f"({e})"
+        return {"pretraining": pre, "finetune": ft}
 
     def fill_from_workdirs(self) -> int:
         """Completes results lines written by earlier versions from their

@@ -198,18 +198,61 @@ _V2_PRETRAININGS = (
     *_CPU_PRETRAININGS[1:],
 )
 
+# Table 4's caption samples gamma in [0.9, 0.95]: sigma = sqrt(1 / gamma - 1)
+# in [0.229, 0.333]. The conditioned decoder is fine-tuned at the lowest level
+# of that range (gamma 0.95), a level its pretraining saw.
+_TABLE4_GAMMA = (0.9, 0.95)
+_TABLE4_LOWEST_SIGMA = round((1 / 0.95 - 1) ** 0.5, 4)  # 0.2294
+_DECODER_2X = tuple(2 * w for w in (128, 96, 64, 32, 16))  # recipes.cpu_camvid_model's x2
+
+_V2_ABLATIONS = (
+    # (key, name, pretraining overrides, fine-tuning overrides)
+    ("ddep_x", "DDeP, x target (Table 1)", {"denoising.target": "x"}, {}),
+    ("ddep_simple", "DDeP, simple noise (Fig. 5)", {"denoising.noise_type": "simple"}, {}),
+    ("ddep_sigma0.1", "DDeP, sigma 0.1 (Fig. 5)", {"denoising.sigma": 0.1}, {}),
+    ("ddep_sigma0.5", "DDeP, sigma 0.5 (Fig. 5)", {"denoising.sigma": 0.5}, {}),
+    ("ddep_sampled", "DDeP, gamma sampled in [0.9, 0.95] (Table 4)",
+     {"denoising.gamma_range": _TABLE4_GAMMA}, {}),
+    ("ddep_sampled_ddpm", "DDeP, gamma sampled in [0, 1] (DDPM's, Sec. 4.4)",
+     {"denoising.gamma_range": (0.0, 1.0)}, {}),
+    ("ddep_cond", "DDeP, noise-level conditioning, gamma in [0.9, 0.95] (Sec. 4.4)",
+     {"denoising.gamma_range": _TABLE4_GAMMA, "model.noise_conditioning": True,
+      "model.clean_noise_level": _TABLE4_LOWEST_SIGMA},
+     {"model.noise_conditioning": True, "model.clean_noise_level": _TABLE4_LOWEST_SIGMA}),
+    ("ddep_2x", "DDeP, 2x decoder (Fig. 6)", {"model.decoder_widths": _DECODER_2X},
+     {"model.decoder_widths": _DECODER_2X}),
+)
+
 CAMVID_CPU_V2 = Recipe(
     name="camvid_cpu_v2",
     description=CAMVID_CPU.description.replace(
-        "Stage 1 on CIFAR-10", "Stage 1 on CIFAR-10 upsampled to 96x96"),
+        "Stage 1 on CIFAR-10", "Stage 1 on CIFAR-10 upsampled to 96x96") + (
+        " Second table: the DDeP ablations of Tables 1 and 4, Fig. 5 and Sec. 4.4, "
+        "the 2x decoder, and patch-level encoder-decoder MoCo with overlapping "
+        "negatives kept."),
     finetune_config="finetune_camvid.py",
-    rows=_CPU_ROWS,
-    pretrainings=_V2_PRETRAININGS,
+    rows=(*_CPU_ROWS,
+          *(Row(k, name, "pretrained", k, group="ablation", overrides=ft)
+            for k, name, _, ft in _V2_ABLATIONS),
+          Row("supervised_2x", "Supervised, 2x decoder (Fig. 6)", "encoder", "supervised",
+              group="ablation", overrides={"model.decoder_widths": _DECODER_2X}),
+          Row("patch_moco_dec_overlap1", "Patch-level encoder-decoder MoCo, overlapping "
+              "negatives kept (SSL4DP read literally)", "pretrained",
+              "patch_moco_dec_overlap1", group="ablation")),
+    pretrainings=(*_V2_PRETRAININGS,
+                  *(Pretraining(k, f"stage 2: {name}", "ddep_camvid.py", "steps=1000", o,
+                                init_from="supervised") for k, name, o, _ in _V2_ABLATIONS),
+                  Pretraining("patch_moco_dec_overlap1", "stage 2: patch-level "
+                              "encoder-decoder MoCo (SSL4DP), no patch excluded for "
+                              "overlap, stage-1 encoder frozen", "moco_camvid.py",
+                              "steps=1000,variant=patch_decoder,overlap=1.0",
+                              init_from="supervised")),
     fractions=("1/30", "1/8", "100%"),
     seeds={"1/30": 10, "1/8": 5, "100%": 3},
     finetune_steps={"1/30": 1500, "1/8": 1500, "100%": 2000},
     finetune_overrides=CAMVID_CPU.finetune_overrides,
     metric_split="test",
+    references=("ddep", "supervised", "scratch", "dep"),
 )
 
 # ------------------------------------------------------------------- paper

@@ -70,9 +70,12 @@ def _header(recipe, labelled: Mapping[str, int]) -> list[str]:
 def summary_markdown(recipe, results: Sequence[Mapping],
                      pretraining_records: Sequence[Mapping] = (), *,
                      total_runs: int | None = None,
-                     failures: Sequence[Mapping] = ()) -> str:
+                     failures: Sequence[Mapping] = (),
+                     commands: Mapping[str, Mapping] | None = None) -> str:
     """The summary.md text of a recipe's results so far (see the module
-    docstring). mIoU in percent; std is the sample std over seeds (ddof 1)."""
+    docstring). mIoU in percent; std is the sample std over seeds (ddof 1).
+    `commands`: {'pretraining': {name: command}, 'finetune': {(row key,
+    fraction): command of seed 0}} for the "Reproduce" section."""
     cells = _by_cell(results)
     labelled = _labelled(results)
     split = recipe.metric_split
@@ -133,7 +136,25 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- `{f['run']}`: {f['error']}"
                                                for f in failures]
+    if commands:
+        lines += _reproduce(recipe, commands)
     return "\n".join(lines) + "\n"
+
+
+def _reproduce(recipe, commands: Mapping[str, Mapping]) -> list[str]:
+    """One command per pretraining run and per (row, fraction) cell: what the
+    harness runs, as `python -m ddep_jax.main` (OUT = the harness's --out)."""
+    lines = ["", "## Reproduce", "",
+             "Each run is one `python -m ddep_jax.main` command (OUT: the harness's "
+             "`--out`; the harness itself runs them in this order and resumes). "
+             "A fine-tuning cell's seed s is `--config.seed=s` in place of the "
+             "`--config.seed=0` shown.", ""]
+    for name, command in commands.get("pretraining", {}).items():
+        lines += [f"- pretraining `{name}`:", "", f"  ```", f"  {command}", "  ```"]
+    for (row, fraction), command in commands.get("finetune", {}).items():
+        lines += [f"- {recipe.row(row).name}, {fraction}:", "", "  ```",
+                  f"  {command}", "  ```"]
+    return lines
 
 
 def _sensitivity(recipe, cells) -> list[str]:
