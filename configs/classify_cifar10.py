@@ -15,7 +15,10 @@ Arguments (comma-separated k=v):
           trains on the 6x6 token grid that fine-tuning uses: the
           camvid_cpu_v2 protocol's stage 1)
   arch    hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net; all stages
-          must use the same arch to hand weights over)
+          must use the same arch to hand weights over) | xnet (the classifier
+          whose backbone is ×Net's decoder at CPU scale, a plain ResNet of
+          stages (1, 1, 1, 1): its workdir is finetune_camvid.py:arch=xnet's
+          decoder_ckpt; ×Net's encoder is the arch=hybrid run's)
 
 The encoder equals configs/ddep_camvid.py's and configs/finetune_camvid.py's
 (R(1,1,1) hybrid, root width 64, ViT-nano; position embedding learned for
@@ -29,7 +32,7 @@ Evaluation: top-1 accuracy on the 10,000 test images at `size`x`size`.
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model
+from ddep_jax.recipes import cpu_camvid_model, xnet_decoder_classifier
 from ddep_jax.trainers import classify
 
 
@@ -38,6 +41,8 @@ def get_config(arg=None):
     c = classify.default_config()
     c.seed = arg.seed
     cpu_camvid_model(c.model, arg.arch)
+    if arg.arch == "xnet":
+        xnet_decoder_classifier(c.model)
     c.data.name = "cifar10"
     c.data.image_size = (arg.size, arg.size)
     # Milder than ImageNet's 0.08 on 32x32 images: at 6 epochs this model

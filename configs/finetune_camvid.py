@@ -15,7 +15,17 @@ Arguments (comma-separated k=v):
   seed      init, data order and labelled-subset seed
   steps     training steps (batch 8)
   arch      hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net; the
-            checkpoint must be of the same arch)
+            checkpoint must be of the same arch) | xnet (×Net: the hybrid
+            encoder from ckpt with init=encoder, the decoder a stage-1
+            classifier's ResNet from decoder_ckpt)
+  decoder_ckpt  ×Net's decoder: a configs/classify_cifar10.py:arch=xnet workdir
+            ('' = random decoder)
+  product   ×Net's image x encoder product: residual (image * (1 + g)) | plain
+
+×Net from two stage-1 workdirs (the hybrid encoder's and the ResNet
+decoder's classifiers):
+  python -m ddep_jax.main --config=configs/finetune_camvid.py:arch=xnet,init=encoder,ckpt=workdirs/cifar10,decoder_ckpt=workdirs/cifar10_xnet_decoder,fraction=1/30 \\
+      --workdir=workdirs/finetune_camvid_xnet_1-30
   paper     the R50+ViT-B/16 + 1x decoder at 360x480 crops, full-resolution
             evaluation (a GPU/TPU run)
 
@@ -26,13 +36,14 @@ pixel.
 """
 
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.recipes import cpu_camvid_model, set_architecture
+from ddep_jax.recipes import cpu_camvid_model, set_architecture, set_xnet_init
 from ddep_jax.trainers import finetune
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, init="scratch", ckpt="", fraction="100%", seed=0,
-                    steps=100, paper=False, arch="hybrid")
+                    steps=100, paper=False, arch="hybrid", decoder_ckpt="",
+                    product="residual")
     c = finetune.default_config()
     c.seed = arg.seed
     c.init.mode = arg.init
@@ -65,6 +76,7 @@ def get_config(arg=None):
         c.eval.num_visualize = 4
         c.eval.every_steps = 50  # validation mIoU on the first 25 images
         c.eval.max_images = 25
-    if arg.arch == "r50unet":
+    if arg.arch in ("r50unet", "xnet"):
         c.eval.size_multiple = 32  # the ResNet's output stride
+    set_xnet_init(c, arg)
     return c

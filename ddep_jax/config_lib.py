@@ -119,9 +119,21 @@ def apply_overrides(config: ml_collections.ConfigDict,
 def model_config() -> ml_collections.ConfigDict:
     """TransUNet defaults: R50+ViT-B/16 encoder and the 1x decoder (Sec. 2)."""
     m = ml_collections.ConfigDict()
+    # MODEL_ARCHITECTURES: 'transunet' (encoder + UNet decoder with skips, the
+    # paper's) or 'xnet' (models.xnet: a pretrained classifier run forward as
+    # the decoder, fed the image times the re-shaped deepest encoder map).
+    m.architecture = "transunet"
     m.encoder = ml_collections.ConfigDict(dict(
         vit_size="B", resnet_layers=(3, 4, 9), resnet_width=64,
         image_size=(224, 224), num_groups=32, dropout_rate=0.0))
+    # ×Net (architecture 'xnet'): the decoder is a plain ResNet-v2 backbone
+    # (a stage-1 classifier's, configs/classify_*.py:arch=r50unet) of these
+    # stages and root width; the Post Feature Pyramid's Re-shapes output
+    # `pyramid_width` channels; `product` is 'residual' (image * (1 + g)) or
+    # 'plain' (image * g). Unused by the TransUNet.
+    m.xnet = ml_collections.ConfigDict(dict(
+        decoder_layers=(3, 4, 6, 3), decoder_width=64, pyramid_width=256,
+        product="residual"))
     m.decoder_multiplier = 1
     m.decoder_widths = ()  # empty: 1x widths times the multiplier
     m.decoder_num_groups = 32
@@ -229,10 +241,22 @@ def require(ok: bool, key: str, value, what: str) -> None:
         raise ValueError(f"config.{key}={value!r} is invalid: {what}.")
 
 
+MODEL_ARCHITECTURES = ("transunet", "xnet")
+
+
+def architecture(model_config) -> str:
+    """`model.architecture` ('transunet' where a workdir's config.json
+    predates the setting)."""
+    return model_config.get("architecture", "transunet")
+
+
 def input_multiple(model_config) -> int:
     """What input sides must be multiples of: 16 (the ViT patch grid at 1/16),
-    32 for the plain ResNet encoder (`vit_size='none'`, output at 1/32)."""
-    return 32 if model_config.encoder.vit_size == VIT_NONE else 16
+    32 for the plain ResNet encoder (`vit_size='none'`, output at 1/32) and
+    for ×Net (its ResNet decoder's output is at 1/32)."""
+    if model_config.encoder.vit_size == VIT_NONE or architecture(model_config) == "xnet":
+        return 32
+    return 16
 
 
 def validate_size(key: str, size, multiple: int = 16) -> None:
@@ -265,6 +289,19 @@ def validate_model(m) -> None:
     else:
         require(len(m.encoder.resnet_layers) in (0, 3), "model.encoder.resnet_layers",
                 m.encoder.resnet_layers, "need 3 stages (hybrid) or () (plain ViT/16)")
+    require(architecture(m) in MODEL_ARCHITECTURES, "model.architecture",
+            architecture(m), f"expected one of {MODEL_ARCHITECTURES}")
+    if architecture(m) == "xnet":
+        x = m.xnet
+        require(len(x.decoder_layers) == 4 and min(x.decoder_layers) > 0,
+                "model.xnet.decoder_layers", tuple(x.decoder_layers),
+                "the ×Net decoder is a plain ResNet of 4 stages, e.g. (3, 4, 6, 3)")
+        require(x.decoder_width > 0, "model.xnet.decoder_width", x.decoder_width, "> 0")
+        require(x.pyramid_width > 0, "model.xnet.pyramid_width", x.pyramid_width, "> 0")
+        require(x.product in ("residual", "plain"), "model.xnet.product", x.product,
+                "'residual' (image * (1 + g)) or 'plain' (image * g)")
+        require(not m.noise_conditioning, "model.noise_conditioning", True,
+                "×Net has no noise-level conditioning")
     require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
             "float32 or bfloat16")
     require(m.conv in CONV_IMPLS, "model.conv", m.conv, f"expected one of {CONV_IMPLS}")

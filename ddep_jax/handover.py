@@ -108,7 +108,8 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
                collections: Sequence[str], workdir: str, *, step: int = -1,
                record: dict[str, Any] | None = None,
                pos_grid: tuple[int, int] | None = None,
-               num_groups: int | None = None) -> dict:
+               num_groups: int | None = None,
+               sources: Sequence[tuple[str, str, str]] = ()) -> dict:
     """A fresh train state with `collections` taken from `checkpoint`, and
     WORKDIR/init.json written (on process 0).
 
@@ -123,27 +124,55 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
         `state` (init.json then says the weights are new).
       record: extra entries for init.json (e.g. the stage-3 init mode).
       pos_grid, num_groups: see `load_collections`.
+      sources: more collections from other checkpoints, each (checkpoint,
+        collection in it, collection of the model it becomes), e.g. ×Net's
+        decoder from a stage-1 classifier: (workdir, 'encoder', 'decoder');
+        the checkpoint's other collections (the classifier's head) are not
+        read; every leaf must match, mismatches listed. Recorded in
+        init.json under 'sources'.
 
     Returns:
       The state (the same object when nothing is restored).
+
+    Raises:
+      ValueError: a collection asked for twice, or a mismatch (as
+        `load_collections`).
     """
     provenance: dict[str, Any] = {**(record or {}), "collections": []}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
+    params = dict(state["params"])
+    restored_any = False
     if checkpoint and collections:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
         restored, found = load_collections(checkpoint, collections, abstract,
                                            state_sharding["params"], step,
                                            pos_grid=pos_grid, num_groups=num_groups)
         provenance.update(found)
-        params = {**state["params"], **restored}
+        params.update(restored)
+        restored_any = True
+    taken = set(provenance["collections"])
+    for path, source, target in sources:
+        if target in taken:
+            raise ValueError(f"params/{target} would be read twice (from "
+                             f"{provenance.get('checkpoint')} and from {path}).")
+        restored, found = load_collections(
+            path, (source,), {source: abstract[target]},
+            {source: state_sharding["params"][target]}, -1)
+        params[target] = restored[source]
+        provenance.setdefault("sources", []).append({**found, "as": target})
+        taken.add(target)
+        restored_any = True
+    if restored_any:
         opt_init = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])
         state = {**state, "params": params, "opt_state": opt_init(params)}
-    provenance["new"] = sorted(set(state["params"]) - set(provenance["collections"]))
+    provenance["new"] = sorted(set(state["params"]) - taken)
     if jax.process_index() == 0:
         writers.write_json(os.path.join(workdir, "init.json"), provenance)
-    logging.info("Initialised %s from %s; new: %s.",
+    logging.info("Initialised %s from %s%s; new: %s.",
                  provenance["collections"] or "nothing",
-                 provenance.get("checkpoint", "-"), provenance["new"])
+                 provenance.get("checkpoint", "-"),
+                 "".join(f", {s['as']} from {s['checkpoint']} ({s['collections'][0]})"
+                         for s in provenance.get("sources", ())), provenance["new"])
     return state
 
 

@@ -10,10 +10,13 @@ from ddep_jax.config_lib import parse_arg
 from ddep_jax.trainers import finetune
 
 
-ARCHITECTURES = ("hybrid", "r50unet")
+ARCHITECTURES = ("hybrid", "r50unet", "xnet")
 """The configs' `arch` argument: 'hybrid' (the TransUNet: Hybrid-ViT encoder
-+ UNet decoder, the paper's main model) or 'r50unet' (the paper's Table 7
-model: a standard U-Net on a plain ResNet-50, stages (3, 4, 6, 3), no ViT)."""
++ UNet decoder, the paper's main model), 'r50unet' (the paper's Table 7
+model: a standard U-Net on a plain ResNet-50, stages (3, 4, 6, 3), no ViT) or
+'xnet' (×Net, `models.xnet`: the hybrid encoder, a plain ResNet classifier
+backbone as the decoder; in the stage-1 configs, 'xnet' trains that
+decoder's classifier)."""
 
 
 def set_architecture(m: ml_collections.ConfigDict, arch: str) -> ml_collections.ConfigDict:
@@ -28,6 +31,21 @@ def set_architecture(m: ml_collections.ConfigDict, arch: str) -> ml_collections.
         raise ValueError(f"config argument arch={arch!r}: expected one of {ARCHITECTURES}.")
     if arch == "r50unet":
         m.encoder.update(vit_size="none", resnet_layers=(3, 4, 6, 3))
+    if arch == "xnet":  # the decoder: the paper-scale ResNet-50 classifier's backbone
+        m.architecture = "xnet"
+        m.xnet.update(decoder_layers=(3, 4, 6, 3), decoder_width=64, pyramid_width=256)
+    return m
+
+
+def xnet_decoder_classifier(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns the ×Net `config.model` `m` into the stage-1 classifier whose
+    backbone is its decoder (a plain ResNet of `m.xnet.decoder_layers` and
+    `decoder_width`; `models.classifier` reads `m.encoder`), so that the
+    classifier's `encoder` collection loads as ×Net's `decoder` leaf for leaf.
+    Updates `m` in place and returns it."""
+    m.encoder.update(vit_size="none", resnet_layers=tuple(m.xnet.decoder_layers),
+                     resnet_width=m.xnet.decoder_width)
+    m.architecture = "transunet"
     return m
 
 
@@ -40,15 +58,22 @@ def cpu_camvid_model(m: ml_collections.ConfigDict,
     widths (128, 96, 64, 32, 16) at 1/16 ... 1/1 (narrow at full resolution,
     as TransUNet's (..., 64, 16): at 64 channels the last two blocks cost
     most of the step). 'r50unet': the plain ResNet-50 (root width 64) U-Net
-    with decoder widths (256, 128, 64, 32, 16) from its 1/32 map. Updates `m`
-    (a `config.model`) in place and returns it."""
+    with decoder widths (256, 128, 64, 32, 16) from its 1/32 map. 'xnet': the
+    hybrid encoder above with a plain ResNet decoder of stages (1, 1, 1, 1)
+    and root width 64 (ResNet-50's (3, 4, 6, 3) shrunk as the hybrid's (3, 4,
+    9) is to (1, 1, 1): a ResNet-50 decoder would cost several times the
+    TransUNet's step), Post Feature Pyramid width 64. Updates `m` (a
+    `config.model`) in place and returns it."""
     m.encoder.update(vit_size="nano", resnet_layers=(1, 1, 1), resnet_width=64,
                      image_size=(96, 96), num_groups=16)
     m.decoder_widths = (128, 96, 64, 32, 16)
     m.decoder_num_groups = 16
     if arch == "r50unet":
         m.decoder_widths = (256, 128, 64, 32, 16)
-    return set_architecture(m, arch)
+    set_architecture(m, arch)
+    if arch == "xnet":
+        m.xnet.update(decoder_layers=(1, 1, 1, 1), decoder_width=64, pyramid_width=64)
+    return m
 
 
 def cpu_camvid_pretraining(c: ml_collections.ConfigDict, *, steps: int, ckpt: str,
@@ -105,11 +130,12 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     cosine decay. Config arguments: init, ckpt, fraction, seed, decoder,
     steps, dtype (float32 | bfloat16 compute), accum (micro-batches per
     step), arch (`ARCHITECTURES`: 'r50unet' is the Table 7 ResNet-50 U-Net,
-    evaluated at multiples of 32); the 3x decoder shards parameters and
-    Adam state ('fsdp')."""
+    'xnet' ×Net with a ResNet-50 decoder, both evaluated at multiples of 32),
+    decoder_ckpt and product (×Net, `set_xnet_init`); the 3x decoder shards
+    parameters and Adam state ('fsdp')."""
     arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
                     decoder=decoder, steps=40000, dtype="float32", accum=1,
-                    arch="hybrid")
+                    arch="hybrid", decoder_ckpt="", product="residual")
     c = finetune.default_config()
     c.seed = arg.seed
     c.init.mode = arg.init
@@ -133,6 +159,31 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     if arg.decoder == 3:
         c.mesh.param_sharding = "fsdp"
     set_architecture(c.model, arg.arch)
-    if arg.arch == "r50unet":
+    if arg.arch in ("r50unet", "xnet"):
         c.eval.size_multiple = max(32, size_multiple - size_multiple % 32)
+    set_xnet_init(c, arg)
     return c
+
+
+def set_xnet_init(c: ml_collections.ConfigDict, arg) -> None:
+    """The fine-tuning configs' ×Net arguments: `decoder_ckpt` (a stage-1
+    workdir of the decoder's classifier, e.g. configs/classify_cifar10.py:
+    arch=xnet; '' leaves the decoder random: the 'random decoder' row) and
+    `product` ('residual' | 'plain'). With arch=xnet, `init` is 'scratch' or
+    'encoder' (the encoder from `ckpt`).
+
+    Raises:
+      ValueError: decoder_ckpt without arch=xnet, or init=pretrained with it.
+    """
+    if arg.arch != "xnet":
+        if arg.decoder_ckpt:
+            raise ValueError(f"config argument decoder_ckpt={arg.decoder_ckpt!r} is "
+                             "×Net's: add arch=xnet.")
+        return
+    if arg.init == "pretrained":
+        raise ValueError("config arguments arch=xnet,init=pretrained: ×Net has no "
+                         "stage 2; use init=encoder (ckpt= the encoder's stage-1 run) "
+                         "and decoder_ckpt= the decoder classifier's stage-1 run.")
+    c.model.xnet.product = arg.product
+    c.init.decoder_checkpoint = arg.decoder_ckpt
+    c.init.decoder_collection = "encoder"

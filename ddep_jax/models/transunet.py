@@ -101,14 +101,26 @@ def conv_of(model_config) -> Callable:
     return fast_conv.resolve(model_config.get("conv", "auto"))
 
 
-def build_model(model_config, num_outputs: int | None = None) -> TransUNet:
-    """Builds the TransUNet named by a `config.model` ConfigDict.
+def build_model(model_config, num_outputs: int | None = None):
+    """Builds the model named by a `config.model` ConfigDict: the TransUNet,
+    or ×Net (`model.architecture='xnet'`, `models.xnet.XNet`).
 
     Args:
       model_config: `config.model`.
       num_outputs: the head's channels where `model_config.num_outputs` is 0
         (stage 3: the dataset's class count); None keeps the config's.
     """
+    if model_config.get("architecture", "transunet") == "xnet":
+        from ddep_jax.models.xnet import XNet
+
+        x, e = model_config.xnet, model_config.encoder
+        decoder = dict(vit_size="none", resnet_layers=tuple(x.decoder_layers),
+                       resnet_width=x.decoder_width, image_size=tuple(e.image_size),
+                       num_groups=e.num_groups)
+        return XNet(encoder_kwargs=encoder_kwargs(e), decoder_kwargs=decoder,
+                    num_outputs=model_config.num_outputs or num_outputs or 0,
+                    pyramid_width=x.pyramid_width, product=x.product,
+                    dtype=jnp.dtype(model_config.dtype), conv=conv_of(model_config))
     return TransUNet(
         encoder_kwargs=encoder_kwargs(model_config.encoder),
         decoder_multiplier=model_config.decoder_multiplier,

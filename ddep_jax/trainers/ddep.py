@@ -118,6 +118,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(config.model.clean_noise_level >= 0, "model.clean_noise_level",
             config.model.clean_noise_level, "must be >= 0")
     config_lib.validate_model(config.model)
+    require_transunet(config)
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
     validate_source(config.data)
@@ -125,6 +126,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     config_lib.validate_run(config, num_devices, num_processes)
     require(config.image_grid_every >= 0, "image_grid_every",
             config.image_grid_every, ">= 0 (0: no image grids)")
+
+
+def require_transunet(config) -> None:
+    """The stage-2 objectives train the TransUNet: ×Net has no stage 2 (its
+    halves come from stage-1 classifiers, `configs/finetune_camvid.py`)."""
+    config_lib.require(config_lib.architecture(config.model) == "transunet",
+                       "model.architecture", config_lib.architecture(config.model),
+                       "stage 2 trains the TransUNet; ×Net's encoder and decoder "
+                       "both come from stage 1 and are fine-tuned in stage 3")
 
 
 def denoising_run_name(config) -> str:
@@ -211,6 +221,7 @@ def validate_pretext_run(config, defaults, num_devices: int,
     require = config_lib.require
     config_lib.check_keys(config, defaults)
     config_lib.validate_model(config.model)
+    require_transunet(config)
     require(not config.model.noise_conditioning, "model.noise_conditioning", True,
             f"the {config.stage} pretext task has no noise level")
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),

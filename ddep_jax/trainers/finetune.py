@@ -62,6 +62,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.init.mode = "scratch"
     c.init.checkpoint = ""
     c.init.step = -1
+    # The decoder from another run (its latest checkpoint): ×Net's pretrained
+    # decoder is a stage-1 classifier's backbone (`decoder_collection`
+    # 'encoder', its head dropped); a stage-2 run's is its 'decoder'. '' : the
+    # decoder is as `mode` says.
+    c.init.decoder_checkpoint = ""
+    c.init.decoder_collection = "encoder"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # DATA_SOURCES: a prepared dataset, or 'mmseg' folder
@@ -132,6 +138,13 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
     require(i.mode == "scratch" or bool(i.checkpoint), "init.checkpoint",
             i.checkpoint, f"init.mode={i.mode!r} needs a checkpoint path")
+    if i.decoder_checkpoint:
+        require("decoder" not in INIT_COLLECTIONS[i.mode], "init.decoder_checkpoint",
+                i.decoder_checkpoint, f"init.mode={i.mode!r} already reads the decoder "
+                "from init.checkpoint")
+        require(i.decoder_collection in ("encoder", "decoder"), "init.decoder_collection",
+                i.decoder_collection, "'encoder' (a stage-1 classifier's backbone, for "
+                "×Net) or 'decoder' (a stage-2 run's)")
     require(config.data.source in DATA_SOURCES, "data.source", config.data.source,
             f"expected one of {DATA_SOURCES}")
     require(config.loss.class_weighting in CLASS_WEIGHTINGS, "loss.class_weighting",
@@ -373,6 +386,8 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         peak_lr=config.optimizer.learning_rate,
         init_collections=INIT_COLLECTIONS[config.init.mode],
         init_record={"mode": config.init.mode},
+        init_sources=((config.init.decoder_checkpoint, config.init.decoder_collection,
+                       "decoder"),) if config.init.decoder_checkpoint else (),
         batch_spec={"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
                     "label": jax.ShapeDtypeStruct((b, h, w), jnp.uint8)},
         example_batch=example_batch,

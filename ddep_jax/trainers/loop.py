@@ -130,6 +130,9 @@ class Stage:
       init_collections: collections read from `config.init.checkpoint`
         (`handover.initialise`); the others keep their initialisation.
       init_record: extra entries of WORKDIR/init.json.
+      init_sources: more collections from other checkpoints, each
+        (checkpoint, its collection, the model's collection)
+        (`handover.initialise`'s `sources`).
       keys: names of the PRNG streams split from `config.seed`, in order; the
         first two must be 'init' (parameters) and 'train' (the step's key).
 
@@ -196,6 +199,7 @@ class Stage:
     frozen: tuple[str, ...] = ()
     init_collections: tuple[str, ...] = ()
     init_record: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    init_sources: tuple[tuple[str, str, str], ...] = ()
     keys: tuple[str, ...] = ("init", "train")
     dataset: Any = None
     num_examples: int = 0
@@ -507,8 +511,9 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
             stage.init_collections, workdir, step=config.init.step,
             record={"stage": stage.name, **stage.init_record},
             pos_grid=handover.token_grid(config.model),
-            num_groups=config.model.encoder.num_groups)
-        if stage.extra_state is not None and config.init.checkpoint:
+            num_groups=config.model.encoder.num_groups, sources=stage.init_sources)
+        if stage.extra_state is not None and (config.init.checkpoint
+                                              or stage.init_sources):
             state = ts.rederive(state, keys["init"])  # from the handed-over params
     if jax.process_index() == 0:  # the run is accepted: its config is recorded
         write_config(config, workdir)
