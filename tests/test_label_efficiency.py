@@ -222,10 +222,18 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
     recipe = protocols.get(name)
     h = le.Harness(recipe, str(tmp_path), checkpoints={"supervised": "/ckpt/encoder"})
     models = set()
+    decoders = {r.decoder_pretraining: r for r in recipe.rows if r.decoder_pretraining}
     for p in recipe.pretrainings:
         if p.config:
             config = h.pretraining_config(p.name)
             loop.trainer(config.stage).validate(config, 1)
+            if p.name in decoders:  # ×Net's decoder: a classifier of its backbone
+                run = next(r for r in h.finetune_runs() if r.row == decoders[p.name].key)
+                x = h.finetune_config(run).model.xnet
+                e = config.model.encoder
+                assert (e.vit_size, tuple(e.resnet_layers), e.resnet_width) == (
+                    "none", tuple(x.decoder_layers), x.decoder_width), p.name
+                continue
             models.add(json.dumps(config.model.encoder.to_dict(), sort_keys=True))
     for run in h.finetune_runs()[:len(recipe.rows)]:
         config = h.finetune_config(run)
@@ -615,7 +623,7 @@ def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
-                value = text
+                value = text.replace("OUT/", str(tmp_path) + "/")
             config_lib.apply_overrides(config, {key: value})
         assert args[-1].startswith("--workdir=OUT/")
         return config
@@ -623,13 +631,30 @@ def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
     for p in recipe.pretrainings:
         command = h.pretraining_command(p.name)
         want = h.pretraining_config(p.name).to_dict()
-        got = rebuilt(command).to_dict()
-        got["init"]["checkpoint"] = got["init"]["checkpoint"].replace("OUT/", str(tmp_path) + "/")
-        assert got == want, p.name
+        assert rebuilt(command).to_dict() == want, p.name
     for run in h.finetune_runs()[:len(recipe.rows)]:
         got = rebuilt(h.finetune_command(run)).to_dict()
-        got["init"]["checkpoint"] = got["init"]["checkpoint"].replace("OUT/", str(tmp_path) + "/")
         assert got == h.finetune_config(run).to_dict(), run.id
     text = report.summary_markdown(recipe, [], commands=h.commands())
     assert "## Reproduce" in text and text.count("\n  python -m ddep_jax.main") == (
         len(recipe.pretrainings) + len(recipe.rows) * len(recipe.fractions))
+
+
+def test_xnet_rows_read_two_stage1_runs(tmp_path):
+    """×Net (pretrained decoder) waits for the hybrid encoder's and the
+    decoder classifier's stage-1 runs and reads the second as its decoder;
+    the random-decoder row reads the encoder only."""
+    recipe = protocols.get("camvid_cpu_v2")
+    h = le.Harness(recipe, str(tmp_path), only=["finetune/xnet*/1-30/s0"])
+    tasks = dict(h._tasks())
+    assert set(tasks) == {"pretrain/supervised", "pretrain/supervised_xnet_decoder",
+                          "finetune/xnet/1-30/s0", "finetune/xnet_random/1-30/s0"}
+    assert set(tasks["finetune/xnet/1-30/s0"]) == {"pretrain/supervised",
+                                                   "pretrain/supervised_xnet_decoder"}
+    assert tasks["finetune/xnet_random/1-30/s0"] == ["pretrain/supervised"]
+    pre = next(r for r in h.finetune_runs() if r.row == "xnet")
+    c = h.finetune_config(pre)
+    assert c.model.architecture == "xnet" and c.init.mode == "encoder"
+    assert c.init.decoder_checkpoint == str(tmp_path / "pretrain" / "supervised_xnet_decoder")
+    rnd = h.finetune_config(next(r for r in h.finetune_runs() if r.row == "xnet_random"))
+    assert rnd.init.decoder_checkpoint == "" and rnd.model.architecture == "xnet"

@@ -170,7 +170,8 @@ def _recipe_signature(recipe: "Recipe") -> tuple:
         return getattr(config, "__qualname__", config)
 
     return (recipe.name, name(recipe.finetune_config), recipe.finetune_arg,
-            tuple((r.key, r.init, r.pretraining) for r in recipe.rows),
+            tuple((r.key, r.init, r.pretraining, r.decoder_pretraining)
+                  for r in recipe.rows),
             tuple((p.name, name(p.config), p.arg, p.init_from) for p in recipe.pretrainings),
             tuple(recipe.fractions), dict(recipe.finetune_steps))
 
@@ -244,7 +245,10 @@ class Row:
     pretraining: the `Pretraining` it reads ('' for scratch); group: 'main'
     (the Figure-6 table) or 'ablation' (the second table); overrides: dotted
     fine-tuning config keys of this row only (e.g. a noise-conditioned
-    decoder needs `model.noise_conditioning`).
+    decoder needs `model.noise_conditioning`); decoder_pretraining: a
+    `Pretraining` whose `encoder` collection becomes the decoder (×Net's
+    pretrained decoder: a stage-1 classifier's backbone,
+    `init.decoder_checkpoint`); '' for none.
     """
 
     key: str
@@ -253,6 +257,12 @@ class Row:
     pretraining: str = ""
     group: str = "main"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    decoder_pretraining: str = ""
+
+    @property
+    def pretrainings(self) -> tuple[str, ...]:
+        """The pretraining runs this row reads."""
+        return tuple(p for p in (self.pretraining, self.decoder_pretraining) if p)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -322,6 +332,8 @@ class Recipe:
                                  f"{r.init!r} needs a pretraining iff not scratch.")
             if r.pretraining:
                 self.pretraining(r.pretraining)
+            if r.decoder_pretraining:
+                self.pretraining(r.decoder_pretraining)
         for f in self.fractions:
             if self.seeds.get(f, 0) < 1:
                 raise ValueError(f"recipe {self.name!r}: fraction {f!r} has no seeds.")
@@ -462,9 +474,8 @@ class Harness:
                   if self.only and self.selected(f"pretrain/{p.name}")]
         done = {self._result_key(r) for r in self.results}
         for run in runs:  # a recorded fine-tuning needs its pretraining no more
-            name = self.recipe.row(run.row).pretraining
-            if name and (run.row, run.fraction, run.seed) not in done:
-                wanted.append(name)
+            if (run.row, run.fraction, run.seed) not in done:
+                wanted += self.recipe.row(run.row).pretrainings
         order: list[str] = []
 
         def visit(name: str):
@@ -612,6 +623,9 @@ class Harness:
                   "data.label_fraction": run.fraction, "init.mode": row.init,
                   "init.checkpoint": (self.pretrain_dir(row.pretraining)
                                       if row.pretraining else "")})
+        if row.decoder_pretraining:
+            o["init.decoder_checkpoint"] = self.pretrain_dir(row.decoder_pretraining)
+            o["init.decoder_collection"] = "encoder"
         if self.data_dir:
             o["data.data_dir"] = self.data_dir
         base = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
@@ -693,8 +707,9 @@ class Harness:
                     broken.add(name)
             for run in runs:
                 row = self.recipe.row(run.row)
-                if row.pretraining in broken:
-                    self._fail(run.id, f"its pretraining {row.pretraining!r} did not finish")
+                failed = [p for p in row.pretrainings if p in broken]
+                if failed:
+                    self._fail(run.id, f"its pretraining {failed[0]!r} did not finish")
                     continue
                 try:
                     self._run_finetune(run)
@@ -733,7 +748,8 @@ class Harness:
         for run in runs:
             if (run.row, run.fraction, run.seed) in done:
                 continue
-            todo.append((run.id, chain(self.recipe.row(run.row).pretraining)))
+            todo.append((run.id, [t for p in self.recipe.row(run.row).pretrainings
+                                  for t in chain(p)]))
         return todo
 
     def _worker_command(self, run_id: str) -> list[str]:

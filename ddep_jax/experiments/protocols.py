@@ -223,6 +223,23 @@ _V2_ABLATIONS = (
      {"model.decoder_widths": _DECODER_2X}),
 )
 
+# ×Net (models.xnet): the hybrid stage-1 encoder, a plain ResNet (1, 1, 1, 1)
+# classifier's backbone as the decoder (its own stage-1 run at 96x96), or
+# that decoder from scratch: the ×Net paper's claim is their difference.
+_XNET = {"model.architecture": "xnet", "model.xnet.decoder_layers": (1, 1, 1, 1),
+         "model.xnet.decoder_width": 64, "model.xnet.pyramid_width": 64,
+         "eval.size_multiple": 32}
+_XNET_ROWS = (
+    Row("xnet", "×Net (pretrained decoder)", "encoder", "supervised", overrides=_XNET,
+        decoder_pretraining="supervised_xnet_decoder"),
+    Row("xnet_random", "×Net (random decoder)", "encoder", "supervised", overrides=_XNET),
+)
+_XNET_PRETRAININGS = (
+    Pretraining("supervised_xnet_decoder", "stage 1: ×Net's decoder, a plain ResNet "
+                "(1, 1, 1, 1) classifier on CIFAR-10 at 96x96, 6 epochs",
+                "classify_cifar10.py", "epochs=6,size=96,arch=xnet"),
+)
+
 CAMVID_CPU_V2 = Recipe(
     name="camvid_cpu_v2",
     description=CAMVID_CPU.description.replace(
@@ -231,7 +248,7 @@ CAMVID_CPU_V2 = Recipe(
         "the 2x decoder, and patch-level encoder-decoder MoCo with overlapping "
         "negatives kept."),
     finetune_config="finetune_camvid.py",
-    rows=(*_CPU_ROWS,
+    rows=(*_CPU_ROWS, *_XNET_ROWS,
           *(Row(k, name, "pretrained", k, group="ablation", overrides=ft)
             for k, name, _, ft in _V2_ABLATIONS),
           Row("supervised_2x", "Supervised, 2x decoder (Fig. 6)", "encoder", "supervised",
@@ -239,7 +256,7 @@ CAMVID_CPU_V2 = Recipe(
           Row("patch_moco_dec_overlap1", "Patch-level encoder-decoder MoCo, overlapping "
               "negatives kept (SSL4DP read literally)", "pretrained",
               "patch_moco_dec_overlap1", group="ablation")),
-    pretrainings=(*_V2_PRETRAININGS,
+    pretrainings=(*_V2_PRETRAININGS, *_XNET_PRETRAININGS,
                   *(Pretraining(k, f"stage 2: {name}", "ddep_camvid.py", "steps=1000", o,
                                 init_from="supervised") for k, name, o, _ in _V2_ABLATIONS),
                   Pretraining("patch_moco_dec_overlap1", "stage 2: patch-level "
