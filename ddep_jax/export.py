@@ -1,11 +1,13 @@
 r"""Export a fine-tuned (stage-3) model for use outside this project.
 
   python -m ddep_jax.export --workdir=FINETUNE_WORKDIR --output=OUT \
-      [--step=-1] [--size=H,W]
+      [--step=-1] [--size=H,W] [--format=safetensors,jax_export]
 
-Writes to OUT (created; existing files of these names are replaced):
+Writes to OUT (created; existing files of these names are replaced)
+``model.json`` and ``MODEL_CARD.md``, and per ``--format`` (a comma list of
+`FORMATS`, or 'all'; default ``safetensors,jax_export``):
 
-* ``params.safetensors``: every parameter of the checkpoint, float32 as
+* ``params.safetensors`` (format ``safetensors``): every parameter of the checkpoint, float32 as
   trained, named by its Flax path joined with '/' (``encoder/block1/unit1/
   conv1/kernel``; convolution kernels [kh, kw, in, out], dense kernels [in,
   out], Flax's layouts). Safetensors (Hugging Face) reads in any framework:
@@ -16,13 +18,21 @@ Writes to OUT (created; existing files of these names are replaced):
   the dataset's class names and colours, the ignore label, the input
   convention, the base scale of the training images, the checkpoint it
   came from, and the exported function's signature.
-* ``inference.jax_export``: the inference function serialized with
-  ``jax.export`` (StableHLO, with the parameters embedded): uint8 images
+* ``inference.jax_export`` (format ``jax_export``): the inference function
+  serialized with ``jax.export`` (StableHLO, with the parameters embedded): uint8 images
   [b, H, W, 3] (RGB, b any batch size, H x W the exported size) ->
   float32 logits [b, H, W, num_classes]. Reload without this package:
   ``jax.export.deserialize(bytearray(open(path, 'rb').read())).call(images)``
-  (`load_exported`). Platforms: the one it was exported on (CPU here),
-  and those named by ``--platforms``.
+  (`load_exported`); deserializing needs ``flatbuffers`` besides jax.
+  Platforms: the one it was exported on (CPU here), and those named by
+  ``--platforms``.
+* ``model.onnx`` (format ``onnx``): the same function as an ONNX model
+  (opset `onnx_export.DEFAULT_OPSET`, ``--onnx_opset``): input ``images``
+  uint8 [b, H, W, 3] with a dynamic batch axis b, output ``logits``
+  float32 [b, H, W, C]; the class names, palette and input convention in
+  its metadata_props. Converted by jax2onnx (``pip install -e '.[onnx]'``);
+  runs with onnxruntime alone (docs/onnx.md; `ddep_jax.onnx_export` says
+  which ops needed rewriting).
 * ``MODEL_CARD.md``: data (dataset, label fraction, labelled images,
   seed), training (steps, batch, learning rate, crops, initialisation),
   metrics of the final evaluations (mIoU, pixel accuracy, per-class IoU),
@@ -53,7 +63,30 @@ from ddep_jax.models import to_float_images
 PARAMS_FILE = "params.safetensors"
 MODEL_FILE = "model.json"
 EXPORTED_FILE = "inference.jax_export"
+ONNX_FILE = "model.onnx"
 CARD_FILE = "MODEL_CARD.md"
+FORMATS = ("safetensors", "jax_export", "onnx")
+"""What `export` can write (besides model.json and the card, always)."""
+DEFAULT_FORMATS = ("safetensors", "jax_export")
+
+
+def parse_formats(values) -> tuple[str, ...]:
+    """--format values (a list or a comma string; 'all') -> FORMATS entries,
+    in `FORMATS` order.
+
+    Raises:
+      ValueError: an unknown or no format.
+    """
+    if isinstance(values, str):
+        values = values.split(",")
+    names = {v.strip() for v in values if v.strip()}
+    if "all" in names:
+        names = set(FORMATS) | (names - {"all"})
+    unknown = sorted(names - set(FORMATS))
+    if unknown or not names:
+        raise ValueError(f"--format={','.join(values)}: expected a comma list of "
+                         f"{', '.join(FORMATS)} (or all).")
+    return tuple(f for f in FORMATS if f in names)
 
 
 def flatten_params(params) -> dict[str, np.ndarray]:
@@ -177,9 +210,25 @@ def _card(run: dict, workdir: str, size, files: dict) -> str:
     return "\n".join(lines)
 
 
+def onnx_metadata(run: dict, size, multiple: int) -> dict:
+    """The ONNX model's metadata_props: what a runtime needs besides the
+    graph (lists as JSON strings)."""
+    config, spec = run["config"], run["spec"]
+    return {"format": "ddep_jax fine-tuned TransUNet",
+            "num_classes": str(spec.num_classes),
+            "class_names": list(spec.class_names),
+            "palette": [list(c) for c in spec.class_colors],
+            "ignore_label": "255", "dataset": spec.name,
+            "to_model": "x / 127.5 - 1 (done inside the graph; feed uint8)",
+            "base_scale": str(float(config.data.base_scale)),
+            "size": [int(size[0]), int(size[1])], "size_multiple": str(multiple),
+            "step": str(run["step"])}
+
+
 def export(workdir: str, output: str, *, step: int = -1,
            size: tuple[int, int] | None = None,
-           platforms: tuple[str, ...] = ()) -> dict[str, str]:
+           platforms: tuple[str, ...] = (),
+           formats=DEFAULT_FORMATS, onnx_opset: int | None = None) -> dict[str, str]:
     """Exports the fine-tuned checkpoint of `workdir` into `output`.
 
     Args:
@@ -189,17 +238,25 @@ def export(workdir: str, output: str, *, step: int = -1,
       size: (H, W) of the exported inference function; None: `default_size`.
       platforms: jax.export platforms (e.g. ('cpu', 'cuda', 'tpu')); () =
         the current backend's.
+      formats: which of `FORMATS` to write (`parse_formats`).
+      onnx_opset: the ONNX model's opset; None: `onnx_export.DEFAULT_OPSET`.
 
     Returns:
-      {'params', 'model', 'exported', 'card'}: the written paths.
+      The written paths: 'model' and 'card', and per format 'params'
+      (safetensors), 'exported' (jax_export), 'onnx'.
 
     Raises:
       FileNotFoundError / ValueError: as `load_finetuned` (no config.json or
         checkpoint, not a fine-tuning run, a mismatched checkpoint); a size
-        that is not a multiple of the model's input multiple.
+        that is not a multiple of the model's input multiple; an unknown
+        format.
+      ImportError: format onnx without jax2onnx / onnx installed.
     """
-    from safetensors.numpy import save_file
+    formats = parse_formats(formats)
+    if "onnx" in formats:
+        from ddep_jax import onnx_export
 
+        onnx_export.require_jax2onnx()  # before the checkpoint is read
     run = load_finetuned(workdir, step)
     config, spec, model = run["config"], run["spec"], run["model"]
     size = tuple(size) if size else default_size(run)
@@ -209,23 +266,39 @@ def export(workdir: str, output: str, *, step: int = -1,
                          f"of {multiple} (the encoder's patch grid).")
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: str(out / f) for k, f in (("params", PARAMS_FILE), ("model", MODEL_FILE),
-                                           ("exported", EXPORTED_FILE),
-                                           ("card", CARD_FILE))}
+    names = {"params": PARAMS_FILE, "model": MODEL_FILE, "exported": EXPORTED_FILE,
+             "onnx": ONNX_FILE, "card": CARD_FILE}
+    keys = ["model", "card"] + [k for k, f in (("params", "safetensors"),
+                                               ("exported", "jax_export"),
+                                               ("onnx", "onnx")) if f in formats]
+    paths = {k: str(out / names[k]) for k in keys}
     params = jax.device_get(run["params"])
-    save_file(flatten_params(params), paths["params"],
-              metadata={"format": "ddep_jax TransUNet parameters, Flax layout",
-                        "step": str(run["step"])})
+    if "params" in paths:
+        from safetensors.numpy import save_file
+
+        save_file(flatten_params(params), paths["params"],
+                  metadata={"format": "ddep_jax TransUNet parameters, Flax layout",
+                            "step": str(run["step"])})
 
     def infer(images_uint8):
         return model.apply({"params": params}, to_float_images(images_uint8),
                            train=False)
 
-    batch = jax.export.symbolic_shape("b")[0]
-    spec_in = jax.ShapeDtypeStruct((batch, size[0], size[1], 3), jnp.uint8)
-    kwargs = {"platforms": tuple(platforms)} if platforms else {}
-    exported = jax.export.export(jax.jit(infer), **kwargs)(spec_in)
-    writers.write_bytes(paths["exported"], bytes(exported.serialize()))
+    exported = None
+    if "exported" in paths:
+        batch = jax.export.symbolic_shape("b")[0]
+        spec_in = jax.ShapeDtypeStruct((batch, size[0], size[1], 3), jnp.uint8)
+        kwargs = {"platforms": tuple(platforms)} if platforms else {}
+        exported = jax.export.export(jax.jit(infer), **kwargs)(spec_in)
+        writers.write_bytes(paths["exported"], bytes(exported.serialize()))
+    onnx_info = None
+    if "onnx" in paths:
+        onnx_info = onnx_export.export_onnx(
+            onnx_export.export_model(config.model, spec.num_classes), params, size,
+            paths["onnx"], metadata=onnx_metadata(run, size, multiple),
+            opset=onnx_opset or onnx_export.DEFAULT_OPSET)
+        logging.info("ONNX: %s in %.1f s (opset %d; ops %s).", paths["onnx"],
+                     onnx_info["seconds"], onnx_info["opset"], ", ".join(onnx_info["ops"]))
 
     record = {
         "format": "ddep_jax fine-tuned TransUNet",
@@ -238,17 +311,37 @@ def export(workdir: str, output: str, *, step: int = -1,
                   "to_model": "x / 127.5 - 1 (float32 in [-1, 1])",
                   "base_scale": float(config.data.base_scale),
                   "size_multiple": multiple},
-        "exported": {"file": EXPORTED_FILE, "input": ["b", size[0], size[1], 3],
-                     "output": ["b", size[0], size[1], spec.num_classes],
-                     "platforms": list(exported.platforms)},
         "source": {"workdir": os.path.abspath(workdir), "step": run["step"],
                    "checkpoint": run["checkpoint"]},
+        "formats": list(formats),
     }
+    if exported is not None:
+        record["exported"] = {"file": EXPORTED_FILE,
+                              "input": ["b", size[0], size[1], 3],
+                              "output": ["b", size[0], size[1], spec.num_classes],
+                              "platforms": list(exported.platforms),
+                              "requires": ["jax", "flatbuffers"]}
+    if onnx_info is not None:
+        record["onnx"] = {"file": ONNX_FILE, "opset": onnx_info["opset"],
+                          "input": {"name": onnx_export.INPUT_NAME, "dtype": "uint8",
+                                    "shape": ["b", size[0], size[1], 3]},
+                          "output": {"name": onnx_export.OUTPUT_NAME,
+                                     "dtype": "float32",
+                                     "shape": ["b", size[0], size[1], spec.num_classes]},
+                          "converter": onnx_info["converter"],
+                          "export_seconds": round(onnx_info["seconds"], 2),
+                          "requires": ["onnxruntime", "numpy"]}
     writers.write_json(paths["model"], record)
-    files = {PARAMS_FILE: "parameters (safetensors, Flax paths and layouts)",
-             MODEL_FILE: "model config, classes, colours, input convention",
-             EXPORTED_FILE: "jax.export StableHLO of uint8 images -> logits",
-             CARD_FILE: "this card"}
+    descriptions = {
+        "params": (PARAMS_FILE, "parameters (safetensors, Flax paths and layouts)"),
+        "model": (MODEL_FILE, "model config, classes, colours, input convention"),
+        "exported": (EXPORTED_FILE, "jax.export StableHLO of uint8 images -> logits "
+                     "(reload: jax + flatbuffers)"),
+        "onnx": (ONNX_FILE, f"ONNX (opset {onnx_info and onnx_info['opset']}) of uint8 "
+                 "images -> logits, dynamic batch (run: onnxruntime + numpy)"),
+        "card": (CARD_FILE, "this card")}
+    files = dict(descriptions[k] for k in
+                 ("params", "model", "exported", "onnx", "card") if k in paths)
     writers.write_bytes(paths["card"], _card(run, workdir, size, files).encode())
     logging.info("Exported %s (step %d) to %s: %s.", workdir, run["step"], output,
                  ", ".join(files))
@@ -263,6 +356,11 @@ def define_flags() -> None:
                         "(default: the run's training crop).")
     flags.DEFINE_list("platforms", [], "jax.export platforms (cpu, cuda, tpu); "
                       "default: this machine's.")
+    flags.DEFINE_list("format", list(DEFAULT_FORMATS),
+                      f"What to write besides model.json and the card: a comma list "
+                      f"of {', '.join(FORMATS)}, or all.")
+    flags.DEFINE_integer("onnx_opset", None, "Opset of model.onnx (default "
+                         "onnx_export.DEFAULT_OPSET, 18).")
     flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -272,8 +370,9 @@ def main(argv):
     try:
         size = parse_size(f.size)
         paths = export(f.workdir, f.output, step=f.step, size=size,
-                       platforms=tuple(f.platforms))
-    except (FileNotFoundError, ValueError) as e:
+                       platforms=tuple(f.platforms), formats=f.format,
+                       onnx_opset=f.onnx_opset)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise app.UsageError(str(e)) from None
     for name, path in paths.items():
         print(f"{name}: {path}")
