@@ -448,8 +448,17 @@ def test_grid_runs_share_a_compilation_cache_in_out(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == str(tmp_path / "xla_cache")
-    assert any((tmp_path / "xla_cache").iterdir())
+    m = le.machine_fingerprint()
+    cache = tmp_path / "xla_cache" / f"cpus{m['cpus']}-{m['cpu_isa']}"
+    assert proc.stdout.splitlines()[0] == str(cache)
+    assert any(cache.iterdir())
+    # A process on another CPU count gets its own folder (XLA compiles
+    # another program for it; JAX's cache key does not hold the count).
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    if m["cpus"] > 1 and pinned.returncode == 0:
+        assert pinned.stdout.splitlines()[0] == str(
+            tmp_path / "xla_cache" / f"cpus1-{m['cpu_isa']}")
     # A second process (another run of the grid) reads the compile back.
     hits = ("hits = []\njax.monitoring.register_event_listener(\n"
             "    lambda name, **kw: hits.append(name))\n")
@@ -658,3 +667,31 @@ def test_xnet_rows_read_two_stage1_runs(tmp_path):
     assert c.init.decoder_checkpoint == str(tmp_path / "pretrain" / "supervised_xnet_decoder")
     rnd = h.finetune_config(next(r for r in h.finetune_runs() if r.row == "xnet_random"))
     assert rnd.init.decoder_checkpoint == "" and rnd.model.architecture == "xnet"
+
+
+def test_two_runs_of_one_cell_give_identical_records(tmp_path, camvid_tfds):
+    """The same cell run twice (the harness CLI, --jobs=1, each run pinned
+    to one CPU by default) into two OUTs: identical mIoU, per-class IoU and
+    loss curve, on the same machine fingerprint (1 CPU)."""
+    recipe_file = tmp_path / "tiny.py"
+    recipe_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_label_efficiency import _tiny_recipe\n"
+        f"RECIPE = _tiny_recipe({camvid_tfds!r})\n")
+    records = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+             f"--recipe={recipe_file}:RECIPE", f"--out={out}", "--jobs=1",
+             "--only=finetune/scratch/1-30/s0"],
+            cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [record] = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+        records.append(record)
+    a, b = records
+    for key in ("miou", "per_class_iou", "pixel_accuracy", "train_loss", "config_hash",
+                "machine"):
+        assert a[key] == b[key], key
+    if le.usable_cpus() > 1:
+        assert a["machine"]["cpus"] == 1

@@ -67,6 +67,7 @@ import os
 import pathlib
 import importlib
 import importlib.util
+import platform
 import resource
 import shlex
 import signal
@@ -87,15 +88,17 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",
                "miou", "per_class_iou", "pixel_accuracy", "split", "steps",
                "cpu_seconds", "cpu_seconds_complete", "wall_seconds", "workdir",
-               "init_checkpoint", "train_loss", "code_commit", "config_hash")
+               "init_checkpoint", "train_loss", "code_commit", "config_hash",
+               "machine")
 """The fields of a results.jsonl line: mIoU and pixel accuracy in [0, 1] as
 the evaluation reports them, per-class IoU as {class name: IoU or null},
 CPU seconds (user + system, all threads) of the invocations that ran it
 (`cpu_seconds_complete` false when one of them was killed before it could
 count), the workdir relative to OUT, and the training loss curve
 (`loss_curve`: [[last step of a window, mean loss], ...]), and its
-provenance (`provenance`): the code's git commit and a hash of the resolved
-config (pretraining.jsonl lines carry the same two)."""
+provenance (`provenance`): the code's git commit, a hash of the resolved
+config and the machine's fingerprint (CPU count, CPU and instruction set, XLA
+flags: `machine_fingerprint`); pretraining.jsonl lines carry the same."""
 
 CURVE_POINTS = 20
 """Windows a run's training loss is averaged over in its results line."""
@@ -106,19 +109,74 @@ WORKER_RECORD = "harness_record.json"
 parent harness moves into results.jsonl / pretraining.jsonl."""
 
 
+def _cpu_info() -> tuple[str, str]:
+    """(CPU model name, its instruction-set flags) from /proc/cpuinfo ('' where
+    there is none)."""
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.strip()
+    except OSError:
+        pass
+    return model or platform.processor(), flags
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), which XLA CPU sizes
+    its thread pools and partitions its programs by."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
+
+
+def machine_fingerprint() -> dict:
+    """What a run's floating-point result depends on besides the code, the
+    config and the seed (measured on camvid_cpu_long, No pretraining, 1/30,
+    seed 0, 12 steps: two runs alike in all of these are bit-identical; one
+    CPU against two, or AVX2 code against AVX-512, differ from the second
+    step on):
+
+    cpus: the CPUs the process may use (XLA CPU compiles and partitions the
+      step by it, and Eigen splits its reductions by it);
+    cpu_model, cpu_isa: the CPU and a hash of its instruction-set flags
+      (XLA's code generation);
+    xla_flags: $XLA_FLAGS; jax: the JAX version.
+    """
+    model, flags = _cpu_info()
+    return {"cpus": usable_cpus(), "cpu_model": model,
+            "cpu_isa": hashlib.sha256(flags.encode()).hexdigest()[:8],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
 def use_compilation_cache(out: str) -> str:
-    """Points XLA's persistent compilation cache at OUT/xla_cache unless one
-    is set already (`JAX_COMPILATION_CACHE_DIR`, `jax_compilation_cache_dir`)
-    or OUT is remote. A grid compiles the same fine-tuning init and step for
-    every run of a recipe (only the data and the key differ); from the
-    second run on both are cache hits (camvid_cpu: ~70 s of each run on one
-    core: init ~40 s, step 32-38 s). Returns the cache folder ('' = none)."""
+    """Points XLA's persistent compilation cache at OUT/xla_cache/cpus<N>-<isa>
+    unless one is set already (`JAX_COMPILATION_CACHE_DIR`,
+    `jax_compilation_cache_dir`) or OUT is remote. A grid compiles the same
+    fine-tuning init and step for every run of a recipe (only the data and
+    the key differ); from the second run on both are cache hits (camvid_cpu:
+    ~70 s of each run on one core: init ~40 s, step 32-38 s). The folder is
+    per CPU count and instruction set because JAX's cache key holds neither,
+    while XLA CPU compiles another program for another CPU count: a step
+    compiled by a 2-CPU run and read back by a 1-CPU worker gave a third
+    result, bit-different from both (`machine_fingerprint`). Returns the
+    cache folder ('' = none)."""
     current = jax.config.jax_compilation_cache_dir
     if current or writers.is_remote(out):
         return current or ""
-    path = os.path.join(out, "xla_cache")
+    m = machine_fingerprint()
+    path = os.path.join(out, "xla_cache", f"cpus{m['cpus']}-{m['cpu_isa']}")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def pin_cpus(cpus: Sequence[int]) -> None:
+    """Restricts this process to `cpus` (before JAX's first computation sizes
+    XLA's thread pools)."""
+    os.sched_setaffinity(0, set(cpus))
 
 
 def _flag_value(value) -> str:
@@ -160,8 +218,10 @@ def config_hash(config, out: str) -> str:
 
 
 def provenance(config, out: str) -> dict:
-    """{'code_commit': `code_commit()`, 'config_hash': `config_hash`} of a run."""
-    return {"code_commit": code_commit(), "config_hash": config_hash(config, out)}
+    """{'code_commit': `code_commit()`, 'config_hash': `config_hash`,
+    'machine': `machine_fingerprint()`} of a run."""
+    return {"code_commit": code_commit(), "config_hash": config_hash(config, out),
+            "machine": machine_fingerprint()}
 
 
 def _recipe_signature(recipe: "Recipe") -> tuple:
@@ -402,7 +462,7 @@ class Harness:
                  only: Sequence[str] = (), seeds: Mapping[str, int] | None = None,
                  configs_dir: str | os.PathLike = REPO_CONFIGS,
                  run_fn: Callable | None = None, jobs: int = 1,
-                 recipe_spec: str = "", worker: bool = False):
+                 recipe_spec: str = "", worker: bool = False, cpus_per_run: int = 1):
         recipe.check()
         if jobs < 1:
             raise ValueError(f"jobs={jobs}: need at least 1.")
@@ -422,7 +482,10 @@ class Harness:
             if run_fn is not None or pathlib.Path(configs_dir) != REPO_CONFIGS:
                 raise ValueError(f"jobs={jobs}: workers run loop.run with the repository's "
                                  "configs; run_fn and configs_dir need jobs=1.")
+        if cpus_per_run < 0:
+            raise ValueError(f"cpus_per_run={cpus_per_run}: need >= 0 (0: share all).")
         self.jobs = jobs
+        self.cpus_per_run = cpus_per_run
         self.recipe_spec = recipe_spec
         self.worker = worker
         self.recipe = recipe
@@ -755,7 +818,7 @@ class Harness:
     def _worker_command(self, run_id: str) -> list[str]:
         cmd = [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
                f"--recipe={self.recipe_spec}", f"--out={self.out}", f"--only={run_id}",
-               "--worker", "--distributed=no"]
+               "--worker", "--distributed=no", f"--cpus_per_run={self.cpus_per_run}"]
         if self.data_dir:
             cmd.append(f"--data_dir={self.data_dir}")
         cmd += [f"--checkpoint={k}={v}" for k, v in self.checkpoints.items()]
@@ -780,7 +843,15 @@ class Harness:
 
         if hasattr(os, "sched_getaffinity"):
             cpus = sorted(os.sched_getaffinity(0))
-            groups = [cpus[i::self.jobs] for i in range(min(self.jobs, len(cpus)))]
+            n = self.cpus_per_run
+            if n:  # every run on the same number of CPUs: the same numbers
+                groups = [cpus[i * n:(i + 1) * n]
+                          for i in range(min(self.jobs, len(cpus) // n))]
+            else:
+                groups = [cpus[i::self.jobs] for i in range(min(self.jobs, len(cpus)))]
+            if not groups:
+                raise ValueError(f"cpus_per_run={n}: this process may use only "
+                                 f"{len(cpus)} CPU(s).")
         else:  # no pinning here (e.g. macOS): N unpinned workers
             groups = [[] for _ in range(self.jobs)]
         pending = self._tasks()
@@ -1257,6 +1328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="(Internal) run the --only run for a parent harness.")
     parser.add_argument("--cpus", default="",
                         help="(Internal, with --worker) the CPUs to pin this process to.")
+    parser.add_argument("--cpus_per_run", type=int, default=1,
+                        help="CPUs each run computes on (default 1: every run of a grid "
+                        "on the same count, so that a re-run gives the same numbers "
+                        "bit for bit; XLA CPU's results depend on it). 0: the old "
+                        "behaviour (--jobs=1 uses all CPUs, --jobs=N shares them).")
     parser.add_argument("--list", action="store_true",
                         help="Print the runs, their status and CPU minutes (recorded, or "
                              "'~' estimated from the recorded runs) and what is left; "
@@ -1268,8 +1344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cpus:  # before the first JAX call sizes XLA's thread pool
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        pin_cpus([int(c) for c in args.cpus.split(",")])
         print(f"worker pinned to CPUs {sorted(os.sched_getaffinity(0))}", flush=True)
+    elif (args.cpus_per_run and args.jobs == 1 and not (args.list or args.summary_only)
+          and hasattr(os, "sched_getaffinity")
+          and usable_cpus() > args.cpus_per_run):
+        pin_cpus(sorted(os.sched_getaffinity(0))[:args.cpus_per_run])
+        print(f"runs pinned to CPUs {sorted(os.sched_getaffinity(0))} "
+              f"(--cpus_per_run={args.cpus_per_run})", flush=True)
     try:
         recipe = load_recipe(args.recipe)
     except ValueError as e:
@@ -1299,7 +1381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         harness = Harness(recipe, args.out, data_dir=args.data_dir,
                           checkpoints=checkpoints,
                           only=[p for p in args.only.split(",") if p], seeds=seeds,
-                          jobs=args.jobs, recipe_spec=args.recipe, worker=args.worker)
+                          jobs=args.jobs, recipe_spec=args.recipe, worker=args.worker,
+                          cpus_per_run=args.cpus_per_run)
     except ValueError as e:
         parser.error(str(e))
     if args.list:

@@ -94,6 +94,7 @@ def summary_markdown(recipe, results: Sequence[Mapping],
              + f". CPU time: pretraining {cpu_pre:.2f} h, fine-tuning {cpu_ft:.2f} h"
              + (" (some runs were killed before their CPU time was counted: "
                 "lower bounds)" if incomplete else "") + "."]
+    lines += _reproducibility(results, pretraining_records)
     groups = [("main", "Initialisations"), ("ablation", "Ablations")]
     for group, title in groups:
         rows = [r for r in recipe.rows if r.group == group]
@@ -139,6 +140,33 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     if commands:
         lines += _reproduce(recipe, commands)
     return "\n".join(lines) + "\n"
+
+
+def _reproducibility(results: Sequence[Mapping],
+                     pretraining_records: Sequence[Mapping]) -> list[str]:
+    """Which machine fingerprints (`label_efficiency.machine_fingerprint`)
+    the records come from: a run is bit-identical only on the same one."""
+    kinds: dict[tuple, int] = {}
+    unknown = 0
+    for r in [*results, *pretraining_records]:
+        m = r.get("machine")
+        if not m:
+            unknown += 1
+            continue
+        key = (m.get("cpus"), m.get("cpu_model"), m.get("cpu_isa"), m.get("xla_flags"))
+        kinds[key] = kinds.get(key, 0) + 1
+    if not kinds and not unknown:
+        return []
+    text = ("Reproducibility: a run repeated on the same machine kind, CPU count and "
+            "XLA flags gives the same record bit for bit; another CPU count or "
+            "instruction set changes the numbers from the second step on (like a "
+            "new seed of the data order, smaller). Records by machine fingerprint: "
+            + "; ".join(f"{n} on {cpus} CPU(s) of {model} (isa {isa}"
+                        + (f", XLA_FLAGS {flags}" if flags else "") + ")"
+                        for (cpus, model, isa, flags), n in kinds.items()))
+    if unknown:
+        text += f"; {unknown} older record(s) without a fingerprint"
+    return ["", text + "."]
 
 
 def _reproduce(recipe, commands: Mapping[str, Mapping]) -> list[str]:
