@@ -272,6 +272,30 @@ CAMVID_CPU_V2 = Recipe(
     references=("ddep", "supervised", "scratch", "dep"),
 )
 
+# The calibration of camvid_cpu_v2's fine-tuning length: No pretraining and
+# Supervised (the rows whose gap the protocol must show) at 1/30 and 1/8, one
+# seed, 3000 steps, validation mIoU (all 101 images) every 250 steps and the
+# training loss; the length is read off where both rows' validation mIoU has
+# stopped rising, not fixed in advance. Run into its own OUT (its step counts
+# differ from the protocol's) with the protocol's stage-1 run given as
+# --checkpoint=supervised=V2_OUT/pretrain/supervised.
+CAMVID_CPU_V2_CALIBRATION = Recipe(
+    name="camvid_cpu_v2_calibration",
+    description="camvid_cpu_v2's fine-tuning at 3000 steps, validation mIoU every "
+                "250 steps: the calibration of its length.",
+    finetune_config="finetune_camvid.py",
+    rows=(_CPU_ROWS[0], _CPU_ROWS[1]),
+    pretrainings=(Pretraining("supervised", _V2_PRETRAININGS[0].description),),
+    fractions=("1/30", "1/8"),
+    seeds={"1/30": 1, "1/8": 1},
+    finetune_steps={"1/30": 3000, "1/8": 3000},
+    finetune_overrides={**CAMVID_CPU.finetune_overrides,
+                        "eval.split": "validation", "eval.every_steps": 250,
+                        "eval.max_images": 0, "eval.final_splits": ("test",),
+                        "checkpoint_every": 250},
+    metric_split="test",
+)
+
 # ------------------------------------------------------------------- paper
 _PAPER_ENCODER = Pretraining(
     "supervised", "the public R50+ViT-B/16 ImageNet-21k classifier's encoder "
@@ -313,6 +337,7 @@ RECIPES = {r.name: r for r in (
     CAMVID_CPU_ABLATIONS,
     CAMVID_CPU_LONG_ABLATIONS,
     CAMVID_CPU_V2,
+    CAMVID_CPU_V2_CALIBRATION,
     _paper("cityscapes_1x", "Cityscapes", "finetune_cityscapes.py", 1, _CITYSCAPES,
            _CITYSCAPES_SEEDS, _ALL_ROWS),
     _paper("cityscapes_2x", "Cityscapes", "finetune_cityscapes.py", 2, _CITYSCAPES,
