@@ -58,16 +58,13 @@ Writes, after every finished run:
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import hashlib
 import json
 import math
 import os
 import pathlib
 import importlib
 import importlib.util
-import platform
 import resource
 import shlex
 import signal
@@ -81,6 +78,11 @@ from absl import logging
 from etils import epath
 
 from ddep_jax import config_lib, writers
+from ddep_jax.experiments.provenance import (  # noqa: F401  (re-exported)
+    code_commit, config_hash, machine_fingerprint, pin_cpus, provenance,
+    use_compilation_cache, usable_cpus)
+from ddep_jax.experiments.recipe import (  # noqa: F401  (re-exported)
+    FinetuneRun, Pretraining, Recipe, Row, fraction_slug)
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 """The repository's configs/ folder (recipes name files in it)."""
@@ -109,119 +111,11 @@ WORKER_RECORD = "harness_record.json"
 parent harness moves into results.jsonl / pretraining.jsonl."""
 
 
-def _cpu_info() -> tuple[str, str]:
-    """(CPU model name, its instruction-set flags) from /proc/cpuinfo ('' where
-    there is none)."""
-    model = flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not model:
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = value.strip()
-    except OSError:
-        pass
-    return model or platform.processor(), flags
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), which XLA CPU sizes
-    its thread pools and partitions its programs by."""
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1)
-
-
-def machine_fingerprint() -> dict:
-    """What a run's floating-point result depends on besides the code, the
-    config and the seed (measured on camvid_cpu_long, No pretraining, 1/30,
-    seed 0, 12 steps: two runs alike in all of these are bit-identical; one
-    CPU against two, or AVX2 code against AVX-512, differ from the second
-    step on):
-
-    cpus: the CPUs the process may use (XLA CPU compiles and partitions the
-      step by it, and Eigen splits its reductions by it);
-    cpu_model, cpu_isa: the CPU and a hash of its instruction-set flags
-      (XLA's code generation);
-    xla_flags: $XLA_FLAGS; jax: the JAX version.
-    """
-    model, flags = _cpu_info()
-    return {"cpus": usable_cpus(), "cpu_model": model,
-            "cpu_isa": hashlib.sha256(flags.encode()).hexdigest()[:8],
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
-
-
-def use_compilation_cache(out: str) -> str:
-    """Points XLA's persistent compilation cache at OUT/xla_cache/cpus<N>-<isa>
-    unless one is set already (`JAX_COMPILATION_CACHE_DIR`,
-    `jax_compilation_cache_dir`) or OUT is remote. A grid compiles the same
-    fine-tuning init and step for every run of a recipe (only the data and
-    the key differ); from the second run on both are cache hits (camvid_cpu:
-    ~70 s of each run on one core: init ~40 s, step 32-38 s). The folder is
-    per CPU count and instruction set because JAX's cache key holds neither,
-    while XLA CPU compiles another program for another CPU count: a step
-    compiled by a 2-CPU run and read back by a 1-CPU worker gave a third
-    result, bit-different from both (`machine_fingerprint`). Returns the
-    cache folder ('' = none)."""
-    current = jax.config.jax_compilation_cache_dir
-    if current or writers.is_remote(out):
-        return current or ""
-    m = machine_fingerprint()
-    path = os.path.join(out, "xla_cache", f"cpus{m['cpus']}-{m['cpu_isa']}")
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
-
-
-def pin_cpus(cpus: Sequence[int]) -> None:
-    """Restricts this process to `cpus` (before JAX's first computation sizes
-    XLA's thread pools)."""
-    os.sched_setaffinity(0, set(cpus))
-
-
 def _flag_value(value) -> str:
     """A config value as `--config.KEY=` takes it (tuples as (a,b,...))."""
     if isinstance(value, (tuple, list)):
         return "(" + ",".join(_flag_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return str(value)
-
-
-def code_commit() -> str:
-    """The git commit of the code this process runs ('<sha>', '<sha>-dirty'
-    when tracked files differ from it, 'unknown' outside a git checkout or
-    without git)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"],
-                               capture_output=True).returncode != 0
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
-def config_hash(config, out: str) -> str:
-    """sha256 (first 16 hex digits) of the resolved config as sorted JSON,
-    with the paths inside OUT (`init.checkpoint`) made relative to OUT and
-    `data.data_dir` left out, so that the same cell run in another OUT or on
-    another machine hashes the same."""
-    c = json.loads(config.to_json_best_effort(sort_keys=True))
-    ckpt = c.get("init", {}).get("checkpoint")
-    if ckpt and not writers.is_remote(ckpt) and not writers.is_remote(out):
-        rel = os.path.relpath(ckpt, out)
-        if not rel.startswith(".."):
-            c["init"]["checkpoint"] = rel
-    c.get("data", {}).pop("data_dir", None)
-    text = json.dumps(c, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def provenance(config, out: str) -> dict:
-    """{'code_commit': `code_commit()`, 'config_hash': `config_hash`,
-    'machine': `machine_fingerprint()`} of a run."""
-    return {"code_commit": code_commit(), "config_hash": config_hash(config, out),
-            "machine": machine_fingerprint()}
 
 
 def _recipe_signature(recipe: "Recipe") -> tuple:
@@ -272,147 +166,6 @@ def load_recipe(spec: str) -> "Recipe":
         raise ValueError(f"--recipe={spec!r}: {source} has no Recipe called {attr!r} "
                          f"(found {type(recipe).__name__}).")
     return recipe
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Pretraining:
-    """A run whose checkpoint initialises rows.
-
-    name: its id (OUT/pretrain/<name>); description: one line for the summary;
-    config: a file under configs/, an absolute path, or a Python callable
-    `get_config(arg) -> ConfigDict`; '' marks an external
-    checkpoint, given as `--checkpoint=<name>=PATH` (e.g. the public
-    R50+ViT-B/16 ImageNet-21k encoder); arg: the config's ':k=v' argument;
-    overrides: dotted config keys set after loading; init_from: another
-    pretraining whose workdir becomes this run's `init.checkpoint` (DDeP
-    freezes the stage-1 encoder it reads).
-    """
-
-    name: str
-    description: str
-    config: str | Callable[[str | None], Any] = ""
-    arg: str = ""
-    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: str = ""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Row:
-    """An initialisation of the fine-tuning grid.
-
-    key: its id in run ids and results; name: the label in tables and plots;
-    init: the stage-3 `init.mode` ('scratch', 'encoder', 'pretrained');
-    pretraining: the `Pretraining` it reads ('' for scratch); group: 'main'
-    (the Figure-6 table) or 'ablation' (the second table); overrides: dotted
-    fine-tuning config keys of this row only (e.g. a noise-conditioned
-    decoder needs `model.noise_conditioning`); decoder_pretraining: a
-    `Pretraining` whose `encoder` collection becomes the decoder (×Net's
-    pretrained decoder: a stage-1 classifier's backbone,
-    `init.decoder_checkpoint`); '' for none.
-    """
-
-    key: str
-    name: str
-    init: str
-    pretraining: str = ""
-    group: str = "main"
-    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    decoder_pretraining: str = ""
-
-    @property
-    def pretrainings(self) -> tuple[str, ...]:
-        """The pretraining runs this row reads."""
-        return tuple(p for p in (self.pretraining, self.decoder_pretraining) if p)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Recipe:
-    """A label-efficiency protocol: pretraining runs, rows, label fractions,
-    seeds per fraction, and the fine-tuning config.
-
-    overrides apply to every run of every stage (e.g. the model, which must
-    match across stages to hand weights over); finetune_overrides to the
-    fine-tuning runs; finetune_steps optionally sets `total_steps` per
-    fraction. metric_split: the split whose final mIoU is the result (CamVid
-    'test'; the paper reports Cityscapes, Pascal Context and ADE20K 'validation').
-    references: the row keys differences are taken against (those the
-      recipe has no row for are left out): by default Supervised, No
-      pretraining and DeP, the paper's comparisons for DDeP (Fig. 6).
-    """
-
-    name: str
-    description: str
-    finetune_config: str | Callable[[str | None], Any]
-    rows: tuple[Row, ...]
-    pretrainings: tuple[Pretraining, ...]
-    fractions: tuple[str, ...]
-    seeds: Mapping[str, int]
-    finetune_arg: str = ""
-    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    finetune_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    metric_split: str = "test"
-    references: tuple[str, ...] = ("supervised", "scratch", "dep")
-
-    def row(self, key: str) -> Row:
-        return self._find("row", {r.key: r for r in self.rows}, key)
-
-    def pretraining(self, name: str) -> Pretraining:
-        return self._find("pretraining", {p.name: p for p in self.pretrainings}, name)
-
-    def _find(self, what: str, items: Mapping[str, Any], name: str):
-        if name not in items:
-            raise ValueError(f"recipe {self.name!r} has no {what} {name!r}; "
-                             f"{what}s: {list(items)}.")
-        return items[name]
-
-    def check(self) -> None:
-        """Raises ValueError naming the first inconsistency (unknown
-        pretraining, a fraction without seeds, a dependency cycle...)."""
-        names = [p.name for p in self.pretrainings]
-        if len(set(names)) != len(names):
-            raise ValueError(f"recipe {self.name!r}: pretraining names repeat: {names}.")
-        keys = [r.key for r in self.rows]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"recipe {self.name!r}: row keys repeat: {keys}.")
-        for p in self.pretrainings:
-            seen, q = {p.name}, p
-            while q.init_from:
-                q = self.pretraining(q.init_from)
-                if q.name in seen:
-                    raise ValueError(f"recipe {self.name!r}: pretraining {p.name!r} "
-                                     "depends on itself.")
-                seen.add(q.name)
-        for r in self.rows:
-            if r.init not in ("scratch", "encoder", "pretrained"):
-                raise ValueError(f"recipe {self.name!r}, row {r.key!r}: init "
-                                 f"{r.init!r} is not scratch|encoder|pretrained.")
-            if (r.init == "scratch") != (not r.pretraining):
-                raise ValueError(f"recipe {self.name!r}, row {r.key!r}: init "
-                                 f"{r.init!r} needs a pretraining iff not scratch.")
-            if r.pretraining:
-                self.pretraining(r.pretraining)
-            if r.decoder_pretraining:
-                self.pretraining(r.decoder_pretraining)
-        for f in self.fractions:
-            if self.seeds.get(f, 0) < 1:
-                raise ValueError(f"recipe {self.name!r}: fraction {f!r} has no seeds.")
-
-
-def fraction_slug(fraction: str) -> str:
-    """'1/30' -> '1-30', '100%' -> '100pct' (folder names)."""
-    return fraction.replace("/", "-").replace("%", "pct")
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneRun:
-    row: str
-    fraction: str
-    seed: int
-
-    @property
-    def id(self) -> str:
-        return f"finetune/{self.row}/{fraction_slug(self.fraction)}/s{self.seed}"
 
 
 class Failed(Exception):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ddep_jax.experiments.label_efficiency import Pretraining, Recipe, Row
+from ddep_jax.experiments.recipe import Pretraining, Recipe, Row
 
 # --------------------------------------------------------------------- CPU
 CAMVID_CPU_MODEL = {

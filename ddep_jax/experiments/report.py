@@ -178,7 +178,7 @@ def _reproduce(recipe, commands: Mapping[str, Mapping]) -> list[str]:
              "A fine-tuning cell's seed s is `--config.seed=s` in place of the "
              "`--config.seed=0` shown.", ""]
     for name, command in commands.get("pretraining", {}).items():
-        lines += [f"- pretraining `{name}`:", "", f"  ```", f"  {command}", "  ```"]
+        lines += [f"- pretraining `{name}`:", "", "  ```", f"  {command}", "  ```"]
     for (row, fraction), command in commands.get("finetune", {}).items():
         lines += [f"- {recipe.row(row).name}, {fraction}:", "", "  ```",
                   f"  {command}", "  ```"]
