@@ -41,16 +41,35 @@ def get_config(arg=None):
             "model from a random initialisation (DDeP Sec. 3); drop ckpt for DeP, or "
             "drop dep for DDeP (the encoder from ckpt, frozen).")
     c = ddep.default_config()
-    c.model.encoder.vit_size = arg.vit
+    # Model (Sec. 2): R50+ViT-B/16 hybrid encoder (ViT-L with :vit=L), the
+    # TransUNet decoder of widths [1024, 512, 256, 128, 64] x `decoder`.
+    c.model.encoder.update(vit_size=arg.vit, resnet_layers=(3, 4, 9), resnet_width=64,
+                           image_size=(224, 224), num_groups=32)
     c.model.decoder_multiplier = arg.decoder
+    c.model.decoder_widths = tuple(w * arg.decoder for w in (1024, 512, 256, 128, 64))
+    c.model.dtype = arg.dtype
+    # Denoising (Sec. 4): scaled additive noise (Eq. 5), sigma 0.22 (Fig. 5),
+    # fixed (Table 4), predict the noise eps (Eq. 6), no noise conditioning.
+    c.denoising.update(noise_type="scaled", sigma=0.22, sigma_range=(), gamma_range=(),
+                       target="eps")
+    c.model.noise_conditioning = False
+    # Data (Sec. 5.1): ImageNet-21k training images, labels unused, 224x224
+    # inception crops and flips.
     c.data.source = "tfds"
     c.data.name = "imagenet21k"
     c.data.split = "train"
+    c.data.crop_area_range = (0.08, 1.0)
+    c.data.flip = True
+    # Optimisation (Sec. 5.1): batch 512, 100 epochs, Adam, cosine decay, lr
+    # 6e-5 for the 1x and 3x decoders and 1e-4 for the 2x.
     c.batch_size = 512
     c.num_epochs = 100.0
+    c.total_steps = 0  # the 100 epochs decide
+    c.optimizer.update(learning_rate={1: 6e-5, 2: 1e-4, 3: 6e-5}[arg.decoder],
+                       b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=0)
+    # DDeP freezes the encoder (Sec. 4); DeP trains it from scratch (Sec. 3).
     c.frozen = () if arg.dep else ("encoder",)
     c.init.checkpoint = arg.ckpt
-    c.model.dtype = arg.dtype
     c.grad_accum_steps = arg.accum
     if arg.vit == "L" or arg.decoder == 3:
         c.mesh.param_sharding = "fsdp"

@@ -47,8 +47,7 @@ def load_config(path: str, arg: str | None = None,
       FileNotFoundError: no such file.
       ValueError: a rejected argument, or an unknown override key (named).
     """
-    config = config_lib.load_config_file(path, arg)
-    return config_lib.apply_overrides(config, dict(overrides or {}))
+    return config_lib.load_config(path, arg, dict(overrides or {}))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:

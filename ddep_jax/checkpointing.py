@@ -20,7 +20,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from ddep_jax import writers
-from ddep_jax.optim import path_str
+from ddep_jax.tree_paths import flatten_with_paths
 
 ITEMS = ("state", "data_iter")
 
@@ -299,8 +299,7 @@ def resolve_state_dir(path: str, step: int = -1) -> tuple[str, int]:
 
 
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): (tuple(v.shape), str(v.dtype)) for p, v in flat}
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in flatten_with_paths(tree).items()}
 
 
 def compare_trees(expected, found, prefix: str = "") -> list[str]:

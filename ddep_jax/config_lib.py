@@ -95,6 +95,23 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return module.get_config(arg or None)
 
 
+def load_config(path: str, arg: str | None = None,
+                *overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A stage config as `--config=PATH:ARG --config.KEY=VALUE ...` gives it:
+    `load_config_file(path, arg)` with each mapping of dotted keys in
+    `overrides` applied in turn (`apply_overrides`). The one way every entry
+    point, the Python API and the harness load a config.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: a rejected argument, or an unknown override key (named).
+    """
+    config = load_config_file(path, arg)
+    for o in overrides:
+        apply_overrides(config, o)
+    return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Sets dotted keys ('optimizer.learning_rate': 1e-3) of `config` in place,

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from ddep_jax import checkpointing, vit_import, writers
-from ddep_jax.optim import path_str
+from ddep_jax.tree_paths import flatten_with_paths
 
 
 def token_grid(model_config) -> tuple[int, int]:
@@ -225,8 +225,7 @@ def check_encoder_chain(workdir: str) -> dict:
     if not chain:
         raise ValueError(f"{workdir}/init.json records no encoder hand-over.")
     first, last = read_collection(chain[0]), read_collection(chain[-1])
-    a = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(first)[0])
-    b = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(last)[0])
+    a, b = flatten_with_paths(first), flatten_with_paths(last)
     differing = sorted(k for k in a.keys() | b.keys()
                        if k not in a or k not in b or a[k].dtype != b[k].dtype
                        or not np.array_equal(a[k], b[k]))

@@ -17,13 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from ddep_jax.models import COLLECTIONS
+from ddep_jax.tree_paths import path_str  # noqa: F401  (re-exported)
 
 FROZEN, TRAIN = "frozen", "train"
-
-
-def path_str(path) -> str:
-    """'encoder/Transformer/encoder_norm/scale' for a tree path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def freeze_rules(frozen: Sequence[str],

@@ -58,17 +58,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddep_jax import visualize
+from ddep_jax.data.folders import IMAGE_EXTENSIONS, is_image_file
 from ddep_jax.evaluation import evaluator
 from ddep_jax.evaluation.inference import EVAL_MODES
 from ddep_jax.evaluation.segmentation import load_finetuned
 from ddep_jax.models import to_float_images
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the image folders' set: one set of image files
 DEFAULT_SIZE_MULTIPLE = 0  # 0: the run's config.eval.size_multiple
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_SUFFIXES)
 
 
 def list_images(images: str) -> list[str]:
@@ -89,7 +86,7 @@ def list_images(images: str) -> list[str]:
         if os.path.isdir(part):
             matches = [os.path.join(part, f) for f in os.listdir(part)]
         elif os.path.isfile(part):
-            if not _is_image(part):
+            if not is_image_file(part):
                 not_images.append(part)
             matches = [part]
         elif glob.has_magic(part):
@@ -98,7 +95,7 @@ def list_images(images: str) -> list[str]:
             missing.append(part)
             matches = []
         for m in matches:
-            if os.path.isfile(m) and _is_image(m):
+            if os.path.isfile(m) and is_image_file(m):
                 found.setdefault(os.path.abspath(m), os.path.normpath(m))
     if missing:
         raise SystemExit(f"--images: no such file or folder: {', '.join(missing)}")

@@ -61,7 +61,7 @@ from ddep_jax import writers
 from ddep_jax.models import hybrid_vit
 from ddep_jax.models.hybrid_vit import VIT_SIZES
 from ddep_jax.models.transunet import build_model
-from ddep_jax.optim import path_str
+from ddep_jax.tree_paths import path_str
 
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 

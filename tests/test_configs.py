@@ -142,3 +142,27 @@ def test_dep_starts_from_nothing_pretrained(tmp_path):
         assert ddep.denoising_run_name(config) == "DeP"
         config.init.checkpoint = "/ckpt/encoder"
         assert "not DeP" in ddep.denoising_run_name(config)
+
+
+def test_paper_ddep_config_states_the_paper_values():
+    """configs/ddep_imagenet21k.py reads alone: every value of the paper's
+    run (Sec. 2, 4, 5.1) is set in the file, and no 0 stands for 'the
+    paper's value' (a learning rate of 0 is refused)."""
+    from ddep_jax.trainers import ddep
+
+    text = (REPO / "configs/ddep_imagenet21k.py").read_text()
+    for ref in ("Sec. 2", "Sec. 4", "Sec. 5.1", "Eq. 5", "Eq. 6", "Fig. 5", "Table 4"):
+        assert ref in text, ref
+    for key in ("noise_type=\"scaled\"", "sigma=0.22", "target=\"eps\"", "batch_size = 512",
+                "num_epochs = 100.0", "(1024, 512, 256, 128, 64)", "crop_area_range"):
+        assert key in text, key
+    c = config_lib.load_config_file(str(REPO / "configs/ddep_imagenet21k.py"), "")
+    assert (c.denoising.noise_type, c.denoising.sigma, c.denoising.target) == (
+        "scaled", 0.22, "eps")
+    assert tuple(c.denoising.sigma_range) == () and tuple(c.denoising.gamma_range) == ()
+    assert (c.batch_size, c.num_epochs, c.optimizer.learning_rate) == (512, 100.0, 6e-5)
+    assert tuple(c.model.decoder_widths) == (1024, 512, 256, 128, 64)
+    assert tuple(c.model.encoder.image_size) == (224, 224)
+    c.optimizer.learning_rate = 0.0
+    with pytest.raises(ValueError, match="optimizer.learning_rate"):
+        ddep.validate(c, 1)

@@ -157,3 +157,18 @@ def test_predict_glob_of_camvid_test_images(finetuned_workdir, tmp_path):
         assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < 11
         for kind in ("mask", "overlay"):
             assert np.asarray(Image.open(out / f"{n}_{kind}.png")).shape == (h, w, 3)
+
+
+def test_predict_and_the_image_folders_take_the_same_files(tmp_path):
+    """One set of image files: what `predict` lists in a folder is what the
+    folder dataset lists (any case, .bmp and .tif included)."""
+    from PIL import Image
+
+    from ddep_jax.data import folders
+
+    for name in ("a.PNG", "b.jpg", "c.bmp", "d.tif", "e.webp", "f.tiff", "g.jpeg"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    from_predict = [os.path.basename(p) for p in predict.list_images(str(tmp_path))]
+    assert from_predict == folders.list_images(str(tmp_path), "*")
+    assert len(from_predict) == 7

@@ -56,7 +56,15 @@ from PIL import Image, ImageOps
 
 from ddep_jax import writers
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+"""The image files every reader of this project takes (any case): the image
+folders of the datasets and `python -m ddep_jax.predict` alike (PIL decodes
+them all)."""
+
+
+def is_image_file(path: str) -> bool:
+    """Whether `path` ends in one of `IMAGE_EXTENSIONS` (any case)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 """File extensions an image folder reads (compared lower-case)."""
 BAD_IMAGE_MODES = ("skip", "error")
 SKIPPED_LIST = "skipped_images.txt"
@@ -365,7 +373,7 @@ def mmseg_spec(data_config, num_outputs: int = 0):
       FileNotFoundError: no such folder, or no img_dir/ and ann_dir/ in it.
       ValueError: an unreadable classes.json, or neither it nor a class count.
     """
-    from ddep_jax.data.seg_datasets import SegDatasetSpec
+    from ddep_jax.data.seg_spec import SegDatasetSpec
 
     root = _check_folder(data_config.folder, "data.folder")
     for sub in ("img_dir", "ann_dir"):

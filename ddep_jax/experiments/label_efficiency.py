@@ -402,16 +402,14 @@ class Harness:
 
     # --------------------------------------------------------------- configs
     def _load(self, name, arg: str, *overrides: Mapping[str, Any]):
+        data = {"data.data_dir": self.data_dir} if self.data_dir else {}
         if callable(name):
             config = name(arg or None)
-        else:
-            path = name if os.path.isabs(name) else str(self.configs_dir / name)
-            config = config_lib.load_config_file(path, arg)
-        for o in (self.recipe.overrides, *overrides):
-            config_lib.apply_overrides(config, o)
-        if self.data_dir:
-            config_lib.apply_overrides(config, {"data.data_dir": self.data_dir})
-        return config
+            for o in (self.recipe.overrides, *overrides, data):
+                config_lib.apply_overrides(config, o)
+            return config
+        path = name if os.path.isabs(name) else str(self.configs_dir / name)
+        return config_lib.load_config(path, arg, self.recipe.overrides, *overrides, data)
 
     def _pretraining_overrides(self, name: str) -> dict:
         p = self.recipe.pretraining(name)

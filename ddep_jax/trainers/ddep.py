@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100.0
     c.total_steps = 0  # > 0 overrides num_epochs
 
-    c.optimizer = config_lib.optimizer_config()  # learning_rate 0: the paper's
+    # Adam, cosine decay, the 1x decoder's lr (Sec. 5.1; PAPER_LEARNING_RATE).
+    c.optimizer = config_lib.optimizer_config(PAPER_LEARNING_RATE[1])
     c.image_grid_every = 500  # and at the end; 0: no image grids
     c.image_grid_size = 8
     return config_lib.add_run_options(c, keep_checkpoints=3)
@@ -103,6 +104,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(d.target in denoising.TARGETS, "denoising.target", d.target,
             f"expected one of {denoising.TARGETS}")
     require(d.sigma >= 0, "denoising.sigma", d.sigma, "must be >= 0")
+    require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+            config.optimizer.learning_rate, "must be > 0 (the paper's: "
+            f"{PAPER_LEARNING_RATE} by decoder width, Sec. 5.1)")
     if d.sigma_range:
         low_high = tuple(d.sigma_range)
         require(len(low_high) == 2 and 0 <= low_high[0] < low_high[1],
@@ -256,11 +260,9 @@ def images_name(data_config) -> str:
 
 
 def learning_rate(config) -> float:
-    """The configured peak learning rate, or the paper's for the decoder width
-    (`optimizer.learning_rate` 0)."""
-    if config.optimizer.learning_rate > 0:
-        return config.optimizer.learning_rate
-    return PAPER_LEARNING_RATE[config.model.decoder_multiplier]
+    """The configured peak learning rate (> 0; the paper's per decoder width
+    is `PAPER_LEARNING_RATE`, which the paper configs state)."""
+    return config.optimizer.learning_rate
 
 
 def make_source(data_config, workdir: str | None = None):
@@ -414,7 +416,7 @@ def make_image_grid_hook(config, model, mesh, source):
 
     def after_step(run: loop.RunContext, state, batch, step: int) -> None:
         del batch
-        if step % every and step != run.num_steps:
+        if not loop.itstime(step, every, run.num_steps):
             return
         clean, noisy, denoised = jax.device_get(
             denoise(state["params"], images, run.keys["images"]))

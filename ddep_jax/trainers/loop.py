@@ -66,6 +66,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddep_jax import checkpointing, handover, optim, profiling, writers
+from ddep_jax.tree_paths import flatten_dict
 import ddep_jax.trainers as trainers_package
 from ddep_jax.models import fast_conv
 from ddep_jax.sharding import make_mesh, state_shardings
@@ -265,6 +266,15 @@ def build_state(stage: Stage, config, num_steps: int, mesh, key) -> TrainState:
                       jax.jit(rederive, out_shardings=shardings))
 
 
+def itstime(step: int, every: int, last_step: int | None = None) -> bool:
+    """Whether a periodic job runs after `step` (1-based): every `every`
+    steps (0: never), and at `last_step` when given. The one rule of every
+    "every N steps" setting (log_every, checkpoint_every, eval.every_steps,
+    image_grid_every)."""
+    return bool(every) and step % every == 0 or (last_step is not None
+                                                 and step == last_step)
+
+
 EXTRA_STATE_FOLD = 0x657874
 """The extra state's key is the init key folded with this constant (its
 draws, a queue's random start, differ from the parameters')."""
@@ -368,22 +378,12 @@ order, so the continuation is no longer bit-identical. Every other key
 a change is refused."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(changes that break the run, changes it survives) between the config
     a workdir was run with (its config.json) and the new one, as
     'key: old -> new' lines (see `RESUME_SAFE_KEYS`; keys present on one side
     only, i.e. settings added or removed by a newer version, are survivable)."""
-    a, b = _flat(old), _flat(json.loads(json.dumps(new)))
+    a, b = flatten_dict(old), flatten_dict(json.loads(json.dumps(new)))
     breaking, safe = [], []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key, "<absent>") == b.get(key, "<absent>"):
@@ -590,8 +590,8 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
             if preempted:
                 last_step = step
                 break
-            if (stage.evaluate is not None and stage.eval_every
-                    and step % stage.eval_every == 0 and step != num_steps):
+            if (stage.evaluate is not None and itstime(step, stage.eval_every)
+                    and step != num_steps):  # the last step's is the final one
                 stage.evaluate(ctx, state["params"], step, False)
                 log.restart_clock(step)
         result["state"] = state
@@ -862,11 +862,11 @@ class StepControl:
         self.trace.after(step, metrics)
         self.log.add(step, metrics)
         preempted = self.preemption.reached(step)  # every step, on every host
-        if (step % self.config.log_every == 0 or step == last_step or preempted
+        if (itstime(step, self.config.log_every, last_step) or preempted
                 or self._first):  # the first step shows compile + first step
             self.log.log(step)
             self._first = False
-        if step % self.config.checkpoint_every == 0 or step == last_step or preempted:
+        if itstime(step, self.config.checkpoint_every, last_step) or preempted:
             self.log.flush()  # never save parameters that produced a NaN
             if not bool(_all_finite(state["params"])):
                 raise FloatingPointError(

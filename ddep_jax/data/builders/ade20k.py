@@ -70,13 +70,13 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from ddep_jax.data import seg_datasets
+from ddep_jax.data import seg_spec
 from ddep_jax.data.builders import manual_files
 
 NUM_CLASSES = 150
 """Evaluated classes (ids ``0..149`` after mapping)."""
 
-IGNORE_LABEL = seg_datasets.IGNORE_LABEL
+IGNORE_LABEL = seg_spec.IGNORE_LABEL
 
 CLASS_NAMES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed",
@@ -357,8 +357,8 @@ def load_pair(
     return image, annotation
 
 
-def _spec() -> seg_datasets.SegDatasetSpec:
-    return seg_datasets.SegDatasetSpec(
+def _spec() -> seg_spec.SegDatasetSpec:
+    return seg_spec.SegDatasetSpec(
         name="ade20k",
         tfds_name=Ade20k.name,
         num_classes=NUM_CLASSES,
@@ -374,4 +374,4 @@ def _spec() -> seg_datasets.SegDatasetSpec:
     )
 
 
-seg_datasets.register("ade20k", _spec)
+seg_spec.register("ade20k", _spec)

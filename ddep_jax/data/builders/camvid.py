@@ -79,7 +79,7 @@ from etils import epath
 from PIL import Image
 
 # Void / unlabelled pixels (255), excluded from losses and metrics.
-from ddep_jax.data.seg_datasets import IGNORE_LABEL
+from ddep_jax.data.seg_spec import IGNORE_LABEL
 
 NUM_CLASSES = 11
 """Number of evaluated classes (ids ``0..10``)."""

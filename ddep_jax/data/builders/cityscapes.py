@@ -79,7 +79,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from ddep_jax.data import seg_datasets
+from ddep_jax.data import seg_spec
 from ddep_jax.data.builders import manual_files
 
 NUM_CLASSES = 19
@@ -88,7 +88,7 @@ NUM_CLASSES = 19
 NUM_LABEL_IDS = 34
 """Raw label ids ``0..33`` stored in ``*_gtFine_labelIds.png``."""
 
-IGNORE_LABEL = seg_datasets.IGNORE_LABEL
+IGNORE_LABEL = seg_spec.IGNORE_LABEL
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -358,8 +358,8 @@ def load_pair(
     return image, label
 
 
-def _spec() -> seg_datasets.SegDatasetSpec:
-    return seg_datasets.SegDatasetSpec(
+def _spec() -> seg_spec.SegDatasetSpec:
+    return seg_spec.SegDatasetSpec(
         name="cityscapes",
         tfds_name=CityscapesSeg.name,
         num_classes=NUM_CLASSES,
@@ -375,4 +375,4 @@ def _spec() -> seg_datasets.SegDatasetSpec:
     )
 
 
-seg_datasets.register("cityscapes", _spec)
+seg_spec.register("cityscapes", _spec)

@@ -168,7 +168,7 @@ def write_spec(spec, data_dir: str) -> str:
 def prepared_spec(name: str, data_dir: str):
     """The `SegDatasetSpec` of a prepared mmseg folder `name` in `data_dir`,
     or None when there is none (any version; the newest is read)."""
-    from ddep_jax.data.seg_datasets import SegDatasetSpec
+    from ddep_jax.data.seg_spec import SegDatasetSpec
 
     root = os.path.join(data_dir, name)
     if not os.path.isdir(root):

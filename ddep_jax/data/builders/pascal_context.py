@@ -88,7 +88,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from ddep_jax.data import seg_datasets
+from ddep_jax.data import seg_spec
 from ddep_jax.data.builders import manual_files
 
 NUM_CLASSES = 59
@@ -97,7 +97,7 @@ NUM_CLASSES = 59
 NUM_FULL_CLASSES = 459
 """Classes of the full PASCAL-Context list (``LabelMap`` ids ``1..459``)."""
 
-IGNORE_LABEL = seg_datasets.IGNORE_LABEL
+IGNORE_LABEL = seg_spec.IGNORE_LABEL
 
 CLASSES_59: tuple[tuple[int, str], ...] = (
     (2, "aeroplane"), (9, "bag"), (18, "bed"), (19, "bedclothes"),
@@ -471,8 +471,8 @@ def check_label_lists(
                 )
 
 
-def _spec() -> seg_datasets.SegDatasetSpec:
-    return seg_datasets.SegDatasetSpec(
+def _spec() -> seg_spec.SegDatasetSpec:
+    return seg_spec.SegDatasetSpec(
         name="pascal_context",
         tfds_name=PascalContext.name,
         num_classes=NUM_CLASSES,
@@ -488,4 +488,4 @@ def _spec() -> seg_datasets.SegDatasetSpec:
     )
 
 
-seg_datasets.register("pascal_context", _spec)
+seg_spec.register("pascal_context", _spec)
