@@ -59,16 +59,12 @@ Writes, after every finished run:
 from __future__ import annotations
 
 import fnmatch
-import json
-import math
 import os
 import pathlib
 import importlib
 import importlib.util
 import resource
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -83,32 +79,15 @@ from ddep_jax.experiments.provenance import (  # noqa: F401  (re-exported)
     use_compilation_cache, usable_cpus)
 from ddep_jax.experiments.recipe import (  # noqa: F401  (re-exported)
     FinetuneRun, Pretraining, Recipe, Row, fraction_slug)
+from ddep_jax.experiments.records import (  # noqa: F401  (re-exported)
+    COST_FILE, CURVE_POINTS, RESULT_KEYS, WORKER_RECORD, HarnessRecords, _config_name,
+    _final_figures, _is_main, _list_text, loss_curve)
+from ddep_jax.experiments.workers import ParallelRuns
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 """The repository's configs/ folder (recipes name files in it)."""
 
-RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",
-               "miou", "per_class_iou", "pixel_accuracy", "split", "steps",
-               "cpu_seconds", "cpu_seconds_complete", "wall_seconds", "workdir",
-               "init_checkpoint", "train_loss", "code_commit", "config_hash",
-               "machine")
-"""The fields of a results.jsonl line: mIoU and pixel accuracy in [0, 1] as
-the evaluation reports them, per-class IoU as {class name: IoU or null},
-CPU seconds (user + system, all threads) of the invocations that ran it
-(`cpu_seconds_complete` false when one of them was killed before it could
-count), the workdir relative to OUT, and the training loss curve
-(`loss_curve`: [[last step of a window, mean loss], ...]), and its
-provenance (`provenance`): the code's git commit, a hash of the resolved
-config and the machine's fingerprint (CPU count, CPU and instruction set, XLA
-flags: `machine_fingerprint`); pretraining.jsonl lines carry the same."""
 
-CURVE_POINTS = 20
-"""Windows a run's training loss is averaged over in its results line."""
-
-COST_FILE = "harness_cost.json"
-WORKER_RECORD = "harness_record.json"
-"""A `--jobs` worker's record of its run, in the run's workdir, which the
-parent harness moves into results.jsonl / pretraining.jsonl."""
 
 
 def _flag_value(value) -> str:
@@ -181,11 +160,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-class Harness:
+class Harness(HarnessRecords, ParallelRuns):
     """Runs (or resumes) a recipe's grid into `out`.
 
     Args:
@@ -536,187 +511,6 @@ class Harness:
         return 1 if self.failures else 0
 
     # ------------------------------------------------------------ parallel
-    def _tasks(self) -> list[tuple[str, list[str]]]:
-        """[(run id, the run ids it waits for)] of the selected runs still to
-        do, in the serial order: pretrainings (those recorded with a finished
-        workdir are done) then fine-tunings not in results.jsonl."""
-        runs = [r for r in self.finetune_runs() if self.selected(r.id)]
-        recorded = {r["name"] for r in self.pretraining_records}
-        todo: list[tuple[str, list[str]]] = []
-        ids = set()
-        def chain(name: str) -> list[str]:  # the tasks among name and its sources
-            out = []
-            while name:
-                if f"pretrain/{name}" in ids:
-                    out.insert(0, f"pretrain/{name}")
-                name = self.recipe.pretraining(name).init_from
-            return out
-
-        for name in self._needed_pretrainings(runs):
-            p = self.recipe.pretraining(name)
-            if not p.config or (name in recorded and self._finished(name)):
-                continue
-            todo.append((f"pretrain/{name}", chain(p.init_from)))
-            ids.add(f"pretrain/{name}")
-        done = {self._result_key(r) for r in self.results}
-        for run in runs:
-            if (run.row, run.fraction, run.seed) in done:
-                continue
-            todo.append((run.id, [t for p in self.recipe.row(run.row).pretrainings
-                                  for t in chain(p)]))
-        return todo
-
-    def _worker_command(self, run_id: str) -> list[str]:
-        cmd = [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
-               f"--recipe={self.recipe_spec}", f"--out={self.out}", f"--only={run_id}",
-               "--worker", "--distributed=no", f"--cpus_per_run={self.cpus_per_run}"]
-        if self.data_dir:
-            cmd.append(f"--data_dir={self.data_dir}")
-        cmd += [f"--checkpoint={k}={v}" for k, v in self.checkpoints.items()]
-        seeds = {f: n for f, n in self.seeds.items() if n != self.recipe.seeds.get(f)}
-        if seeds:
-            cmd.append("--seeds=" + ",".join(f"{f}:{n}" for f, n in seeds.items()))
-        return cmd
-
-    def run_parallel(self) -> int:
-        """`run` with up to `jobs` runs at once, each a worker process
-        (`python -m ddep_jax.experiments.label_efficiency --worker
-        --only=<run id>`) pinned to its share of this process's CPUs; a run
-        starts once the pretraining it reads has finished. The parent alone
-        writes OUT's records and outputs, after each run. A SIGTERM or
-        Ctrl-C is passed to the workers, which stop at a checkpoint; then
-        the exit status is 75 as in `run`. A worker that fails fails its run
-        (and the runs reading it), the others go on; its output is in
-        OUT/logs/<run id, '/' -> '_'>.log.
-
-        Returns: 0, 1 if a run failed, or `loop.PREEMPTED_EXIT_CODE`."""
-        from ddep_jax.trainers import loop
-
-        if hasattr(os, "sched_getaffinity"):
-            cpus = sorted(os.sched_getaffinity(0))
-            n = self.cpus_per_run
-            if n:  # every run on the same number of CPUs: the same numbers
-                groups = [cpus[i * n:(i + 1) * n]
-                          for i in range(min(self.jobs, len(cpus) // n))]
-            else:
-                groups = [cpus[i::self.jobs] for i in range(min(self.jobs, len(cpus)))]
-            if not groups:
-                raise ValueError(f"cpus_per_run={n}: this process may use only "
-                                 f"{len(cpus)} CPU(s).")
-        else:  # no pinning here (e.g. macOS): N unpinned workers
-            groups = [[] for _ in range(self.jobs)]
-        pending = self._tasks()
-        done: set[str] = set()
-        failed: set[str] = set()
-        running: dict[str, tuple[subprocess.Popen, int, Any]] = {}
-        stopping = []
-        previous = {}
-
-        def on_signal(signum, frame):
-            stopping.append(signum)
-            for proc, _, _ in running.values():
-                proc.send_signal(signal.SIGTERM)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-        log_dir = os.path.join(self.out, "logs")
-        try:
-            while pending or running:
-                free = [g for g in range(len(groups))
-                        if g not in {slot for _, slot, _ in running.values()}]
-                for run_id, deps in list(pending):
-                    if stopping or not free:
-                        break
-                    if any(d in failed for d in deps):
-                        pending.remove((run_id, deps))
-                        failed.add(run_id)
-                        self._fail(run_id, f"the run it reads ({', '.join(deps)}) "
-                                           "did not finish")
-                        continue
-                    if not all(d in done for d in deps):
-                        continue
-                    pending.remove((run_id, deps))
-                    slot = free.pop(0)
-                    cpu_set = groups[slot]
-                    log = None
-                    if not writers.is_remote(self.out):
-                        os.makedirs(log_dir, exist_ok=True)
-                        log = open(os.path.join(log_dir, run_id.replace("/", "_") + ".log"),
-                                   "ab")
-                    cpu_list = ",".join(map(str, cpu_set))
-                    print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running"
-                          + (f" on CPU {cpu_list}" if cpu_list else ""), flush=True)
-                    # The worker pins itself (--cpus) before JAX starts its
-                    # threads: no preexec_fn, so no fork of this threaded process.
-                    proc = subprocess.Popen(
-                        self._worker_command(run_id)
-                        + ([f"--cpus={cpu_list}"] if cpu_list else []),
-                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-                    running[run_id] = (proc, slot, log)
-                    if stopping:  # a signal since the check above
-                        proc.send_signal(signal.SIGTERM)
-                if not running:
-                    if not stopping:  # (cannot happen: a task waits on one before it)
-                        for run_id, deps in pending:
-                            self._fail(run_id, f"it waits on {deps}, which never ran")
-                    break
-                time.sleep(0.5)
-                for run_id, (proc, slot, log) in list(running.items()):
-                    code = proc.poll()
-                    if code is None:
-                        continue
-                    del running[run_id]
-                    if log is not None:
-                        log.close()
-                    where = (f"; see {os.path.join(log_dir, run_id.replace('/', '_'))}"
-                             ".log" if log is not None else "")
-                    if self._collect(run_id):  # a record: the run finished
-                        done.add(run_id)
-                    elif code == loop.PREEMPTED_EXIT_CODE or (stopping and code != 0):
-                        pending.insert(0, (run_id, []))  # stopped; resumes later
-                    else:
-                        failed.add(run_id)
-                        self._fail(run_id, f"its worker exited with status {code} "
-                                           f"and left no {WORKER_RECORD}{where}")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            for proc, _, log in running.values():  # an error here: no orphans
-                proc.terminate()
-                proc.wait()
-                if log is not None:
-                    log.close()
-        self.write_outputs()
-        if stopping:
-            return loop.PREEMPTED_EXIT_CODE
-        return 1 if self.failures else 0
-
-    def _collect(self, run_id: str) -> bool:
-        """Moves a finished worker's record into OUT's files (False: it left
-        none)."""
-        if run_id.startswith("pretrain/"):
-            workdir = self.pretrain_dir(run_id[len("pretrain/"):])
-        else:
-            run = next(r for r in self.finetune_runs() if r.id == run_id)
-            workdir = self.finetune_dir(run)
-        path = os.path.join(workdir, WORKER_RECORD)
-        item = writers.read_json(path)
-        if item is None:
-            return False
-        record = item["record"]
-        if item["kind"] == "pretraining":
-            self._add_pretraining_record(record)
-            print(f"  {run_id}: done ({record['cpu_seconds'] / 60:.1f} CPU min)",
-                  flush=True)
-        else:
-            self._add_result(record)
-            print(f"  {run_id}: {self.recipe.metric_split} mIoU "
-                  f"{100 * record['miou']:.2f} ({record['cpu_seconds'] / 60:.1f} CPU min)",
-                  flush=True)
-        epath.Path(path).unlink()  # now in OUT's records
-        self.write_outputs()
-        return True
-
     def _finished(self, name: str) -> bool:
         p = self.recipe.pretraining(name)
         return not p.config or self._status(self.pretrain_dir(name)) == "done"
@@ -848,203 +642,6 @@ class Harness:
         return run_id
 
     # --------------------------------------------------------------- files
-    @staticmethod
-    def _result_key(record: Mapping) -> tuple:
-        return record["row"], record["fraction"], record["seed"]
-
-    def _read_jsonl(self, name: str) -> list[dict]:
-        path = epath.Path(self.out, name)
-        text = path.read_text() if path.exists() else ""
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {number} is not JSON ({e}); fix or "
-                                     "delete that line (the run is then read back "
-                                     "from its workdir).") from None
-        return records
-
-    def _add_result(self, record: dict) -> None:
-        self.results = self._merged("results.jsonl", self.results, record,
-                                    self._result_key)
-        self._write_jsonl("results.jsonl", self.results)
-
-    def _add_pretraining_record(self, record: dict) -> None:
-        self.pretraining_records = self._merged(
-            "pretraining.jsonl", self.pretraining_records, record, lambda r: r["name"])
-        self._write_jsonl("pretraining.jsonl", self.pretraining_records)
-
-    def _merged(self, name: str, mine: Sequence[dict], record: dict,
-                key: Callable[[Mapping], Any]) -> list[dict]:
-        """OUT/name as it is now (what other invocations sharing OUT wrote
-        since this one read it), this invocation's records it lacks, and
-        `record` in place of its key's line: invocations with different
-        --only add to the same files without dropping each other's runs."""
-        merged = {key(r): r for r in self._read_jsonl(name)}
-        for r in mine:
-            merged.setdefault(key(r), r)
-        merged.pop(key(record), None)
-        return [*merged.values(), record]
-
-    def _sync_records(self) -> None:
-        """Takes in the records other invocations sharing OUT wrote, and
-        writes back any of this invocation's that a concurrent write dropped
-        (both read, both wrote: the second write lacks the first's run)."""
-        for name, attr, key in (("results.jsonl", "results", self._result_key),
-                                ("pretraining.jsonl", "pretraining_records",
-                                 lambda r: r["name"])):
-            merged = {key(r): r for r in self._read_jsonl(name)}
-            missing = [r for r in getattr(self, attr) if key(r) not in merged]
-            merged.update((key(r), r) for r in missing)
-            setattr(self, attr, list(merged.values()))
-            if missing:
-                self._write_jsonl(name, getattr(self, attr))
-
-    def _write_jsonl(self, name: str, records: Sequence[Mapping]) -> None:
-        if _is_main():
-            # Keys in the records' own order (per-class IoU in class order).
-            text = "".join(json.dumps(r) + "\n" for r in records)
-            writers.write_bytes(os.path.join(self.out, name), text.encode())
-
-    def write_outputs(self) -> None:
-        """summary.md and the figure(s) from the results so far."""
-        if not _is_main() or self.worker:
-            return
-        from ddep_jax.experiments import report
-
-        self._sync_records()
-        total = len(self.finetune_runs())
-        text = report.summary_markdown(self.recipe, self.results,
-                                       self.pretraining_records, total_runs=total,
-                                       failures=self.failures, commands=self.commands())
-        writers.write_bytes(os.path.join(self.out, "summary.md"), text.encode())
-        for group, suffix in (("main", ""), ("ablation", "_ablations")):
-            rows = [r for r in self.recipe.rows if r.group == group]
-            if rows and any(r["row"] in {x.key for x in rows} for r in self.results):
-                report.plot(self.recipe, self.results, rows,
-                            os.path.join(self.out, f"label_efficiency{suffix}.png"))
-                if any(r.get("train_loss") for r in self.results):
-                    report.plot_curves(self.recipe, self.results, rows, os.path.join(
-                        self.out, f"training_loss{suffix}.png"))
-
-    def commands(self) -> dict:
-        """{'pretraining': {name: command}, 'finetune': {(row, fraction):
-        command of seed 0}} of every run of the recipe (`report._reproduce`)."""
-        pre = {p.name: self.pretraining_command(p.name) for p in self.recipe.pretrainings
-               if p.config}
-        ft = {}
-        for row in self.recipe.rows:
-            for f in self.recipe.fractions:
-                try:
-                    ft[(row.key, f)] = self.finetune_command(FinetuneRun(row.key, f, 0))
-                except ValueError as e:  # an external checkpoint not given
-                    ft[(row.key, f)] = f"({e})"
-        return {"pretraining": pre, "finetune": ft}
-
-    def fill_from_workdirs(self) -> int:
-        """Completes results lines written by earlier versions from their
-        workdirs, where these are still at hand: adds a missing `train_loss`
-        (from loss_history.json) and puts `per_class_iou` back in the
-        dataset's class order (from the run's evaluation report; lines were
-        once written with sorted keys). Rewrites results.jsonl if any line
-        changed; returns how many did."""
-        changed = {}
-        for record in self.results:
-            if writers.is_remote(record["workdir"]):
-                continue
-            workdir = os.path.join(self.out, record["workdir"])
-            before = json.dumps(record)
-            curve = None if record.get("train_loss") else loss_curve(workdir)
-            if curve:
-                record["train_loss"] = curve
-            per_class = record.get("per_class_iou")
-            report = writers.read_json(os.path.join(
-                workdir, "eval", f"{record.get('split', self.recipe.metric_split)}_"
-                f"{int(record.get('steps') or 0):08d}.json")) or {}
-            order = list(report.get("per_class") or {})
-            if per_class and sorted(order) == sorted(per_class):
-                record["per_class_iou"] = {name: per_class[name] for name in order}
-            if json.dumps(record) != before:
-                changed[self._result_key(record)] = record
-        if changed:  # into results.jsonl as it is now (a harness may have added runs)
-            self.results = [changed.get(self._result_key(r), r)
-                            for r in self._read_jsonl("results.jsonl")]
-            self._write_jsonl("results.jsonl", self.results)
-        return len(changed)
-
-
-def _config_name(config, arg: str) -> str:
-    name = getattr(config, "__qualname__", None) if callable(config) else config
-    return f"{name}{':' + arg if arg else ''}"
-
-
-def _list_text(harness: Harness) -> str:
-    """`--list`: each run's status and CPU minutes (recorded, or '~' estimated
-    from the recorded runs: `Harness.costs`), then what is left to run."""
-    costs = harness.costs()
-    lines, cpu_left, wall_left, left, unknown = [], 0.0, 0.0, 0, 0
-    for run_id, status in harness.plan():
-        cost = costs[run_id]
-        text = "" if cost is None else f"{'~' * cost[2] + f'{cost[0] / 60:.1f}':>7s} CPU min"
-        lines.append(f"{status:8s} {run_id:36s} {text}".rstrip())
-        if status not in ("done", "external"):
-            left += 1
-            if cost is None:
-                unknown += 1
-            else:
-                cpu_left, wall_left = cpu_left + cost[0], wall_left + cost[1]
-    tail = f"left: {left} run(s)"
-    if left > unknown:
-        tail += (f", ~{cpu_left / 3600:.2f} CPU h; ~{wall_left / 3600 / harness.jobs:.2f} h "
-                 f"wall at --jobs={harness.jobs} (from the recorded runs' wall time, "
-                 "at the --jobs they ran with)")
-    if unknown:
-        tail += f"; {unknown} with nothing recorded to estimate from"
-    return "\n".join(lines + [tail]) + "\n"
-
-
-def loss_curve(workdir: str, points: int = CURVE_POINTS) -> list[list[float]] | None:
-    """A run's training loss (WORKDIR/loss_history.json, one [step, loss] per
-    step, `loop.run`) as means over at most `points` windows of a fixed step
-    grid: window k holds steps ((k - 1) * size, k * size], size =
-    ceil(last step / points), and is reported at its end (the last window at
-    the last step), so runs of the same length share their steps even where a
-    history lacks some. Returns [[step, mean loss], ...]; None where the
-    workdir has no history."""
-    history = writers.read_json(os.path.join(workdir, "loss_history.json"))
-    if not history:
-        return None
-    last = max(int(step) for step, _ in history)
-    size = max(1, -(-last // points))
-    windows: dict[int, list[float]] = {}
-    for step, loss in history:
-        end = min(-(-int(step) // size) * size, last)
-        windows.setdefault(end, []).append(float(loss))
-    return [[end, round(sum(v) / len(v), 5)] for end, v in sorted(windows.items())]
-
-
-def _final_figures(workdir: str, done: Mapping) -> dict:
-    """The scalar figures of a pretraining run's end: its final evaluation
-    (stage 1: accuracy) and the last logged metrics (stage 2: loss, grid PSNR)."""
-    figures: dict[str, Any] = {}
-    for split, report in (done.get("eval") or {}).items():
-        for k, v in report.items():
-            if isinstance(v, (int, float)) and k in ("accuracy", "top1", "miou", "loss"):
-                figures[f"{split}/{k}"] = v
-    path = epath.Path(workdir, "metrics.jsonl")
-    if path.exists():
-        last: dict[str, Any] = {}
-        for line in path.read_text().splitlines():
-            try:
-                last.update(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        for k in ("loss", "denoise/psnr_noisy", "denoise/psnr_denoised"):
-            if isinstance(last.get(k), (int, float)) and math.isfinite(last[k]):
-                figures[k] = round(last[k], 4)
-    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
