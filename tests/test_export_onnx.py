@@ -3,9 +3,9 @@
 - The rewritten ops (`onnx_export.REWRITES`): the max pool as strided slices
   equals XLA's reduce-window max exactly; after the rewrite no
   ``reduce_window_max`` / ``stack`` is left; the ops that needed handling
-  (the max pool, weight-standardised convolution, the x2 upsampling, the
-  noise-conditioned decoder) run in onnxruntime at batch 1 and 3 with JAX's
-  values.
+  (the max pool, weight-standardised convolution, the x2 upsampling) run in
+  onnxruntime at batch 1 and 3 with JAX's values, and so do tiny random-weight
+  models of the noise-conditioned decoder and of ×Net.
 - Both encoder families (hybrid R+ViT, plain ResNet U-Net), each a tiny
   CamVid fine-tuning (one step, real images): exported (the hybrid by the
   command line), run by onnxruntime on real CamVid test images at batch 1
@@ -155,28 +155,40 @@ def test_special_ops_run_in_onnxruntime(name):
         np.testing.assert_allclose(got, np.asarray(fn(images)), atol=1e-5, rtol=0)
 
 
-def test_noise_conditioned_decoder_and_attention_convert():
-    """A tiny hybrid model with the noise-conditioned decoder (sigma's
-    sinusoidal embedding, Dense, swish, FiLM on every GroupNorm) and the
-    ViT's attention, random weights, through onnxruntime at batch 1 and 3."""
-    config = tiny_finetune_config()
-    config.model.noise_conditioning = True
-    config.model.clean_noise_level = 0.05
+RANDOM_MODELS = {
+    # the noise-conditioned decoder (sigma's sinusoidal embedding, Dense,
+    # swish, FiLM on every GroupNorm) and the ViT's attention
+    "conditioned_hybrid": {"model.noise_conditioning": True,
+                           "model.clean_noise_level": 0.05},
+    # ×Net: Re-shape (LayerNorm, 1x1 conv, depth-to-space), the gated image,
+    # a plain ResNet run as the decoder, the Post Feature Pyramid
+    "xnet": {"model.architecture": "xnet", "model.xnet.decoder_layers": (1, 1, 1, 1),
+             "model.xnet.decoder_width": 8, "model.xnet.pyramid_width": 16},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_MODELS))
+def test_random_weight_models_convert(name):
+    """Tiny models of the other architectures, random weights (noise added
+    so that zero-initialised FiLM / gates matter), through onnxruntime at
+    batch 1 and 3."""
+    config = tiny_finetune_config(**RANDOM_MODELS[name])
     model = onnx_export.export_model(config.model, 11)
-    params = model.init(jax.random.key(3), jnp.zeros((1, 32, 48, 3)))["params"]
+    params = model.init(jax.random.key(3), jnp.zeros((1, 32, 64, 3)))["params"]
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(4), len(leaves))  # FiLM: non-zero
+    keys = jax.random.split(jax.random.key(4), len(leaves))
     params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape)
                              for p, k in zip(leaves, keys)])
     infer = onnx_export.inference_fn(model, params)
-    proto = onnx_export.convert(infer, (32, 48))
-    assert {"Sin", "Cos", "Log", "Softmax"} & {n.op_type for n in proto.graph.node}
+    proto = onnx_export.convert(infer, (32, 64))
+    if name == "conditioned_hybrid":
+        assert {"Sin", "Cos", "Log"} <= {n.op_type for n in proto.graph.node}
     session = _session(proto)
-    images = np.random.default_rng(1).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 64, 3), dtype=np.uint8)
     want = np.asarray(jax.jit(infer)(images))
     for batch in (1, 3):
         got = session.run(None, {"images": images[:batch]})[0]
-        compare(want[:batch], got, f"conditioned hybrid, batch {batch}")
+        compare(want[:batch], got, f"{name}, batch {batch}")
 
 
 def test_parse_formats():
@@ -207,23 +219,21 @@ def camvid_images() -> np.ndarray:
         (SIZE[1], SIZE[0]), Image.BILINEAR)) for n in IMAGES])
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def exported(request, tmp_path_factory, camvid_tfds):
+def export_finetuned(family: str, tmp_path, data_dir: str) -> dict:
     """A tiny CamVid fine-tuning of the family (checkpoint after step 1),
     exported to ONNX at SIZE, and the JAX model's logits on the three CamVid
     images: {'family', 'workdir', 'out', 'onnx', 'images', 'jax_logits',
-    'seconds'}."""
+    'batch1_logits', 'seconds'}."""
     from ddep_jax.evaluation.segmentation import load_finetuned
     from ddep_jax.models import to_float_images
     from ddep_jax.trainers import loop
 
-    family = request.param
     images = camvid_images()
-    workdir = str(tmp_path_factory.mktemp(f"ft_onnx_{family}"))
+    workdir = str(tmp_path / "workdir")
     loop.run(tiny_finetune_config(total_steps=2, **{
-        "data.data_dir": camvid_tfds, "eval.final_splits": (),
+        "data.data_dir": data_dir, "eval.final_splits": (),
         "eval.num_visualize": 0, **FAMILIES[family]}), workdir, stop_after_step=1)
-    out = tmp_path_factory.mktemp(f"onnx_{family}")
+    out = tmp_path / "export"
     import time
 
     t0 = time.perf_counter()
@@ -247,7 +257,19 @@ def exported(request, tmp_path_factory, camvid_tfds):
             "batch1_logits": np.asarray(apply(images[:1]))}
 
 
-def test_onnx_matches_jax_on_camvid(exported):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_onnx_export_of_a_finetuned_model(family, camvid_tfds, fresh_python, tmp_path):
+    """One test per family (one fine-tuning, also under pytest-xdist): the
+    ONNX model against JAX, then in the fresh environment (the hybrid also
+    runs the docs snippet there)."""
+    exported = export_finetuned(family, tmp_path, camvid_tfds)
+    check_onnx_matches_jax(exported)
+    check_fresh_environment(exported, fresh_python, tmp_path / "fresh")
+    if family == "hybrid":  # the snippet is model-independent
+        check_docs_snippet(exported, fresh_python, tmp_path / "snippet")
+
+
+def check_onnx_matches_jax(exported):
     family = exported["family"]
     print(f"{family}: export (process incl. checkpoint load) {exported['seconds']:.1f} s")
     out = exported["out"]
@@ -324,9 +346,10 @@ def _clean_env() -> dict:
             if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
 
 
-def test_fresh_environment_runs_the_onnx_model(exported, fresh_python, tmp_path):
+def check_fresh_environment(exported, fresh_python, tmp_path):
     """tools/onnx_check/run_onnx.py in the fresh environment: the three CamVid
     images as PNGs at the model's size, in batches of 3 and of 1."""
+    tmp_path.mkdir()
     paths = []
     for name, image in zip(IMAGES, exported["images"]):
         paths.append(str(tmp_path / name.replace(".jpg", ".png")))
@@ -346,12 +369,11 @@ def test_fresh_environment_runs_the_onnx_model(exported, fresh_python, tmp_path)
     assert labels.shape == SIZE
 
 
-def test_docs_snippet_runs_in_the_fresh_environment(exported, fresh_python, tmp_path):
+def check_docs_snippet(exported, fresh_python, tmp_path):
     """The first ```python block of docs/onnx.md, run as written in the fresh
     environment beside model.onnx and image.jpg: its labels.png is the JAX
     model's argmax (same resize: PIL bilinear to the model's size)."""
-    if exported["family"] != "hybrid":
-        pytest.skip("the snippet is model-independent; checked with the hybrid")
+    tmp_path.mkdir()
     text = (REPO / "docs" / "onnx.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert len(snippet.strip().splitlines()) <= 12, "docs/onnx.md: about ten lines"
