@@ -9,7 +9,11 @@ The last `keep` checkpoints are kept (Orbax `LatestN` preservation policy).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import re
+import sys
 
 import grain
 import jax
@@ -151,6 +155,74 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if d.name.isdigit() and _finished(d))
 
 
+@contextlib.contextmanager
+def _quiet_read_errors(suppressed: list):
+    """While a damaged checkpoint is read (and its pending reads are
+    collected): the 'Exception ignored in <coroutine ...>' tracebacks of its
+    abandoned Orbax / asyncio reads (one per array, ~60 lines each, some
+    'RuntimeError: Event loop is closed') go to `suppressed` instead of
+    stderr; the caller logs one line. Other unraisable errors pass."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None) or getattr(
+            unraisable.object, "__code__", None)
+        where = getattr(code, "co_filename", "") or type(unraisable.object).__module__
+        if any(k in str(where) for k in ("orbax", "asyncio", "tensorstore")):
+            suppressed.append(unraisable.exc_value)
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # the abandoned reads are finalised here, under the hook
+        sys.unraisablehook = previous
+
+
+_DATA_ITER_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+def saved_process_count(step_dir: str) -> int | None:
+    """How many processes wrote checkpoint `step_dir`: the N of its data
+    iterators' files ``data_iter/process_<i>-of-<N>.json`` (None where there
+    are none)."""
+    folder = epath.Path(step_dir) / "data_iter"
+    if not folder.is_dir():
+        return None
+    counts = {int(m.group(2)) for f in folder.iterdir()
+              if (m := _DATA_ITER_FILE.search(f.name))}
+    return max(counts) if counts else None
+
+
+def check_process_layout(step_dir: str, workdir: str) -> None:
+    """Refuses to resume a checkpoint written by another number of processes.
+
+    Each process saves its own data-iterator position and reads its own
+    shard of the data (`pipeline.make_train_dataset`: records i::N), so a
+    run on another process count would read another data order with the
+    same global batch: that is not the interrupted run. Another number of
+    devices per process is fine (the state is resharded on restore; only
+    the floating-point reduction order changes).
+
+    Raises:
+      ValueError: naming both layouts and the ways out.
+    """
+    saved = saved_process_count(step_dir)
+    now = jax.process_count()
+    if saved is None or saved == now:
+        return
+    raise ValueError(
+        f"{workdir}: its checkpoint {step_dir} was written by {saved} process(es) "
+        f"(data_iter/process_<i>-of-{saved}.json); this run has {now} process(es) x "
+        f"{jax.local_device_count()} local device(s). Each process reads its own "
+        "shard of the data and saved its own position in it, so resuming on "
+        f"{now} process(es) would change the data order. Resume with {saved} "
+        "process(es) (any number of devices per process), or start a new workdir "
+        f"from its weights (init.checkpoint={workdir}).")
+
+
 def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
     """Opens the run's checkpoints and restores the newest readable one.
 
@@ -159,6 +231,8 @@ def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
       previous one is taken.
     - A checkpoint whose parameters differ from the model's (a changed
       model.* setting) is refused, listing every mismatch.
+    - A checkpoint of another process count is refused, naming both layouts
+      (`check_process_layout`).
     - A checkpoint written with another optimizer (gradient clipping added,
       weight decay changed) keeps its step, parameters and data position;
       the optimizer-state leaves that match are restored, the others
@@ -178,8 +252,10 @@ def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
     for step in reversed(checkpoint_steps(workdir)):
         step_dir = os.path.join(writers.absolute(workdir), "checkpoints", str(step))
         state_dir = os.path.join(step_dir, "state")
+        suppressed: list = []
         try:
-            meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+            with _quiet_read_errors(suppressed):
+                meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
             problems = compare_trees(abstract_state["params"], meta["params"],
                                      "params/")
         except Exception as e:  # unreadable metadata: a damaged checkpoint
@@ -188,6 +264,7 @@ def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
                          f"{str(e)[:200]}); moved to {moved}, trying the previous one")
             logging.warning(notes[-1])
             continue
+        check_process_layout(step_dir, workdir)
         if problems:
             raise ValueError(
                 f"the checkpoint of step {step} in {workdir} does not match the "
@@ -196,7 +273,8 @@ def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
                 + "\n  ".join(problems))
         manager = make_manager(workdir, keep)
         try:
-            state = restore(manager, step, abstract_sharded, data_iter)
+            with _quiet_read_errors(suppressed):
+                state = restore(manager, step, abstract_sharded, data_iter)
             logging.info("Resumed from %s at step %d.", manager.directory, step)
             return manager, state, step, notes
         except ValueError as e:
@@ -213,10 +291,15 @@ def resume(workdir: str, keep: int, abstract_state, state_sharding, data_iter):
             logging.warning(notes[-1])
             return manager, state, step, notes
         except Exception as e:  # unreadable arrays: a damaged checkpoint
-            manager.close()
+            with _quiet_read_errors(suppressed):
+                manager.close()
             moved = _set_aside(step_dir, "corrupt_checkpoints")
+            why = str(e).split(" See full TensorStore details")[0][:200]
             notes.append(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: "
-                         f"{str(e)[:200]}); moved to {moved}, trying the previous one")
+                         f"{why}"
+                         + (f"; {len(suppressed)} more read errors of it not shown"
+                            if suppressed else "")
+                         + f"); moved to {moved}, trying the previous one")
             logging.warning(notes[-1])
     return make_manager(workdir, keep), None, None, notes
 

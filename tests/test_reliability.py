@@ -242,10 +242,10 @@ def test_resume_refuses_changes_that_break_the_run(tmp_path):
     assert result["history"][0][0] == 3
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-    """Defect 9: a damaged file in the newest checkpoint: it is named and set
-    aside, the previous one is taken, and the run still ends bit-identical to
-    an uninterrupted one."""
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    """Defect 9: a damaged file in the newest checkpoint: it is named in one
+    warning and set aside, the previous one is taken, and the run still ends
+    bit-identical to an uninterrupted one."""
     config = tiny_config(total_steps=6, checkpoint_every=2)
     straight = loop.run(config, str(tmp_path / "straight"))
     workdir = tmp_path / "damaged"
@@ -255,6 +255,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     biggest = max(files, key=lambda p: p.stat().st_size)
     biggest.write_bytes(b"\0" * biggest.stat().st_size)
     resumed = loop.run(config, str(workdir))
+    warned = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(warned) == 1 and "corrupt_checkpoints" in warned[0], warned
     assert [s for s, _ in resumed["history"]] == [3, 4, 5, 6]
     assert os.listdir(workdir / "corrupt_checkpoints") == ["4"]
     chex.assert_trees_all_equal(jax.device_get(resumed["state"]),
@@ -311,3 +313,29 @@ def test_concurrent_atomic_writes_of_one_file(tmp_path):
     assert open(path).read() in ("a" * 5000, "b" * 5000)
     assert os.listdir(tmp_path) == ["results.jsonl"]
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_resume_on_another_process_count_is_refused_naming_both_layouts(tmp_path):
+    """A checkpoint written by 2 processes (its data iterators saved as
+    process_<i>-of-2.json) resumed by 1 process: refused with both layouts
+    and the ways out, not a missing-file error; nothing in the workdir is
+    changed."""
+    config = tiny_config(total_steps=4, checkpoint_every=2)
+    workdir = tmp_path / "run"
+    loop.run(config, str(workdir), stop_after_step=2)
+    data_iter = workdir / "checkpoints" / "2" / "data_iter"
+    one = data_iter / "process_0-of-1.json"
+    text = one.read_text()
+    one.unlink()
+    for i in range(2):  # as a 2-process run leaves it
+        (data_iter / f"process_{i}-of-2.json").write_text(text)
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\).*this run has 1 "
+                                         r"process\(es\) x \d+ local device"):
+        loop.run(config, str(workdir))
+    try:
+        loop.run(config, str(workdir))
+    except ValueError as e:
+        assert "Resume with 2 process(es)" in str(e) and "init.checkpoint=" in str(e)
+    after = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    assert [p for p in before if p not in after] == []  # nothing lost
