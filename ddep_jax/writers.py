@@ -37,6 +37,22 @@ def makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def make_workdir(workdir: str) -> None:
+    """Creates a run's workdir (and its parents).
+
+    Raises:
+      RuntimeError: it cannot be created (a read-only disk, no permission, a
+        full disk), naming it and what to check: the same message a
+        read-only existing workdir gets from `WorkdirLock`.
+    """
+    try:
+        makedirs(workdir)
+    except OSError as e:
+        raise RuntimeError(f"cannot create the workdir {workdir} ({e}): is the "
+                           "disk writable (and not full), or pass another "
+                           "--workdir.") from None
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a whole file (its parent folders created), atomically where the
     file system can rename (a temporary file renamed into place); on object

@@ -339,3 +339,15 @@ def test_resume_on_another_process_count_is_refused_naming_both_layouts(tmp_path
         assert "Resume with 2 process(es)" in str(e) and "init.checkpoint=" in str(e)
     after = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     assert [p for p in before if p not in after] == []  # nothing lost
+
+
+def test_a_workdir_on_a_read_only_disk_gets_one_clear_message(tmp_path):
+    """A fresh workdir that cannot be created (here under /sys, which refuses
+    even root) ends with the same kind of message as an existing read-only
+    one: what could not be written, and what to check; no raw OSError."""
+    proc = subprocess.run(_main("/sys/ddep_jax_test/work", overrides={"total_steps": 1}),
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 75), out[-2000:]
+    assert "cannot create the workdir /sys/ddep_jax_test/work" in out, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]

@@ -122,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       FloatingPointError: non-finite loss or parameters, naming the step and
         the last checked checkpoint; the checkpoints that hold the parameters
         which produced it are moved to WORKDIR/poisoned_checkpoints.
-      RuntimeError: another run holds the workdir (its host and pid).
+      RuntimeError: another run holds the workdir (its host and pid), or the
+        workdir cannot be created or written (a read-only or full disk).
     """
     with Preemption() as preemption:
         module = trainer(config.get("stage", "ddep"))
@@ -130,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         module.validate(config, num_devices, jax.process_count())
         workdir = writers.absolute(workdir)
         created = not epath.Path(workdir).exists()
-        writers.makedirs(workdir)
+        writers.make_workdir(workdir)
         lock = writers.WorkdirLock(workdir).acquire()
         try:
             return _run(module, config, workdir, make_mesh(num_devices), preemption,
