@@ -21,6 +21,7 @@ import shutil  # noqa: E402
 import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -72,6 +73,22 @@ def tiny_config(**overrides):
     c.image_grid_every = 0  # no denoise grids (a compile each) unless asked
     c.image_grid_size = 2
     return apply_overrides(c, overrides)
+
+
+def assert_resumes_bit_for_bit(config, tmp_path, stop: int = 2) -> dict:
+    """Runs `config` straight into tmp_path/straight and, into
+    tmp_path/resumed, up to `stop` then resumed to the end: the loss history
+    and the final train state must be equal bit for bit. Returns the
+    straight run's result."""
+    from ddep_jax.trainers import loop
+
+    straight = loop.run(config, str(tmp_path / "straight"))
+    first = loop.run(config, str(tmp_path / "resumed"), stop_after_step=stop)
+    resumed = loop.run(config, str(tmp_path / "resumed"))
+    assert first["history"] + resumed["history"] == straight["history"]
+    chex.assert_trees_all_equal(jax.device_get(resumed["state"]),
+                                jax.device_get(straight["state"]))
+    return straight
 
 
 def stage_step(config, mesh_devices: int = 1, num_steps: int = 10, seed: int = 0):

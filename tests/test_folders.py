@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 
-import chex
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, tiny_config, tiny_finetune_config
+from conftest import assert_resumes_bit_for_bit, SHARED_DATA, tiny_config, tiny_finetune_config
 from PIL import Image
 
 from ddep_jax.data import folders, pipeline, seg_datasets, seg_pipeline
@@ -158,12 +157,7 @@ def test_ddep_on_an_image_folder_resumes_bit_for_bit(tmp_path):
     root = _image_folder(tmp_path / "photos")
     config = tiny_config(**{"data.source": "folder", "data.folder": str(root),
                             "total_steps": 4, "checkpoint_every": 2})
-    straight = loop.run(config, str(tmp_path / "straight"))
-    first = loop.run(config, str(tmp_path / "resumed"), stop_after_step=2)
-    resumed = loop.run(config, str(tmp_path / "resumed"))
-    assert first["history"] + resumed["history"] == straight["history"]
-    chex.assert_trees_all_equal(jax.device_get(resumed["state"]),
-                                jax.device_get(straight["state"]))
+    assert_resumes_bit_for_bit(config, tmp_path)
     work = tmp_path / "resumed"
     assert (work / "skipped_images.txt").read_text() == "a/truncated.jpg\n"
     manifest = json.loads((work / "image_folder.json").read_text())

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_classify_config, tiny_config, tiny_finetune_config
+from conftest import (assert_resumes_bit_for_bit, tiny_classify_config, tiny_config,
+                      tiny_finetune_config)
 
 from ddep_jax import config_lib, writers
 from ddep_jax.models.hybrid_vit import EncoderFeatures
@@ -133,12 +134,7 @@ def test_decoder_from_a_stage1_classifier_bit_for_bit_and_resume(cifar_subset,
     assert [s["as"] for s in record["sources"]] == ["decoder"]
     assert record["sources"][0]["collections"] == ["encoder"]  # the head not read
 
-    straight = loop.run(config, str(tmp_path / "straight"))
-    resumed_a = loop.run(config, str(tmp_path / "resumed"), stop_after_step=2)
-    resumed_b = loop.run(config, str(tmp_path / "resumed"))
-    assert resumed_a["history"] + resumed_b["history"] == straight["history"]
-    chex.assert_trees_all_equal(jax.device_get(resumed_b["state"]),
-                                jax.device_get(straight["state"]))
+    straight = assert_resumes_bit_for_bit(config, tmp_path)
     assert np.isfinite(straight["loss"])
 
     wide = _xnet_finetune_config(camvid_tfds, **{
