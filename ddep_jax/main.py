@@ -40,6 +40,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
                                       "(with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
                                    "(with --coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process "
+    "counts as lost by JAX; the project's watchdog stops the others after half "
+    f"of it, with one line and exit status {distributed.LOST_PROCESS_EXIT_CODE} "
+    "(restart all to resume).")
 
 
 class _QuietLibraries:
@@ -61,9 +66,12 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
-                              _NUM_PROCESSES.value, _PROCESS_ID.value):
+                              _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              heartbeat_timeout_seconds=_HEARTBEAT.value):
         if jax.process_index() != 0:  # process 0 logs the progress for all
             logging.set_verbosity(logging.WARNING)
+        # A lost process ends the others cleanly, before JAX's heartbeat abort.
+        distributed.start_watchdog(max(2.0, _HEARTBEAT.value / 2))
     config = _CONFIG.value
     try:
         loop.trainer(config.get("stage", "ddep"))
@@ -71,7 +79,17 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     try:
         result = loop.run(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001
+        ours = isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)) or (
+            type(e) is RuntimeError)  # the project's own (a lock, a disk)
+        if jax.process_count() > 1 and not ours:
+            # A step of a multi-process run failed: most likely another process
+            # died. Exit at once, before the distributed shutdown's barrier.
+            logging.flush()
+            distributed.exit_lost_process(e)
+        if not isinstance(e, (ValueError, FileNotFoundError, FloatingPointError,
+                              RuntimeError)):
+            raise
         # The errors the project raises on purpose name what is wrong and what
         # to do: the message is the last thing printed, as one line (bugs of
         # other types keep their traceback).

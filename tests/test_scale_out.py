@@ -275,3 +275,72 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     _, metrics = step(t.init(init_key), {"image": jax.device_put(
         np.concatenate(host_batches), NamedSharding(mesh, P("data")))}, train_key)
     np.testing.assert_allclose(lines[0]["loss"], float(metrics["loss"]), rtol=1e-5)
+
+
+def _two_processes(workdir, port, overrides, *extra, env):
+    return [subprocess.Popen(
+        [sys.executable, "-m", "ddep_jax.main", "--config=configs/ddep_default.py",
+         f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}", *extra,
+         *_flags({**TINY_OVERRIDES, **overrides})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+
+def test_a_killed_process_ends_the_others_cleanly_and_a_restart_resumes(tmp_path):
+    """kill -9 of process 1 of 2 (2 CPU devices each) mid-run: process 0
+    exits with distributed.LOST_PROCESS_EXIT_CODE within the heartbeat
+    timeout (plus a margin), printing one line that names what was lost and
+    what to do, with no abort or native stack dump; restarting both resumes
+    from the last complete checkpoint and finishes."""
+    import signal
+    import time
+
+    workdir = tmp_path / "work"
+    overrides = {"total_steps": 100000, "checkpoint_every": 5, "batch_size": 8}
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                          + COMPILE_FAST_FLAGS, JAX_PLATFORMS="cpu")
+    timeout = 10
+    procs = _two_processes(workdir, _free_port(), overrides,
+                           f"--heartbeat_timeout={timeout}", env=env)
+    deadline = time.monotonic() + 400
+    while not (workdir / "checkpoints" / "5").is_dir():
+        assert time.monotonic() < deadline, "no checkpoint of step 5"
+        assert all(p.poll() is None for p in procs)
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out0 = procs[0].communicate(timeout=10 * timeout + 120)[0]
+    took = time.monotonic() - killed
+    procs[1].communicate()
+    assert procs[0].returncode == distributed.LOST_PROCESS_EXIT_CODE, out0[-4000:]
+    assert took < 6 * timeout + 60, took
+    print(f"survivor exited {procs[0].returncode} {took:.1f} s after the kill")
+    assert ("process 1 has not been heard from" in out0
+            or "another process has probably stopped" in out0), out0[-3000:]
+    assert "Restart every process" in out0
+    assert "Fatal Python error" not in out0 and "Aborted" not in out0, out0[-4000:]
+    steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir()
+                   if d.name.isdigit())
+    assert steps, "no complete checkpoint left"
+
+    # Restart both with the same command: process 0 resumes at the last
+    # complete checkpoint; then SIGTERM to process 1 alone (a preempted host):
+    # both agree on a step, checkpoint it and exit 75.
+    last = steps[-1]
+    procs = _two_processes(workdir, _free_port(), overrides, env=env)
+    seen = []
+    deadline = time.monotonic() + 400
+    while not any("Resumed from" in line for line in seen):
+        assert time.monotonic() < deadline and procs[0].poll() is None, "".join(seen)[-3000:]
+        seen.append(procs[0].stdout.readline())
+    resumed = next(line for line in seen if "Resumed from" in line)
+    assert resumed.rstrip().endswith(f"at step {last}."), resumed
+    while not any(line.startswith("I") and "step " in line and "|" in line
+                  for line in seen[-3:]):
+        assert time.monotonic() < deadline and procs[0].poll() is None, "".join(seen)[-3000:]
+        seen.append(procs[0].stdout.readline())
+    procs[1].send_signal(signal.SIGTERM)
+    outs = ["".join(seen) + procs[0].communicate(timeout=120)[0],
+            procs[1].communicate(timeout=120)[0]]
+    assert [p.returncode for p in procs] == [75, 75], outs[0][-3000:] + outs[1][-3000:]
