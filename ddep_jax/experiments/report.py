@@ -161,11 +161,11 @@ def _reproducibility(results: Sequence[Mapping],
             "XLA flags gives the same record bit for bit; another CPU count or "
             "instruction set changes the numbers from the second step on (like a "
             "new seed of the data order, smaller). Records by machine fingerprint: "
-            + "; ".join(f"{n} on {cpus} CPU(s) of {model} (isa {isa}"
-                        + (f", XLA_FLAGS {flags}" if flags else "") + ")"
-                        for (cpus, model, isa, flags), n in kinds.items()))
-    if unknown:
-        text += f"; {unknown} older record(s) without a fingerprint"
+            + "; ".join([f"{n} on {cpus} CPU(s) of {model} (isa {isa}"
+                         + (f", XLA_FLAGS {flags}" if flags else "") + ")"
+                         for (cpus, model, isa, flags), n in kinds.items()]
+                        + ([f"{unknown} older record(s) without a fingerprint"]
+                           if unknown else [])))
     return ["", text + "."]
 
 
