@@ -81,7 +81,7 @@ def bench(arch: str, size, batches, rounds: int, iters: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from ddep_jax import onnx_export
+    from ddep_jax.checkpoints import onnx_export
 
     m, model, params = build(arch, size)
     infer = onnx_export.inference_fn(model, params)
@@ -169,7 +169,7 @@ def main(argv):
     t0 = time.perf_counter()
     from jax2onnx.plugins.plugin_system import import_all_plugins
 
-    from ddep_jax import onnx_export
+    from ddep_jax.checkpoints import onnx_export
 
     with onnx_export._quiet_converter_logs():
         import_all_plugins()

@@ -77,8 +77,8 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import profiling
-from ddep_jax.sharding import make_mesh
+from ddep_jax.training import profiling
+from ddep_jax.parallel.sharding import make_mesh
 from ddep_jax.trainers import loop
 
 REPO = Path(__file__).resolve().parent.parent

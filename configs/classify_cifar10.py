@@ -31,14 +31,14 @@ the crops, 9x the compute per image).
 Evaluation: top-1 accuracy on the 10,000 test images at `size`x`size`.
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import cpu_camvid_model, xnet_decoder_classifier
-from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, epochs=6.0, steps=0, batch=128, seed=0, arch="hybrid", size=32)
-    c = classify.default_config()
+    c = defaults.classify()
     c.seed = arg.seed
     cpu_camvid_model(c.model, arg.arch)
     if arg.arch == "xnet":

@@ -15,13 +15,13 @@ workdir or a converted .npz) and fine-tunes it on ImageNet-1k.
 Arguments: vit (B | L), epochs, ckpt.
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, vit="B", epochs=300.0, ckpt="")
-    c = classify.default_config()
+    c = defaults.classify()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
     c.init.checkpoint = arg.ckpt

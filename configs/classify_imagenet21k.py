@@ -17,14 +17,14 @@ accum (the batch of 4096 as K micro-batches), arch (hybrid | r50unet: the
 plain ResNet-50 of the paper's Table 7 U-Net, for configs/ddep_imagenet21k.py:arch=r50unet).
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import set_architecture
-from ddep_jax.trainers import classify
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, vit="B", epochs=90.0, dtype="float32", accum=1, arch="hybrid")
-    c = classify.default_config()
+    c = defaults.classify()
     c.model.encoder.vit_size = arg.vit
     c.model.encoder.dropout_rate = 0.1
     c.model.head_bias_init = -10.0

@@ -15,18 +15,18 @@ or raw vision_transformer .npz (with `:paper`); without it the encoder is the
 random initialisation.
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import cpu_camvid_pretraining, set_architecture
-from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, paper=False, steps=400, ckpt="", arch="hybrid")
-    c = cpu_camvid_pretraining(ddep.default_config(), steps=arg.steps, ckpt=arg.ckpt,
+    c = cpu_camvid_pretraining(defaults.ddep(), steps=arg.steps, ckpt=arg.ckpt,
                                arch=arg.arch)
     c.image_grid_every = 100
     if arg.paper:  # the paper's model and batch on CamVid's images
-        p = ddep.default_config()
+        p = defaults.ddep()
         c.model = p.model
         set_architecture(c.model, arg.arch)
         c.update(batch_size=64, num_epochs=100.0, total_steps=0, log_every=p.log_every,

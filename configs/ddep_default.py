@@ -22,16 +22,13 @@ free of noise (blurred). `:target=eps` runs the paper's objective
 (configs/ddep_imagenet21k.py and ddep_camvid.py use eps).
 """
 
-from ddep_jax.config_lib import parse_arg, require
-from ddep_jax.objectives import denoising
-from ddep_jax.trainers import ddep
+from ddep_jax import defaults
+from ddep_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, steps=250, target="x", seed=0)
-    require(arg.target in denoising.TARGETS, "target", arg.target,
-            f"expected one of {denoising.TARGETS}")
-    c = ddep.default_config()
+    c = defaults.ddep()
     c.seed = arg.seed
     c.model.encoder.update(vit_size="mu", resnet_layers=(1, 1, 1), resnet_width=64,
                            image_size=(64, 64), num_groups=16)

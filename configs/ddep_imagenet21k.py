@@ -14,7 +14,7 @@ Variants: --config=configs/ddep_imagenet21k.py:decoder=2 (2x decoder, lr 1e-4),
   configs/classify_imagenet21k.py:arch=r50unet),
   :runlocal (tiny sizes to smoke-test the config on a laptop),
   :ckpt=PATH the pretrained encoder: the public R50+ViT-B_16.npz (or
-  ViT-L), its Orbax conversion (python -m ddep_jax.vit_import) or a stage-1
+  ViT-L), its Orbax conversion (python -m ddep_jax.checkpoints.vit_import) or a stage-1
   workdir (configs/classify_imagenet21k.py). The paper freezes the public
   ImageNet-21k checkpoint's encoder; without it the encoder is random.
   :dtype=bfloat16 (bf16 compute, float32 parameters and optimizer state),
@@ -27,9 +27,9 @@ On a Cloud TPU slice (docs/LAUNCH.md):
       --workdir=gs://B/runs/ddep_1x
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import set_architecture
-from ddep_jax.trainers import ddep
 
 
 def get_config(arg=None):
@@ -40,7 +40,7 @@ def get_config(arg=None):
             f"configs/ddep_imagenet21k.py:dep,ckpt={arg.ckpt}: DeP denoises the whole "
             "model from a random initialisation (DDeP Sec. 3); drop ckpt for DeP, or "
             "drop dep for DDeP (the encoder from ckpt, frozen).")
-    c = ddep.default_config()
+    c = defaults.ddep()
     # Model (Sec. 2): R50+ViT-B/16 hybrid encoder (ViT-L with :vit=L), the
     # TransUNet decoder of widths [1024, 512, 256, 128, 64] x `decoder`.
     c.model.encoder.update(vit_size=arg.vit, resnet_layers=(3, 4, 9), resnet_width=64,

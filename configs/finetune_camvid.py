@@ -35,16 +35,16 @@ predicted probabilities are resized back to 360x480 to score every labelled
 pixel.
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import cpu_camvid_model, set_architecture, set_xnet_init
-from ddep_jax.trainers import finetune
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, init="scratch", ckpt="", fraction="100%", seed=0,
                     steps=100, paper=False, arch="hybrid", decoder_ckpt="",
                     product="residual")
-    c = finetune.default_config()
+    c = defaults.finetune()
     c.seed = arg.seed
     c.init.mode = arg.init
     c.init.checkpoint = arg.ckpt

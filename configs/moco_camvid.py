@@ -32,16 +32,16 @@ Arguments (comma-separated k=v):
   arch      hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net)
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import cpu_camvid_pretraining, set_encoder_training
-from ddep_jax.trainers import moco
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, steps=400, ckpt="", variant="image", encoder="frozen",
                     momentum=0.99, queue=4096, arch="hybrid", overlap=0.25,
                     same_image=True)
-    c = cpu_camvid_pretraining(moco.default_config(), steps=arg.steps,
+    c = cpu_camvid_pretraining(defaults.moco(), steps=arg.steps,
                                ckpt=arg.ckpt, arch=arg.arch)
     c.pretext.variant = arg.variant
     c.pretext.momentum = arg.momentum

@@ -22,14 +22,14 @@ Arguments (comma-separated k=v):
            rate, or at 1/100 of it (the draft's option)
 """
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
 from ddep_jax.recipes import cpu_camvid_pretraining, set_encoder_training
-from ddep_jax.trainers import rotation
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, steps=400, ckpt="", patch=32, encoder="frozen", arch="hybrid")
-    c = cpu_camvid_pretraining(rotation.default_config(), steps=arg.steps,
+    c = cpu_camvid_pretraining(defaults.rotation(), steps=arg.steps,
                                ckpt=arg.ckpt, arch=arg.arch)
     c.pretext.patch_size = arg.patch
     set_encoder_training(c, arg.encoder)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddep_jax import config_lib, visualize
+from ddep_jax import config_lib
+from ddep_jax.evaluation import visualize
 from ddep_jax.data.seg_datasets import SegDatasetSpec
 
 

@@ -26,14 +26,11 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax
 import ml_collections
-import numpy as np
 
-from ddep_jax.data.cache import CACHE_MODES
-from ddep_jax.models.fast_conv import CONV_IMPLS
-from ddep_jax.models.hybrid_vit import NO_VIT as VIT_NONE, VIT_SIZES
-from ddep_jax.sharding import PARAM_SHARDING_MODES, check_spec
+# No JAX, model or data module at import: configs/ build their values with
+# this module alone (fast `--help`, fast errors). The validators below, run
+# by the trainers, import the constants they check against.
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -182,7 +179,7 @@ def optimizer_config(learning_rate: float = 0.0) -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    """Device mesh and state layout (see `ddep_jax.sharding`)."""
+    """Device mesh and state layout (see `ddep_jax.parallel.sharding`)."""
     m = ml_collections.ConfigDict()
     m.data = -1  # devices on the data axis (all hosts together); -1 = all
     m.param_sharding = "replicated"  # or 'fsdp' (params + Adam state sharded)
@@ -271,7 +268,9 @@ def input_multiple(model_config) -> int:
     """What input sides must be multiples of: 16 (the ViT patch grid at 1/16),
     32 for the plain ResNet encoder (`vit_size='none'`, output at 1/32) and
     for ×Net (its ResNet decoder's output is at 1/32)."""
-    if model_config.encoder.vit_size == VIT_NONE or architecture(model_config) == "xnet":
+    from ddep_jax.models.hybrid_vit import NO_VIT
+
+    if model_config.encoder.vit_size == NO_VIT or architecture(model_config) == "xnet":
         return 32
     return 16
 
@@ -292,6 +291,9 @@ def validate_crop_area(key: str, area_range) -> None:
 
 def validate_model(m) -> None:
     """Checks `config.model` (decoder, encoder size and stages, dtype, conv)."""
+    from ddep_jax.models.fast_conv import CONV_IMPLS
+    from ddep_jax.models.hybrid_vit import NO_VIT as VIT_NONE, VIT_SIZES
+
     require(m.decoder_multiplier in (1, 2, 3), "model.decoder_multiplier",
             m.decoder_multiplier, "the paper's decoders are 1x, 2x or 3x")
     require(not m.decoder_widths or len(m.decoder_widths) == 5,
@@ -338,6 +340,12 @@ def validate_classes_and_splits(config, spec, splits) -> None:
 def validate_run(config, num_devices: int, num_processes: int) -> None:
     """Checks shared by the stages: batch, steps, optimizer, mesh, profile,
     the input pipeline's threads and cache, and the log / checkpoint periods."""
+    import jax
+    import numpy as np
+
+    from ddep_jax.data.cache import CACHE_MODES
+    from ddep_jax.parallel.sharding import PARAM_SHARDING_MODES, check_spec
+
     o = config.optimizer
     d = config.data
     require(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
@@ -350,7 +358,7 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
             f"must be divisible by the {num_devices} devices on the data axis")
     require(config.batch_size % num_processes == 0, "batch_size",
             config.batch_size, f"must be divisible by the {num_processes} hosts")
-    from ddep_jax import optim  # optim imports the models, as this module does
+    from ddep_jax.training import optim
 
     multipliers = optim.parse_lr_multipliers(o.get("lr_multipliers", ""))
     frozen = tuple(config.get("frozen", ()))
@@ -363,7 +371,7 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
             f"grad_accum_steps={k} (equal micro-batches on every device)")
     w = config.get("writer")
     if w is not None and w.wandb:
-        from ddep_jax.writers import WANDB_MODES
+        from ddep_jax.common.writers import WANDB_MODES
 
         require(w.wandb_mode in WANDB_MODES, "writer.wandb_mode", w.wandb_mode,
                 f"expected one of {WANDB_MODES}")

@@ -33,7 +33,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.data import seg_datasets
 from ddep_jax.evaluation import metrics
 from ddep_jax.evaluation.inference import EVAL_MODES

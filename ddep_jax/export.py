@@ -31,7 +31,7 @@ Writes to OUT (created; existing files of these names are replaced)
   uint8 [b, H, W, 3] with a dynamic batch axis b, output ``logits``
   float32 [b, H, W, C]; the class names, palette and input convention in
   its metadata_props. Converted by jax2onnx (``pip install -e '.[onnx]'``);
-  runs with onnxruntime alone (docs/onnx.md; `ddep_jax.onnx_export` says
+  runs with onnxruntime alone (docs/onnx.md; `ddep_jax.checkpoints.onnx_export` says
   which ops needed rewriting).
 * ``MODEL_CARD.md``: data (dataset, label fraction, labelled images,
   seed), training (steps, batch, learning rate, crops, initialisation),
@@ -56,7 +56,9 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ddep_jax import config_lib, handover, writers
+from ddep_jax import config_lib
+from ddep_jax.checkpoints import handover
+from ddep_jax.common import writers
 from ddep_jax.evaluation.segmentation import load_finetuned
 from ddep_jax.models import to_float_images
 
@@ -254,7 +256,7 @@ def export(workdir: str, output: str, *, step: int = -1,
     """
     formats = parse_formats(formats)
     if "onnx" in formats:
-        from ddep_jax import onnx_export
+        from ddep_jax.checkpoints import onnx_export
 
         onnx_export.require_jax2onnx()  # before the checkpoint is read
     run = load_finetuned(workdir, step)

@@ -5,7 +5,7 @@
 the one loop (`ddep_jax.trainers.loop.run`).
 
 Any config value can be overridden with --config.a.b=value. On several hosts
-every host runs the same command (`ddep_jax.distributed` decides whether to
+every host runs the same command (`ddep_jax.parallel.distributed` decides whether to
 call `jax.distributed.initialize`; multi-node GPU without a cluster manager
 adds --coordinator_address, --num_processes, --process_id).
 
@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddep_jax import distributed
+from ddep_jax.parallel import distributed
 from ddep_jax.trainers import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",

@@ -57,7 +57,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from ddep_jax import visualize
+from ddep_jax.evaluation import visualize
 from ddep_jax.data.folders import IMAGE_EXTENSIONS, is_image_file
 from ddep_jax.evaluation import evaluator
 from ddep_jax.evaluation.inference import EVAL_MODES

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ddep_jax import defaults
 from ddep_jax.config_lib import parse_arg
-from ddep_jax.trainers import finetune
 
 
 ARCHITECTURES = ("hybrid", "r50unet", "xnet")
@@ -136,7 +136,7 @@ def paper_finetune_config(dataset: str, arg: str | None, *, crop: int,
     arg = parse_arg(arg, init="pretrained", ckpt="", fraction="100%", seed=0,
                     decoder=decoder, steps=40000, dtype="float32", accum=1,
                     arch="hybrid", decoder_ckpt="", product="residual")
-    c = finetune.default_config()
+    c = defaults.finetune()
     c.seed = arg.seed
     c.init.mode = arg.init
     c.init.checkpoint = arg.ckpt

@@ -7,7 +7,7 @@
 #   3. fine-tuning: configs/finetune_camvid.py at 1/30 of CamVid's labels from
 #      stage 2's encoder + decoder, then test-split mIoU
 # and finally checks that the encoder stage 3 started from is bit-identical to
-# the one stage 1 saved (python -m ddep_jax.handover --check_encoder).
+# the one stage 1 saved (python -m ddep_jax.checkpoints.handover --check_encoder).
 #
 # Usage: launch/chain_cpu.sh WORKDIR [--dry_run]
 # Environment (defaults in brackets):
@@ -79,7 +79,7 @@ run "$PYTHON" -m ddep_jax.main \
   --config.data.data_dir="$DATA_DIR" --workdir="$STAGE3"
 
 echo "== encoder hand-over: stage 3's starting encoder vs stage 1's checkpoint"
-run "$PYTHON" -m ddep_jax.handover --check_encoder="$STAGE3"
+run "$PYTHON" -m ddep_jax.checkpoints.handover --check_encoder="$STAGE3"
 
 if [[ $DRY_RUN == 0 ]]; then
   "$PYTHON" - "$STAGE1" "$STAGE3" <<'PY'

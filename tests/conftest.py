@@ -94,7 +94,7 @@ def assert_resumes_bit_for_bit(config, tmp_path, stop: int = 2) -> dict:
 def stage_step(config, mesh_devices: int = 1, num_steps: int = 10, seed: int = 0):
     """(the config's `loop.Stage` without data, its `loop.TrainState`, the
     loop's jitted train step (state donated) on a `mesh_devices` mesh)."""
-    from ddep_jax.sharding import make_mesh
+    from ddep_jax.parallel.sharding import make_mesh
     from ddep_jax.trainers import loop
 
     mesh = make_mesh(mesh_devices)
@@ -199,8 +199,8 @@ def assert_hands_over_to_finetuning(workdir: str, params: dict, data_dir: str,
     run's final parameters (host arrays); the head is new."""
     import chex
 
-    from ddep_jax import handover
-    from ddep_jax.sharding import make_mesh
+    from ddep_jax.checkpoints import handover
+    from ddep_jax.parallel.sharding import make_mesh
     from ddep_jax.trainers import finetune, loop
 
     ft = tiny_finetune_config(**{"data.data_dir": data_dir})

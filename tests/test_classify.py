@@ -15,7 +15,7 @@ import pytest
 from conftest import PER_CLASS, tiny_classify_config, tiny_config
 from PIL import Image
 
-from ddep_jax import handover
+from ddep_jax.checkpoints import handover
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.objectives.classification import classification_loss
 from ddep_jax.trainers import loop

@@ -1,4 +1,4 @@
-"""ONNX export (`python -m ddep_jax.export --format=onnx`, `ddep_jax.onnx_export`).
+"""ONNX export (`python -m ddep_jax.export --format=onnx`, `ddep_jax.checkpoints.onnx_export`).
 
 - The rewritten ops (`onnx_export.REWRITES`): the max pool as strided slices
   equals XLA's reduce-window max exactly; after the rewrite no
@@ -44,7 +44,8 @@ from PIL import Image
 pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx: pip install -e '.[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="pip install -e '.[onnx]'")
 
-from ddep_jax import export, onnx_export  # noqa: E402
+from ddep_jax import export  # noqa: E402
+from ddep_jax.checkpoints import onnx_export
 
 ATOL = 1e-3
 SIZE = (96, 128)  # (H, W): CamVid's 360x480 at 4/15; a multiple of 32 (plain ResNet)

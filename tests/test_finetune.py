@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import REPO, read_tensorboard, tiny_config, tiny_finetune_config
 
-from ddep_jax import checkpointing, handover
+from ddep_jax.checkpoints import handover, partial
 from ddep_jax.data import seg_datasets, seg_pipeline
 from ddep_jax.evaluation.segmentation import load_finetuned
 from ddep_jax.models.transunet import build_model
 from ddep_jax.objectives.segmentation import (class_frequencies, median_frequency_weights,
                                               segmentation_loss)
-from ddep_jax.sharding import make_mesh, state_shardings
+from ddep_jax.parallel.sharding import make_mesh, state_shardings
 from ddep_jax.trainers import finetune, loop
 
 
@@ -86,7 +86,7 @@ def ddep_workdir(tmp_path_factory):
 def _saved_params(ddep_workdir):
     import orbax.checkpoint as ocp
 
-    from ddep_jax.checkpointing import resolve_state_dir
+    from ddep_jax.checkpoints.partial import resolve_state_dir
 
     state_dir, step = resolve_state_dir(ddep_workdir)
     assert step == 2
@@ -140,7 +140,7 @@ def test_checkpoint_of_another_architecture_lists_mismatches(ddep_workdir):
                                      "model.encoder.vit_size": "Ti"})
     abstract, shardings = _abstract_params(config)
     with pytest.raises(ValueError) as e:
-        checkpointing.restore_collections(ddep_workdir, ("encoder", "decoder"),
+        partial.restore_collections(ddep_workdir, ("encoder", "decoder"),
                                           abstract, shardings)
     message = str(e.value)
     assert "does not match the model" in message
@@ -151,10 +151,10 @@ def test_checkpoint_of_another_architecture_lists_mismatches(ddep_workdir):
 def test_missing_checkpoint_or_step_is_named(tmp_path, ddep_workdir):
     abstract, shardings = _abstract_params(tiny_finetune_config())
     with pytest.raises(FileNotFoundError, match="nope"):
-        checkpointing.restore_collections(str(tmp_path / "nope"), ("encoder",),
+        partial.restore_collections(str(tmp_path / "nope"), ("encoder",),
                                           abstract, shardings)
     with pytest.raises(FileNotFoundError, match=r"step 7 is not among .*\[2\]"):
-        checkpointing.restore_collections(ddep_workdir, ("encoder",), abstract,
+        partial.restore_collections(ddep_workdir, ("encoder",), abstract,
                                           shardings, step=7)
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from PIL import Image
 
-from ddep_jax import visualize
+from ddep_jax.evaluation import visualize
 from ddep_jax.evaluation import inference as I
 
 C = 4

@@ -107,7 +107,7 @@ def test_confusion_excludes_out_of_range_labels_and_is_oriented():
 
 def test_sharded_jit_equals_single_device():
     assert jax.device_count() >= 8
-    # Auto axes, as in ddep_jax.sharding.make_mesh (JAX 0.10's default is Explicit).
+    # Auto axes, as in ddep_jax.parallel.sharding.make_mesh (JAX 0.10's default is Explicit).
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     labels, preds = _random_batch(3, shape=(16, 12, 10))
     sharding = NamedSharding(mesh, P("data"))

@@ -275,8 +275,8 @@ def test_patch_moco_on_real_camvid_sharded_resumes_bit_for_bit_and_hands_over(
     handed-over encoder; stage 3 restores encoder + decoder exactly."""
     import orbax.checkpoint as ocp
 
-    from ddep_jax.checkpointing import resolve_state_dir
-    from ddep_jax.sharding import make_mesh
+    from ddep_jax.checkpoints.partial import resolve_state_dir
+    from ddep_jax.parallel.sharding import make_mesh
 
     config = tiny_moco_config("patch_decoder", **{
         "data.source": "tfds", "data.name": "camvid", "data.data_dir": camvid_tfds,

@@ -8,7 +8,7 @@ import pytest
 
 from ddep_jax.models import hybrid_vit, unet_decoder
 from ddep_jax.models.transunet import TransUNet, build_model
-from ddep_jax.optim import path_str
+from ddep_jax.training.optim import path_str
 
 TINY_ENCODER = dict(vit_size="mu", resnet_layers=(1, 2, 1), resnet_width=8,
                     image_size=(32, 48), num_groups=4)

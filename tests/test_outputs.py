@@ -18,7 +18,7 @@ from absl.testing import flagsaver
 from conftest import REPO, tiny_finetune_config
 from PIL import Image
 
-from ddep_jax import visualize
+from ddep_jax.evaluation import visualize
 from ddep_jax.data import seg_datasets, seg_pipeline, tfds_sources
 from ddep_jax.evaluation import evaluator
 
@@ -113,7 +113,8 @@ def test_report_per_class_names_and_panels_named_with_legend(camvid_tfds, tmp_pa
 
 def test_evaluate_split_names_base_scale_and_flip(camvid_tfds, tmp_path,
                                                    monkeypatch):
-    from ddep_jax import evaluate, writers
+    from ddep_jax import evaluate
+    from ddep_jax.common import writers
 
     # The dataset's own names (spec.splits values) and the config's (keys).
     spec = dataclasses.replace(SPEC, splits={"train": "train", "validation": "val",

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddep_jax import profiling
+from ddep_jax.training import profiling
 
 
 def test_op_breakdown_names_the_compiled_programs_ops(tmp_path):

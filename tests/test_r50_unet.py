@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import tiny_classify_config, tiny_config, tiny_finetune_config
 
-from ddep_jax import config_lib, handover
+from ddep_jax import config_lib
+from ddep_jax.checkpoints import handover
 from ddep_jax.models.classifier import build_classifier
 from ddep_jax.models.transunet import build_model
 from ddep_jax.trainers import ddep, loop

@@ -292,7 +292,7 @@ def test_concurrent_atomic_writes_of_one_file(tmp_path):
     temporary file is left; the file is readable by others (0o644)."""
     import threading
 
-    from ddep_jax import writers
+    from ddep_jax.common import writers
 
     path = str(tmp_path / "results.jsonl")
     errors = []

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import assert_hands_over_to_finetuning, tiny_config
 
-from ddep_jax import config_lib, optim
+from ddep_jax import config_lib
+from ddep_jax.training import optim
 from ddep_jax.objectives import rotation
 from ddep_jax.trainers import loop
 from ddep_jax.trainers import rotation as rotation_stage
@@ -122,7 +123,7 @@ def test_rotation_on_real_camvid_resumes_bit_for_bit_and_hands_over(camvid_tfds,
     the decoder); stage 3 restores encoder + decoder exactly (new head)."""
     import orbax.checkpoint as ocp
 
-    from ddep_jax.checkpointing import resolve_state_dir
+    from ddep_jax.checkpoints.partial import resolve_state_dir
 
     config = tiny_rotation_config(camvid_tfds, **{
         "frozen": (), "optimizer.lr_multipliers": "encoder=0.01"})

@@ -21,11 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dataclasses
 
-from ddep_jax import distributed, optim, sharding
+from ddep_jax.parallel import distributed, sharding
+from ddep_jax.training import optim
 from ddep_jax.models import to_float_images
 from ddep_jax.objectives.segmentation import segmentation_loss
 from ddep_jax.trainers import ddep, finetune, loop
-from ddep_jax.sharding import make_mesh
+from ddep_jax.parallel.sharding import make_mesh
 
 
 def _adam_moments(state):

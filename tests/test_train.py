@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import REPO, read_tensorboard, tiny_config
 
-from ddep_jax import optim
+from ddep_jax.training import optim
 from ddep_jax.trainers import ddep, loop
-from ddep_jax.sharding import make_mesh
+from ddep_jax.parallel.sharding import make_mesh
 
 
 def _setup(config, mesh_devices=1):

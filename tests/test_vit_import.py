@@ -14,7 +14,7 @@ import pytest
 import scipy.ndimage
 from conftest import tiny_config
 
-from ddep_jax import checkpointing, vit_import
+from ddep_jax.checkpoints import partial, vit_import
 from ddep_jax.models import hybrid_vit
 from ddep_jax.models.transunet import build_model
 
@@ -451,7 +451,7 @@ def test_convert_writes_a_checkpoint_restore_collections_reads(tmp_path):
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract["params"])
-    restored, provenance = checkpointing.restore_collections(
+    restored, provenance = partial.restore_collections(
         str(out), ["encoder"], abstract["params"], shardings)
     want, _ = vit_import.npz_to_encoder_params(flat, abstract["params"]["encoder"])
     chex.assert_trees_all_equal(jax.device_get(restored["encoder"]), want)
@@ -459,7 +459,7 @@ def test_convert_writes_a_checkpoint_restore_collections_reads(tmp_path):
 
     # The stage hand-over reads the converted folder and the raw .npz alike,
     # and records where the encoder came from.
-    from ddep_jax import handover
+    from ddep_jax.checkpoints import handover
 
     for source in (str(out), str(npz)):
         got, record = handover.load_collections(source, ["encoder"],

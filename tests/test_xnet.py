@@ -12,7 +12,8 @@ import pytest
 from conftest import (assert_resumes_bit_for_bit, tiny_classify_config, tiny_config,
                       tiny_finetune_config)
 
-from ddep_jax import config_lib, writers
+from ddep_jax import config_lib
+from ddep_jax.common import writers
 from ddep_jax.models.hybrid_vit import EncoderFeatures
 from ddep_jax.models.transunet import build_model
 from ddep_jax.models.xnet import XNet, depth_to_space

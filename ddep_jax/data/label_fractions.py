@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 
 NAMED_FRACTIONS = {
     "1%": 0.01, "5%": 0.05, "10%": 0.10, "20%": 0.20, "100%": 1.0,

@@ -130,7 +130,7 @@ def prepare_folder(folder: str, layout: str, name: str,
     """
     import ml_collections
 
-    from ddep_jax.data import folders as folder_data
+    from ddep_jax.data import mmseg
     from ddep_jax.data.builders import folders as folder_builders
 
     data_dir = os.path.abspath(os.path.expanduser(
@@ -138,7 +138,7 @@ def prepare_folder(folder: str, layout: str, name: str,
     folder = os.path.abspath(os.path.expanduser(folder))
     spec = None
     if layout == "mmseg":
-        spec = folder_data.mmseg_spec(ml_collections.ConfigDict({
+        spec = mmseg.mmseg_spec(ml_collections.ConfigDict({
             "folder": folder, "img_suffix": img_suffix,
             "seg_map_suffix": seg_map_suffix, "reduce_zero_label": reduce_zero_label,
             "classes_file": classes_file}), num_classes)

@@ -52,17 +52,17 @@ def spec_for(data_config, num_outputs: int = 0) -> SegDatasetSpec:
     """The spec of a stage-3 `config.data`: a registered dataset or an own
     folder prepared as `data.name` in `data.data_dir` (``source='tfds'``;
     `builders.folders.prepared_spec`), or an mmseg-layout folder
-    (``source='mmseg'``, `data.folder`; `folders.mmseg_spec`, which takes the
+    (``source='mmseg'``, `data.folder`; `mmseg.mmseg_spec`, which takes the
     class count from `num_outputs` when the folder has no classes.json).
 
     Raises:
       ValueError, FileNotFoundError: unknown name; a missing or malformed
-        folder (from `folders.mmseg_spec`).
+        folder (from `mmseg.mmseg_spec`).
     """
     if data_config.get("source", "tfds") == "mmseg":
-        from ddep_jax.data import folders
+        from ddep_jax.data import mmseg
 
-        return folders.mmseg_spec(data_config, num_outputs)
+        return mmseg.mmseg_spec(data_config, num_outputs)
     _load_all()
     if data_config.name not in FACTORIES:  # an own folder, prepared?
         from ddep_jax.data.builders import folders as folder_builders
@@ -82,7 +82,7 @@ def spec_for(data_config, num_outputs: int = 0) -> SegDatasetSpec:
 
 def open_split(spec: SegDatasetSpec, split: str, data_dir: str = ""):
     """The records of a split: the prepared TFDS records, or an mmseg
-    folder's pairs (`folders.MMSegSplit`) when `spec.folder` is set; the
+    folder's pairs (`mmseg.MMSegSplit`) when `spec.folder` is set; the
     config's split names ('validation', 'test') go through `spec.splits`.
 
     Raises:
@@ -91,9 +91,9 @@ def open_split(spec: SegDatasetSpec, split: str, data_dir: str = ""):
       ValueError: (folders) unpaired files or size mismatches, named.
     """
     if spec.folder:
-        from ddep_jax.data import folders
+        from ddep_jax.data import mmseg
 
-        return folders.MMSegSplit(spec, split)
+        return mmseg.MMSegSplit(spec, split)
     from ddep_jax.data.tfds_sources import load_data_source
 
     return load_data_source(spec.tfds_name, spec.splits.get(split, split),

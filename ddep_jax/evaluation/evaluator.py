@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ddep_jax import visualize
+from ddep_jax.evaluation import visualize
 from ddep_jax.data.seg_datasets import SegDatasetSpec
 from ddep_jax.evaluation import inference, metrics
 from ddep_jax.models import to_float_images

@@ -24,7 +24,7 @@ Distributed use: `confusion_matrix` is a sum over pixels, so
   summed with ``jax.lax.psum`` or on the host give the global matrix.
 
 The first form needs a mesh whose axes are ``AxisType.Auto`` (as built by
-`ddep_jax.sharding.make_mesh`); with ``Explicit`` axes (the default of
+`ddep_jax.parallel.sharding.make_mesh`); with ``Explicit`` axes (the default of
 ``jax.make_mesh`` in JAX 0.10) the scatter's output sharding is ambiguous and
 JAX raises; use the per-device form there.
 

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddep_jax import checkpointing, writers
+from ddep_jax.checkpoints import partial
+from ddep_jax.common import writers
 from ddep_jax.data import seg_datasets, seg_pipeline
 from ddep_jax.evaluation import evaluator
 from ddep_jax.models import COLLECTIONS
 from ddep_jax.models.transunet import build_model
-from ddep_jax.sharding import make_mesh, state_shardings
+from ddep_jax.parallel.sharding import make_mesh, state_shardings
 
 
 def host_local_params(params):
@@ -100,7 +101,7 @@ def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
     abstract = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1, h, w, 3), jnp.float32))["params"]
     shardings = state_shardings(abstract, make_mesh(1), "replicated", 1)
-    params, provenance = checkpointing.restore_collections(
+    params, provenance = partial.restore_collections(
         workdir, COLLECTIONS, abstract, shardings, step)
     return {"config": config, "spec": spec, "model": model, "params": params,
             "step": provenance["step"], "checkpoint": provenance["checkpoint"]}

@@ -54,47 +54,36 @@ Writes, after every finished run:
   std band (the paper's Fig. 6), drawn with matplotlib;
 - OUT/training_loss.png (and _ablations.png): each row's fine-tuning loss
   against steps, mean over seeds, one panel per label fraction.
+
+This module holds the command and `Harness`, which is built from mix-ins,
+one concern each: `plan.GridPlan` (runs, order, status, cost),
+`run_configs.RunConfigs` (each run's config and its command),
+`runner.SerialRuns` (running here), `workers.ParallelRuns` (--jobs worker
+processes) and `records.HarnessRecords` (results.jsonl, pretraining.jsonl,
+summary.md and plots through `report`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import pathlib
 import importlib
 import importlib.util
-import resource
-import shlex
+import os
+import pathlib
 import sys
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import jax
 from absl import logging
-from etils import epath
 
-from ddep_jax import config_lib, writers
+from ddep_jax.experiments.plan import GridPlan
 from ddep_jax.experiments.provenance import (  # noqa: F401  (re-exported)
-    code_commit, config_hash, machine_fingerprint, pin_cpus, provenance,
-    use_compilation_cache, usable_cpus)
+    machine_fingerprint, pin_cpus, usable_cpus, use_compilation_cache)
 from ddep_jax.experiments.recipe import (  # noqa: F401  (re-exported)
-    FinetuneRun, Pretraining, Recipe, Row, fraction_slug)
+    FinetuneRun, Pretraining, Recipe, Row)
 from ddep_jax.experiments.records import (  # noqa: F401  (re-exported)
-    COST_FILE, CURVE_POINTS, RESULT_KEYS, WORKER_RECORD, HarnessRecords, _config_name,
-    _final_figures, _is_main, _list_text, loss_curve)
+    RESULT_KEYS, WORKER_RECORD, HarnessRecords, _list_text, loss_curve)
+from ddep_jax.experiments.run_configs import REPO_CONFIGS, RunConfigs
+from ddep_jax.experiments.runner import SerialRuns
 from ddep_jax.experiments.workers import ParallelRuns
-
-REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-"""The repository's configs/ folder (recipes name files in it)."""
-
-
-
-
-def _flag_value(value) -> str:
-    """A config value as `--config.KEY=` takes it (tuples as (a,b,...))."""
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(_flag_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    return str(value)
 
 
 def _recipe_signature(recipe: "Recipe") -> tuple:
@@ -147,20 +136,7 @@ def load_recipe(spec: str) -> "Recipe":
     return recipe
 
 
-class Failed(Exception):
-    """A run of the harness raised one of the project's named errors."""
-
-
-class Stopped(Exception):
-    """A signal stopped a run at a checkpoint (`loop.run` returned preempted)."""
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class Harness(HarnessRecords, ParallelRuns):
+class Harness(GridPlan, RunConfigs, SerialRuns, HarnessRecords, ParallelRuns):
     """Runs (or resumes) a recipe's grid into `out`.
 
     Args:
@@ -245,121 +221,6 @@ class Harness(HarnessRecords, ParallelRuns):
         for name in self._needed_pretrainings(self.finetune_runs()):
             self.pretrain_dir(name)  # an external checkpoint must be given
 
-    # ------------------------------------------------------------------ plan
-    def finetune_runs(self) -> list[FinetuneRun]:
-        """Every fine-tuning run of the grid, seed-major (each cell gets its
-        first seed before any cell gets its second), lowest fraction first."""
-        runs = []
-        for seed in range(max(self.seeds[f] for f in self.recipe.fractions)):
-            for fraction in self.recipe.fractions:
-                if seed < self.seeds[fraction]:
-                    runs.extend(FinetuneRun(r.key, fraction, seed) for r in self.recipe.rows)
-        return runs
-
-    def selected(self, run_id: str) -> bool:
-        return not self.only or any(fnmatch.fnmatchcase(run_id, p) for p in self.only)
-
-    def _needed_pretrainings(self, runs: Sequence[FinetuneRun]) -> list[str]:
-        """Pretraining names to run, dependencies first."""
-        wanted = [p.name for p in self.recipe.pretrainings  # named by --only
-                  if self.only and self.selected(f"pretrain/{p.name}")]
-        done = {self._result_key(r) for r in self.results}
-        for run in runs:  # a recorded fine-tuning needs its pretraining no more
-            if (run.row, run.fraction, run.seed) not in done:
-                wanted += self.recipe.row(run.row).pretrainings
-        order: list[str] = []
-
-        def visit(name: str):
-            p = self.recipe.pretraining(name)
-            if p.init_from:
-                visit(p.init_from)
-            if name not in order:
-                order.append(name)
-
-        for name in wanted:
-            visit(name)
-        return order
-
-    def plan(self) -> list[tuple[str, str]]:
-        """[(run id, status)] of the selected runs in the order they run;
-        status 'done', 'started' (a workdir with checkpoints), 'pending', or
-        'external' (a pretraining read from --checkpoint, never run here)."""
-        runs = [r for r in self.finetune_runs() if self.selected(r.id)]
-        out = []
-        for name in self._needed_pretrainings(runs):
-            external = not self.recipe.pretraining(name).config
-            out.append((f"pretrain/{name}", "external" if external
-                        else self._status(self.pretrain_dir(name))))
-        done = {self._result_key(r) for r in self.results}
-        for run in runs:
-            key = (run.row, run.fraction, run.seed)
-            status = "done" if key in done else self._status(self.finetune_dir(run))
-            out.append((run.id, status))
-        return out
-
-    def costs(self) -> dict[str, tuple[float, float, bool] | None]:
-        """{run id: (CPU seconds, wall seconds, estimated)} for `plan()`'s runs.
-
-        A recorded run gives its own figures (estimated False). An unrecorded
-        fine-tuning run is estimated (True) from the recorded runs at its
-        fraction (their mean), else from all recorded runs per step times its
-        steps, less the share of its steps its newest finished checkpoint
-        holds (the resume's compilation and final evaluation not counted).
-        Estimates use only records whose CPU time is complete (a run killed
-        before its time was counted undercounts). An unrecorded pretraining,
-        an external checkpoint, or a run with nothing recorded to go by, is
-        None. The wall seconds are as recorded, i.e. under the --jobs the
-        records ran at.
-        """
-        from ddep_jax import checkpointing
-
-        def figures(r):
-            return r["cpu_seconds"], r.get("wall_seconds") or 0.0
-
-        timed = [r for r in self.results if r.get("cpu_seconds") is not None]
-        complete = [r for r in timed if r.get("cpu_seconds_complete") is not False]
-        pretrained = {r["name"]: r for r in self.pretraining_records}
-        runs = {r.id: r for r in self.finetune_runs()}
-        out: dict[str, tuple[float, float, bool] | None] = {}
-        for run_id, status in self.plan():
-            if run_id.startswith("pretrain/"):
-                r = pretrained.get(run_id.split("/", 1)[1])
-                out[run_id] = (None if r is None or r.get("cpu_seconds") is None
-                               or status == "external" else (*figures(r), False))
-                continue
-            run = runs[run_id]
-            mine = [r for r in timed
-                    if self._result_key(r) == (run.row, run.fraction, run.seed)]
-            if mine:
-                out[run_id] = (*figures(mine[-1]), False)
-                continue
-            steps = self.recipe.finetune_steps.get(run.fraction) or next(
-                (r["steps"] for r in self.results
-                 if r["fraction"] == run.fraction and r.get("steps")), None)
-            same = [r for r in complete if r["fraction"] == run.fraction]
-            counted = [r for r in complete if r.get("steps")]
-            if same:
-                cpu, wall = (sum(x) / len(same) for x in zip(*map(figures, same)))
-            elif steps and counted:
-                per_step = steps / sum(r["steps"] for r in counted)
-                cpu, wall = (per_step * sum(x) for x in zip(*map(figures, counted)))
-            else:
-                out[run_id] = None
-                continue
-            if status == "started" and steps:
-                done = max(checkpointing.checkpoint_steps(self.finetune_dir(run)), default=0)
-                left = 1.0 - min(done / steps, 1.0)
-                cpu, wall = cpu * left, wall * left
-            out[run_id] = (cpu, wall, True)
-        return out
-
-    def _status(self, workdir: str) -> str:
-        if writers.read_json(os.path.join(workdir, "done.json")) is not None:
-            return "done"
-        if epath.Path(workdir, "checkpoints").is_dir():
-            return "started"
-        return "pending"
-
     # ---------------------------------------------------------------- paths
     def pretrain_dir(self, name: str) -> str:
         p = self.recipe.pretraining(name)
@@ -375,273 +236,6 @@ class Harness(HarnessRecords, ParallelRuns):
     def finetune_dir(self, run: FinetuneRun) -> str:
         return os.path.join(self.out, run.id)
 
-    # --------------------------------------------------------------- configs
-    def _load(self, name, arg: str, *overrides: Mapping[str, Any]):
-        data = {"data.data_dir": self.data_dir} if self.data_dir else {}
-        if callable(name):
-            config = name(arg or None)
-            for o in (self.recipe.overrides, *overrides, data):
-                config_lib.apply_overrides(config, o)
-            return config
-        path = name if os.path.isabs(name) else str(self.configs_dir / name)
-        return config_lib.load_config(path, arg, self.recipe.overrides, *overrides, data)
-
-    def _pretraining_overrides(self, name: str) -> dict:
-        p = self.recipe.pretraining(name)
-        o = {**self.recipe.overrides, **p.overrides}
-        if p.init_from:
-            o["init.checkpoint"] = self.pretrain_dir(p.init_from)
-        if self.data_dir:
-            o["data.data_dir"] = self.data_dir
-        return o
-
-    def pretraining_config(self, name: str):
-        p = self.recipe.pretraining(name)
-        return self._load(p.config, p.arg, p.overrides, self._pretraining_overrides(name))
-
-    def _finetune_overrides(self, run: FinetuneRun) -> dict:
-        """Every key a fine-tuning run sets on its config file's config, in
-        order (`finetune_config` applies them, `finetune_command` prints them)."""
-        row = self.recipe.row(run.row)
-        steps = self.recipe.finetune_steps.get(run.fraction)
-        o = {**self.recipe.overrides, **self.recipe.finetune_overrides, **row.overrides}
-        if steps:
-            o["total_steps"] = steps
-        o.update({"seed": run.seed,
-                  "data.subset_seed": -1,  # the labelled subset follows the seed
-                  "data.label_fraction": run.fraction, "init.mode": row.init,
-                  "init.checkpoint": (self.pretrain_dir(row.pretraining)
-                                      if row.pretraining else "")})
-        if row.decoder_pretraining:
-            o["init.decoder_checkpoint"] = self.pretrain_dir(row.decoder_pretraining)
-            o["init.decoder_collection"] = "encoder"
-        if self.data_dir:
-            o["data.data_dir"] = self.data_dir
-        base = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
-                          self.recipe.finetune_overrides, row.overrides)
-        split = self.recipe.metric_split
-        if split != base.eval.split and split not in base.eval.final_splits:
-            o["eval.final_splits"] = (*base.eval.final_splits, split)
-        return o
-
-    def finetune_config(self, run: FinetuneRun):
-        return self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
-                          self._finetune_overrides(run))
-
-    def _command(self, config_spec, arg: str, overrides: Mapping[str, Any],
-                 workdir: str) -> str:
-        """The `python -m ddep_jax.main` command that runs a config with
-        `overrides` into `workdir`; OUT's own path is written OUT."""
-        if callable(config_spec):
-            return (f"(config {getattr(config_spec, '__qualname__', config_spec)} is a "
-                    "Python callable, not a file: no command line)")
-        path = config_spec
-        if not os.path.isabs(path):
-            path = os.path.relpath(self.configs_dir / path, REPO_CONFIGS.parent)
-        flags = [f"--config={path}" + (f":{arg}" if arg else "")]
-        flags += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
-        flags.append(f"--workdir={workdir}")
-        text = "python -m ddep_jax.main " + " ".join(shlex.quote(f) for f in flags)
-        return text.replace(self.out.rstrip("/") + "/", "OUT/")
-
-    def pretraining_command(self, name: str) -> str:
-        """The one command that runs pretraining `name` as the harness does."""
-        p = self.recipe.pretraining(name)
-        if not p.config:
-            return f"(external checkpoint: --checkpoint={name}=PATH)"
-        return self._command(p.config, p.arg, self._pretraining_overrides(name),
-                             self.pretrain_dir(name))
-
-    def finetune_command(self, run: FinetuneRun) -> str:
-        """The one command that runs fine-tuning cell `run` as the harness
-        does (after the pretraining runs it reads)."""
-        return self._command(self.recipe.finetune_config, self.recipe.finetune_arg,
-                             self._finetune_overrides(run), self.finetune_dir(run))
-
-    # -------------------------------------------------------------- running
-    def run(self) -> int:
-        """Runs every selected run not yet finished, writing the outputs
-        after each. Returns the exit status: 0, 1 if a run failed (the
-        others still ran; OUT/failures.jsonl names it and the error) or
-        `loop.PREEMPTED_EXIT_CODE` when a signal stopped a run."""
-        from ddep_jax.trainers import loop
-
-        use_compilation_cache(self.out)
-        if self.jobs > 1:
-            if jax.default_backend() != "cpu" or jax.process_count() > 1:
-                raise ValueError(
-                    f"jobs={self.jobs} splits this host's CPUs between worker "
-                    f"processes; here JAX runs on {jax.default_backend()} with "
-                    f"{jax.process_count()} process(es): run the harness with jobs=1.")
-            return self.run_parallel()
-        runs = [r for r in self.finetune_runs() if self.selected(r.id)]
-        broken: set[str] = set()
-        try:
-            for name in self._needed_pretrainings(runs):
-                p = self.recipe.pretraining(name)
-                if p.init_from in broken or (p.init_from and not self._finished(p.init_from)):
-                    broken.add(name)
-                    continue
-                if self.worker and not self.selected(f"pretrain/{name}"):
-                    # A worker runs its own run only: the parent ran the
-                    # chain first, and a pretraining not finished fails it.
-                    if not self._finished(name):
-                        broken.add(name)
-                    continue
-                if not p.config:
-                    continue  # external: pretrain_dir checks it was given
-                try:
-                    self._run_pretraining(name)
-                except Failed:
-                    broken.add(name)
-            for run in runs:
-                row = self.recipe.row(run.row)
-                failed = [p for p in row.pretrainings if p in broken]
-                if failed:
-                    self._fail(run.id, f"its pretraining {failed[0]!r} did not finish")
-                    continue
-                try:
-                    self._run_finetune(run)
-                except Failed:
-                    pass
-        except Stopped:
-            self.write_outputs()
-            return loop.PREEMPTED_EXIT_CODE
-        self.write_outputs()
-        return 1 if self.failures else 0
-
-    # ------------------------------------------------------------ parallel
-    def _finished(self, name: str) -> bool:
-        p = self.recipe.pretraining(name)
-        return not p.config or self._status(self.pretrain_dir(name)) == "done"
-
-    def _timed_run(self, run_id: str, config, workdir: str) -> dict:
-        """loop.run with the CPU / wall seconds of this invocation added to
-        WORKDIR/harness_cost.json; named errors become `Failed`."""
-        cost_path = os.path.join(workdir, COST_FILE)
-        cost = writers.read_json(cost_path) or {"invocations": []}
-        entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "ended": None,
-                 "cpu_seconds": 0.0, "wall_seconds": 0.0}
-        cost["invocations"].append(entry)
-        if _is_main():
-            writers.makedirs(workdir)
-            writers.write_json(cost_path, cost)
-        logging.info("label_efficiency: %s -> %s", run_id, workdir)
-        print(f"[{time.strftime('%H:%M:%S')}] {run_id}: running in {workdir}", flush=True)
-        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-        try:
-            result = self.run_fn(config, workdir)
-            ended = "preempted" if result.get("preempted") else (
-                "already_finished" if result.get("already_finished") else "finished")
-        except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-            result, ended = None, f"error: {e}"
-        entry.update(ended=ended, cpu_seconds=round(_cpu_seconds() - cpu0, 1),
-                     wall_seconds=round(time.perf_counter() - wall0, 1))
-        if _is_main():
-            writers.write_json(cost_path, cost)
-        if result is None:
-            self._fail(run_id, ended[len("error: "):])
-            raise Failed(run_id)
-        if result.get("preempted"):
-            raise Stopped(f"{run_id} stopped by a signal at step {result['step']}")
-        return cost
-
-    @staticmethod
-    def _cost_totals(cost: Mapping) -> tuple[float, float, bool]:
-        inv = cost.get("invocations", [])
-        return (round(sum(i["cpu_seconds"] for i in inv), 1),
-                round(sum(i["wall_seconds"] for i in inv), 1),
-                all(i["ended"] is not None for i in inv))
-
-    def _run_pretraining(self, name: str) -> None:
-        workdir = self.pretrain_dir(name)
-        earlier = [r for r in self.pretraining_records if r["name"] == name]
-        if earlier and self._status(workdir) == "done":
-            return
-        # Recorded but its workdir is gone (results.jsonl / pretraining.jsonl
-        # carried to a new machine): the fine-tunings still to run need the
-        # checkpoint, so it runs again; the earlier records are kept in the
-        # new one ("earlier") to show whether the rerun reproduced them.
-        config = self.pretraining_config(name)
-        cost = self._timed_run(f"pretrain/{name}", config, workdir)
-        cpu, wall, complete = self._cost_totals(cost)
-        done = writers.read_json(os.path.join(workdir, "done.json")) or {}
-        p = self.recipe.pretraining(name)
-        record = {"recipe": self.recipe.name, "name": name, "description": p.description,
-                  "config": _config_name(p.config, p.arg),
-                  "stage": config.stage, "steps": done.get("step"),
-                  "final": _final_figures(workdir, done), "cpu_seconds": cpu,
-                  "cpu_seconds_complete": complete, "wall_seconds": wall,
-                  "workdir": os.path.relpath(workdir, self.out)
-                  if not writers.is_remote(workdir) else workdir,
-                  "init_checkpoint": str(config.init.checkpoint),
-                  **provenance(config, self.out)}
-        if earlier:
-            record["earlier"] = [{k: r.get(k) for k in ("steps", "final", "cpu_seconds")}
-                                 for r in earlier]
-            if any(e["final"] != record["final"] for e in record["earlier"]):
-                print(f"  pretrain/{name}: the rerun's figures {record['final']} differ "
-                      f"from the recorded {[e['final'] for e in record['earlier']]}",
-                      flush=True)
-        if self.worker:
-            self._write_worker_record(workdir, "pretraining", record)
-            return
-        self._add_pretraining_record(record)
-        print(f"  pretrain/{name}: done ({cpu / 60:.1f} CPU min)", flush=True)
-
-    @staticmethod
-    def _write_worker_record(workdir: str, kind: str, record: Mapping) -> None:
-        if _is_main():
-            writers.write_json(os.path.join(workdir, WORKER_RECORD),
-                               {"kind": kind, "record": record})
-
-    def _run_finetune(self, run: FinetuneRun) -> None:
-        key = (run.row, run.fraction, run.seed)
-        if key in {self._result_key(r) for r in self.results}:
-            return
-        workdir = self.finetune_dir(run)
-        config = self.finetune_config(run)
-        cost = self._timed_run(run.id, config, workdir)
-        cpu, wall, complete = self._cost_totals(cost)
-        record = self._read_result(run, workdir, config)
-        record.update(cpu_seconds=cpu, cpu_seconds_complete=complete, wall_seconds=wall)
-        if self.worker:
-            self._write_worker_record(workdir, "finetune", record)
-            return
-        self._add_result(record)
-        self.write_outputs()
-        print(f"  {run.id}: {self.recipe.metric_split} mIoU {100 * record['miou']:.2f} "
-              f"({cpu / 60:.1f} CPU min)", flush=True)
-
-    def _read_result(self, run: FinetuneRun, workdir: str, config) -> dict:
-        split, steps = self.recipe.metric_split, config.total_steps
-        path = os.path.join(workdir, "eval", f"{split}_{steps:08d}.json")
-        report = writers.read_json(path)
-        if report is None:
-            raise Failed(self._fail(run.id, f"{path} is missing after the run finished"))
-        subset = writers.read_json(os.path.join(workdir, "labelled_subset.json")) or {}
-        return {"recipe": self.recipe.name, "row": run.row,
-                "row_name": self.recipe.row(run.row).name, "fraction": run.fraction,
-                "labelled_images": subset.get("num_labelled"), "seed": run.seed,
-                "miou": report["miou"], "per_class_iou": report.get("per_class"),
-                "pixel_accuracy": report["pixel_accuracy"], "split": split,
-                "steps": steps, "cpu_seconds": None, "cpu_seconds_complete": None,
-                "wall_seconds": None,
-                "workdir": os.path.relpath(workdir, self.out)
-                if not writers.is_remote(workdir) else workdir,
-                "init_checkpoint": str(config.init.checkpoint),
-                "train_loss": loss_curve(workdir), **provenance(config, self.out)}
-
-    def _fail(self, run_id: str, why: str) -> str:
-        self.failures.append({"run": run_id, "error": why,
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        print(f"  {run_id}: FAILED: {why}", file=sys.stderr, flush=True)
-        if _is_main() and not self.worker:  # a worker's parent records it
-            self._write_jsonl("failures.jsonl",
-                              self._read_jsonl("failures.jsonl") + self.failures[-1:])
-        return run_id
-
-    # --------------------------------------------------------------- files
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -705,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if not (args.list or args.summary_only):
-        from ddep_jax import distributed
+        from ddep_jax.parallel import distributed
 
         distributed.initialize(args.distributed)
     checkpoints = {}

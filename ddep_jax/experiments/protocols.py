@@ -14,7 +14,7 @@
   10 runs), `pascal_context_1x` / `_3x` and `ade20k_1x` / `_3x` (Table 6,
   Fig. 7: 1, 5, 10, 20, 100%; 10 runs each, 5 at 20%). Their supervised
   encoder is the public R50+ViT-B/16 ImageNet-21k checkpoint
-  (`--checkpoint=supervised=PATH`, `python -m ddep_jax.vit_import`), DDeP and
+  (`--checkpoint=supervised=PATH`, `python -m ddep_jax.checkpoints.vit_import`), DDeP and
   DeP run configs/ddep_imagenet21k.py. The paper gives no run count for
   Cityscapes' full split; 4 (as at 1/4) is this project's choice; that Fig.
   6's DeP is pretrained on ImageNet-21k (with scaled noise, Sec. 3) is this
@@ -299,7 +299,7 @@ CAMVID_CPU_V2_CALIBRATION = Recipe(
 # ------------------------------------------------------------------- paper
 _PAPER_ENCODER = Pretraining(
     "supervised", "the public R50+ViT-B/16 ImageNet-21k classifier's encoder "
-    "(python -m ddep_jax.vit_import)")
+    "(python -m ddep_jax.checkpoints.vit_import)")
 
 
 def _paper_pretrainings(decoder: int) -> tuple[Pretraining, ...]:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import jax
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 
 
 def _cpu_info() -> tuple[str, str]:

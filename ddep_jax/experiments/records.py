@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from etils import epath
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.experiments.recipe import FinetuneRun
 
 RESULT_KEYS = ("recipe", "row", "row_name", "fraction", "labelled_images", "seed",

@@ -16,7 +16,7 @@ import io
 import math
 from typing import Mapping, Sequence
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.experiments import stats
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from etils import epath
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.experiments.records import WORKER_RECORD
 
 class ParallelRuns:

@@ -24,7 +24,7 @@ map onto this module by renaming keys only:
 
 The pre-Linen checkpoints name the block children LayerNorm_0,
 MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; the importer
-(`ddep_jax.vit_import`) renames those.
+(`ddep_jax.checkpoints.vit_import`) renames those.
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ import os
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from ddep_jax import config_lib, writers
+from ddep_jax import config_lib, defaults
+from ddep_jax.common import writers
 from ddep_jax.data import class_datasets, pipeline
 from ddep_jax.evaluation import classification as evaluation
 from ddep_jax.models import to_float_images
@@ -33,59 +33,9 @@ from ddep_jax.objectives.classification import LOSS_TYPES, classification_loss
 from ddep_jax.trainers import loop
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Stage-1 defaults: supervised Hybrid-ViT classifier pretraining.
-
-    ViT/big_vision recipe (Dosovitskiy et al. 2021, Sec. 4.1 and App. B.1):
-    Adam(W), linear warm-up then cosine decay, inception crop + flip, label
-    smoothing; `loss.type` 'sigmoid' is the usual choice for ImageNet-21k.
-    `model.encoder` is the encoder that stage 2 and 3 take over, so it must
-    equal theirs; `data.image_size` is the training resolution (the position
-    embedding is learned for `model.encoder.image_size` and resampled to it).
-    """
-    c = ml_collections.ConfigDict()
-    c.stage = "classify"
-    c.seed = 0
-    c.model = config_lib.model_config()
-    c.model.num_outputs = 0  # 0: the dataset's number of classes
-    c.model.head_bias_init = 0.0  # big_vision: -10 with sigmoid on ImageNet-21k
-
-    # Optional initial encoder (e.g. converted from a public .npz, to continue
-    # on another dataset); '' trains from scratch.
-    c.init = ml_collections.ConfigDict()
-    c.init.checkpoint = ""
-    c.init.step = -1
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "cifar10"  # a name in ddep_jax.data.class_datasets
-    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    c.data.train_split = "train"
-    c.data.image_size = (224, 224)  # training and evaluation input (H, W)
-    c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
-    c.data.crop_aspect_range = (3 / 4, 4 / 3)
-    c.data.flip = True
-    c.data.eval_crop_fraction = 0.875  # eval: resize to size/f, centre crop size
-    config_lib.add_data_loading(c.data)
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.type = "softmax"  # LOSS_TYPES
-    c.loss.label_smoothing = 0.0
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.splits = ("validation",)  # top-1 accuracy at the end
-    c.eval.every_steps = 0  # also every N steps on the first split; 0: end only
-    c.eval.batch_size = 256
-    c.eval.max_examples = 0  # periodic evaluation on the first N; 0 = all
-
-    c.batch_size = 4096
-    c.num_epochs = 90.0
-    c.total_steps = 0  # > 0 overrides num_epochs
-
-    c.optimizer = config_lib.optimizer_config(learning_rate=1e-3)
-    c.optimizer.warmup_steps = 10000
-    c.optimizer.weight_decay = 0.03
-    c.optimizer.grad_clip_norm = 1.0
-    return config_lib.add_run_options(c)
+default_config = defaults.classify
+"""The stage's defaults (`ddep_jax.defaults`: no JAX at import, so configs/
+build and check their values without it)."""
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:

@@ -18,75 +18,24 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 from PIL import Image
 
-from ddep_jax import config_lib, visualize
+from ddep_jax import config_lib, defaults
+from ddep_jax.defaults import PAPER_LEARNING_RATE
+from ddep_jax.evaluation import visualize
 from ddep_jax.data import pipeline
 from ddep_jax.models.transunet import build_model
 from ddep_jax.objectives import denoising
 from ddep_jax.trainers import loop
 
-# Paper Sec. 5.1: lr 6e-5 for the 1x and 3x decoders, 1e-4 for the 2x decoder.
-PAPER_LEARNING_RATE = {1: 6e-5, 2: 1e-4, 3: 6e-5}
 DATA_SOURCES = ("tfds", "embedded", "folder")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults: the paper's DDeP run (R50+ViT-B/16, 1x decoder, Sec. 5.1)."""
-    c = ml_collections.ConfigDict()
-    c.stage = "ddep"
-    c.seed = 0
-    c.model = config_lib.model_config()
-
-    # Denoising objective (Sec. 3-4).
-    c.denoising = ml_collections.ConfigDict()
-    c.denoising.noise_type = "scaled"  # Eq. 5; 'simple' is Eq. 1
-    c.denoising.target = "eps"  # Eq. 6; 'x' is Eq. 2
-    c.denoising.sigma = 0.22  # Fig. 5
-    c.denoising.sigma_range = ()  # (low, high): sample sigma per example
-    # (low, high): sample gamma = 1 / (1 + sigma^2) per example instead: Table 4's
-    # caption (0.9, 0.95), DDPM's (0, 1) (`denoising.sample_sigma`).
-    c.denoising.gamma_range = ()
-
-    # Which top-level collections stay fixed: ('encoder',) is DDeP, () is DeP.
-    c.frozen = ("encoder",)
-
-    # The pretrained encoder (stage-1 hand-over): a stage-1 workdir, one of its
-    # checkpoints/<step> folders, an Orbax folder written by `python -m
-    # ddep_jax.vit_import`, or a vision_transformer .npz; only params/encoder
-    # is read, every leaf must match. '' keeps the random initialisation.
-    c.init = ml_collections.ConfigDict()
-    c.init.checkpoint = ""
-    c.init.step = -1  # which checkpoint of a workdir; -1 = the latest
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # DATA_SOURCES
-    c.data.name = "imagenet21k"  # 'tfds': the prepared dataset
-    c.data.split = "train"
-    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    # 'folder' (ddep_jax.data.folders): the images under `folder` that match
-    # `glob` (recursive with **); undecodable files skipped and listed in
-    # WORKDIR/skipped_images.txt ('skip'), or the run stops ('error').
-    c.data.folder = ""
-    c.data.glob = "**/*"
-    c.data.bad_images = "skip"
-    c.data.crop_area_range = (0.08, 1.0)  # inception crop (Szegedy et al. 2015)
-    c.data.crop_aspect_range = (3 / 4, 4 / 3)
-    c.data.flip = True
-    config_lib.add_data_loading(c.data)
-
-    c.batch_size = 512
-    c.num_epochs = 100.0
-    c.total_steps = 0  # > 0 overrides num_epochs
-
-    # Adam, cosine decay, the 1x decoder's lr (Sec. 5.1; PAPER_LEARNING_RATE).
-    c.optimizer = config_lib.optimizer_config(PAPER_LEARNING_RATE[1])
-    c.image_grid_every = 500  # and at the end; 0: no image grids
-    c.image_grid_size = 8
-    return config_lib.add_run_options(c, keep_checkpoints=3)
+default_config = defaults.ddep
+"""The stage's defaults (`ddep_jax.defaults`: no JAX at import, so configs/
+build and check their values without it)."""
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:

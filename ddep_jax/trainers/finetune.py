@@ -20,12 +20,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 from PIL import Image
 
-from ddep_jax import config_lib, writers
+from ddep_jax import config_lib, defaults
+from ddep_jax.common import writers
 from ddep_jax.data import label_fractions, seg_datasets, seg_pipeline
 from ddep_jax.data.seg_datasets import IGNORE_LABEL
 from ddep_jax.evaluation.inference import EVAL_MODES
@@ -47,79 +47,9 @@ INIT_MODES = tuple(INIT_COLLECTIONS)
 DATA_SOURCES = ("tfds", "mmseg")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Stage-3 defaults: fine-tune the whole TransUNet (DDeP Sec. 5.1)."""
-    c = ml_collections.ConfigDict()
-    c.stage = "finetune"
-    c.seed = 0
-    c.model = config_lib.model_config()
-    c.model.num_outputs = 0  # 0: the dataset's number of classes
-
-    # Where the initial weights come from (INIT_MODES). `checkpoint` is a
-    # stage-1/2/3 workdir, one of its checkpoints/<step> folders, or an Orbax
-    # state folder; `step` -1 means the latest. The head is always new.
-    c.init = ml_collections.ConfigDict()
-    c.init.mode = "scratch"
-    c.init.checkpoint = ""
-    c.init.step = -1
-    # The decoder from another run (its latest checkpoint): ×Net's pretrained
-    # decoder is a stage-1 classifier's backbone (`decoder_collection`
-    # 'encoder', its head dropped); a stage-2 run's is its 'decoder'. '' : the
-    # decoder is as `mode` says.
-    c.init.decoder_checkpoint = ""
-    c.init.decoder_collection = "encoder"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # DATA_SOURCES: a prepared dataset, or 'mmseg' folder
-    c.data.name = "camvid"  # 'tfds': a name in ddep_jax.data.seg_datasets
-    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    # 'mmseg' (ddep_jax.data.folders): FOLDER/img_dir/{train,val}/,
-    # FOLDER/ann_dir/{train,val}/, FOLDER/classes.json (or model.num_outputs).
-    c.data.folder = ""
-    c.data.img_suffix = ".jpg"
-    c.data.seg_map_suffix = ".png"
-    c.data.reduce_zero_label = False  # mmseg's: stored 0 is void, v -> v - 1
-    c.data.classes_file = ""  # '' = FOLDER/classes.json
-    c.data.train_split = "train"
-    c.data.label_fraction = "100%"  # '1%', '1/30', '0.25', or a count '100'
-    c.data.subset_seed = -1  # -1: same as `seed`
-    c.data.crop_size = (512, 512)
-    c.data.scale_range = (0.5, 2.0)  # random scale (times base_scale)
-    c.data.base_scale = 1.0  # resize every image by this first (train and eval)
-    c.data.flip = True
-    config_lib.add_data_loading(c.data)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.mode = "whole"  # ddep_jax.evaluation.inference.EVAL_MODES
-    c.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # 'multiscale' (x base_scale)
-    c.eval.flip = False  # 'whole': also average with the flipped image
-    c.eval.window = (1024, 1024)  # 'sliding' (pixels of the base_scale'd image)
-    c.eval.stride = 0  # 'sliding': 0 = the window size
-    # Model inputs are padded to multiples of this: 16 is the ViT patch grid;
-    # coarser (e.g. 128) means fewer compilations on datasets of many sizes.
-    c.eval.size_multiple = 16
-    c.eval.split = "validation"  # evaluated every `every_steps` and at the end
-    c.eval.final_splits = ("test",)  # evaluated once at the end
-    c.eval.every_steps = 0  # 0: only at the end
-    c.eval.max_images = 0  # periodic evaluation on the first N images; 0 = all
-    # The final evaluations on the first N images of each split: a smoke run
-    # (the report's num_images says so); 0 = all, which any result needs.
-    c.eval.final_max_images = 0
-    c.eval.num_visualize = 4  # colourised PNGs of the first N final-eval images
-
-    c.loss = ml_collections.ConfigDict()
-    # CLASS_WEIGHTINGS: 'none' (the paper's plain cross-entropy) or
-    # 'median_frequency' (Eigen & Fergus 2015; SegNet on CamVid), from the
-    # labelled subset's label maps.
-    c.loss.class_weighting = "none"
-
-    c.batch_size = 16
-    c.num_epochs = 0.0
-    c.total_steps = 10000  # > 0 overrides num_epochs
-
-    c.optimizer = config_lib.optimizer_config(learning_rate=1e-4)
-    c.optimizer.weight_decay = 1e-4
-    return config_lib.add_run_options(c)
+default_config = defaults.finetune
+"""The stage's defaults (`ddep_jax.defaults`: no JAX at import, so configs/
+build and check their values without it)."""
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:

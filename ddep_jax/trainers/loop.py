@@ -14,7 +14,7 @@ the same for all of them:
   config checked against config.json (`check_resume`) -> stage ->
   config.json -> optimizer and shape-first sharded train state
   (`build_state`) -> resume from the newest readable checkpoint (Orbax
-  state + grain iterator; `checkpointing.resume`) or initialise with the
+  state + grain iterator; `store.resume`) or initialise with the
   hand-over (`handover.initialise`) -> a finished run stops here -> compile
   the step ahead of time with its report (`compile_step`) -> the `for step`
   loop (`guarded`: profiler trace, metric queue, NaN stop, preemption, log
@@ -53,9 +53,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import checkpointing, handover, writers
+from ddep_jax.checkpoints import handover, store
+from ddep_jax.common import writers
 import ddep_jax.trainers as trainers_package
-from ddep_jax.sharding import make_mesh
+from ddep_jax.parallel.sharding import make_mesh
 
 from ddep_jax.training.preemption import PREEMPTED_EXIT_CODE, Preemption  # noqa: F401
 from ddep_jax.training.progress import (  # noqa: F401
@@ -157,7 +158,7 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
     ts = build_state(stage, config, num_steps, mesh, keys["init"])
     data_iter = iter(stage.dataset)
 
-    manager, state, _, _ = checkpointing.resume(
+    manager, state, _, _ = store.resume(
         workdir, config.keep_checkpoints, ts.abstract, ts.sharding, data_iter)
     preemption.manager = manager
     if state is None:

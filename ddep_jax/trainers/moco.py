@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from ddep_jax import config_lib
+from ddep_jax import config_lib, defaults
 from ddep_jax.data import pipeline
 from ddep_jax.models.contrastive import VARIANTS, ContrastiveTransUNet
 from ddep_jax.models.transunet import conv_of, encoder_kwargs
@@ -43,35 +42,9 @@ from ddep_jax.objectives import moco
 from ddep_jax.trainers import ddep, loop
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults: the DDeP stage's data, model and schedule with MoCo v2's
-    pretext settings (momentum 0.999, temperature 0.2, queue 65536, a
-    2048-128 projection MLP); encoder frozen, image-level embeddings."""
-    c = ddep.default_config()
-    c.stage = "moco"
-    del c.denoising
-    del c.image_grid_every
-    del c.image_grid_size
-    c.model.num_outputs = 128  # the embedding size (MoCo v2: 128)
-    c.pretext = ml_collections.ConfigDict()
-    c.pretext.variant = "image"  # models.contrastive.VARIANTS
-    c.pretext.momentum = 0.999  # of the key encoder
-    c.pretext.temperature = 0.2
-    c.pretext.queue_size = 65536  # negatives; >= keys per batch
-    c.pretext.hidden = 2048  # the projection MLP's hidden width
-    c.pretext.crop_area_range = moco.CROP_AREA  # of each view, in the whole frame
-    # The whole frame the two views are cropped from: each image resized
-    # (shorter side) and centre-cropped to this; data.crop_area_range and
-    # data.flip are not used.
-    c.pretext.frame_size = (256, 256)
-    # Keys of the query's own image are not negatives (queue and batch).
-    c.pretext.exclude_same_image = True
-    # Patch levels: a key patch of the query's own image overlapping the query
-    # patch's region by more than this (intersection over the smaller region)
-    # is not a negative; 1.0 keeps them all (the draft read literally).
-    c.pretext.negative_max_overlap = 0.25
-    c.optimizer.learning_rate = 1e-4
-    return c
+default_config = defaults.moco
+"""The stage's defaults (`ddep_jax.defaults`: no JAX at import, so configs/
+build and check their values without it)."""
 
 
 def grid(config) -> tuple[int, int]:

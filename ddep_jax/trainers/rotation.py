@@ -17,28 +17,17 @@ being new, exactly as from a DDeP checkpoint.
 from __future__ import annotations
 
 import jax
-import ml_collections
 
-from ddep_jax import config_lib
+from ddep_jax import config_lib, defaults
 from ddep_jax.models import to_float_images
 from ddep_jax.models.transunet import build_model
 from ddep_jax.objectives import rotation
 from ddep_jax.trainers import ddep, loop
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults: the DDeP stage's data, model and schedule, with the rotation
-    pretext task instead of denoising; encoder frozen."""
-    c = ddep.default_config()
-    c.stage = "rotation"
-    del c.denoising
-    del c.image_grid_every
-    del c.image_grid_size
-    c.model.num_outputs = rotation.NUM_ANGLES
-    c.pretext = ml_collections.ConfigDict()
-    c.pretext.patch_size = 32  # pixels; must divide the input size
-    c.optimizer.learning_rate = 1e-4
-    return c
+default_config = defaults.rotation
+"""The stage's defaults (`ddep_jax.defaults`: no JAX at import, so configs/
+build and check their values without it)."""
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:

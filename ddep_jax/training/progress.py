@@ -16,7 +16,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from ddep_jax import checkpointing, profiling
+from ddep_jax.checkpoints import store
+from ddep_jax.training import profiling
 from ddep_jax.training.preemption import Preemption
 from ddep_jax.training.step import _all_finite
 
@@ -85,7 +86,7 @@ class MetricLog:
         self._pending.clear()
         for step, m in fetched:
             if not np.isfinite(m["loss"]):
-                moved = checkpointing.set_aside_from(self.manager, step - 1)
+                moved = store.set_aside_from(self.manager, step - 1)
                 good = self.manager.latest_step()
                 where = (f"The last checked checkpoint is step {good} in "
                          f"{self.manager.directory}: a rerun resumes from it"
@@ -148,7 +149,7 @@ class StepControl:
     def after(self, step: int, metrics, last_step: int, state, data_iter) -> bool:
         """Queues `metrics`, logs at the first step, every `log_every` steps
         and at the end, and saves `state` and `data_iter`'s position
-        (`checkpointing.save`) every `checkpoint_every` steps, at `last_step`
+        (`store.save`) every `checkpoint_every` steps, at `last_step`
         and on preemption, after checking the loss of every step so far and
         the parameters to be saved.
 
@@ -175,7 +176,7 @@ class StepControl:
                     "loss was: not saved. Lower optimizer.learning_rate or set "
                     "optimizer.grad_clip_norm and resume from the last checkpoint "
                     f"({self.manager.latest_step()}).")
-            checkpointing.save(self.manager, step, state, data_iter)
+            store.save(self.manager, step, state, data_iter)
         return preempted
 
 

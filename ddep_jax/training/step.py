@@ -15,9 +15,10 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddep_jax import optim, profiling, writers
+from ddep_jax.training import optim, profiling
+from ddep_jax.common import writers
 from ddep_jax.models import fast_conv
-from ddep_jax.sharding import state_shardings
+from ddep_jax.parallel.sharding import state_shardings
 from ddep_jax.training.stage import Stage, TrainState
 
 def build_state(stage: Stage, config, num_steps: int, mesh, key) -> TrainState:

@@ -11,8 +11,9 @@ import os
 from absl import logging
 from etils import epath
 
-from ddep_jax import checkpointing, writers
-from ddep_jax.tree_paths import flatten_dict
+from ddep_jax.checkpoints import store
+from ddep_jax.common import writers
+from ddep_jax.common.tree_paths import flatten_dict
 
 RESUME_SAFE_KEYS = (
     "log_every", "checkpoint_every", "keep_checkpoints", "image_grid_every",
@@ -60,7 +61,7 @@ def check_resume(config, workdir: str) -> None:
       ValueError: naming every key whose change would mix two runs, with both
         values, and what to do.
     """
-    if not checkpointing.checkpoint_steps(workdir):
+    if not store.checkpoint_steps(workdir):
         return
     old = writers.read_json(os.path.join(workdir, "config.json"))
     if old is None:

@@ -39,7 +39,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from ddep_jax.data import folders
+from ddep_jax.data import folders, mmseg
 
 LAYOUTS = ("images", "mmseg")
 SPEC_FILE = "ddep_seg_spec.json"
@@ -111,10 +111,10 @@ class _FolderMMSeg(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager
         present = set(self.SPEC.splits.values())
         return {split: self._generate_examples(split)
-                for split, sub in folders.MMSEG_SPLITS.items() if sub in present}
+                for split, sub in mmseg.MMSEG_SPLITS.items() if sub in present}
 
     def _generate_examples(self, split):
-        records = folders.MMSegSplit(self.SPEC, split)
+        records = mmseg.MMSegSplit(self.SPEC, split)
         for i in range(len(records)):
             record = records[i]
             name = record["file_name"].decode()
@@ -157,7 +157,7 @@ def write_spec(spec, data_dir: str) -> str:
               "class_colors": [list(c) for c in spec.class_colors],
               "reduce_zero_label": spec.reduce_zero_label,
               "splits": sorted(k for k, v in spec.splits.items()
-                               if folders.MMSEG_SPLITS[k] == v),  # those prepared
+                               if mmseg.MMSEG_SPLITS[k] == v),  # those prepared
               "source_folder": spec.folder}
     path = os.path.join(data_dir, SPEC_FILE)
     with open(path, "w", encoding="utf-8") as f:

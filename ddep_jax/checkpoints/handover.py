@@ -4,10 +4,10 @@ Stage 1 -> 2 -> 3 pass the `encoder` (and stage 2 -> 3 the `decoder`) on by
 name. `load_collections` reads them from
 
 * a ddep_jax run (a workdir, one of its ``checkpoints/<step>`` folders, or an
-  Orbax state folder such as ``python -m ddep_jax.vit_import`` writes), only
+  Orbax state folder such as ``python -m ddep_jax.checkpoints.vit_import`` writes), only
   the named collections being read from disk, or
 * a public vision_transformer ``.npz`` (encoder only), converted on the fly
-  by `ddep_jax.vit_import`,
+  by `ddep_jax.checkpoints.vit_import`,
 
 and every leaf must match the model exactly in path, shape and dtype.
 `initialise` puts them into a fresh train state and writes WORKDIR/init.json,
@@ -26,8 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from ddep_jax import checkpointing, vit_import, writers
-from ddep_jax.tree_paths import flatten_with_paths
+from ddep_jax.checkpoints import partial, vit_import
+from ddep_jax.common import writers
+from ddep_jax.common.tree_paths import flatten_with_paths
 
 
 def token_grid(model_config) -> tuple[int, int]:
@@ -96,7 +97,7 @@ def load_collections(path: str, collections: Sequence[str], abstract_params: dic
                         "collections": ["encoder"], "num_arrays": len(leaves),
                         "num_params": int(sum(x.size for x in leaves)),
                         "source_init": {"npz_import": report}}
-    params, provenance = checkpointing.restore_collections(
+    params, provenance = partial.restore_collections(
         path, collections, abstract_params, param_shardings, step)
     record = source_record(provenance["checkpoint"])
     if record is not None:
@@ -177,7 +178,7 @@ def initialise(state: dict, tx, state_sharding: dict, checkpoint: str,
 
 
 # ----------------------------------------------------------------------------
-# Reading a chain of hand-overs back (python -m ddep_jax.handover).
+# Reading a chain of hand-overs back (python -m ddep_jax.checkpoints.handover).
 # ----------------------------------------------------------------------------
 def read_collection(state_dir: str, collection: str = "encoder") -> dict:
     """One parameter collection of an Orbax state folder as host numpy arrays

@@ -33,9 +33,9 @@ flat '/'-joined keys; what differs from our Linen layout
 
 CLI (only `config.model` is used; the output is read by stage 3 with
 `init.mode='encoder'`, or by anything calling
-`checkpointing.restore_collections(OUTPUT, ['encoder'], ...)`):
+`partial.restore_collections(OUTPUT, ['encoder'], ...)`):
 
-  python -m ddep_jax.vit_import --npz=imagenet21k/R50+ViT-B_16.npz \\
+  python -m ddep_jax.checkpoints.vit_import --npz=imagenet21k/R50+ViT-B_16.npz \\
       --config=configs/ddep_imagenet21k.py --output=DIR
 """
 
@@ -57,11 +57,11 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.models import hybrid_vit
 from ddep_jax.models.hybrid_vit import VIT_SIZES
 from ddep_jax.models.transunet import build_model
-from ddep_jax.tree_paths import path_str
+from ddep_jax.common.tree_paths import path_str
 
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddep_jax.models import COLLECTIONS
-from ddep_jax.tree_paths import path_str
+from ddep_jax.common.tree_paths import path_str
 
 PARAM_SHARDING_MODES = ("replicated", "fsdp")
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.data.seg_datasets import IGNORE_LABEL
 
 TEXT_COLOR = (0, 0, 0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ddep_jax.models import COLLECTIONS
-from ddep_jax.tree_paths import path_str  # noqa: F401  (re-exported)
+from ddep_jax.common.tree_paths import path_str  # noqa: F401  (re-exported)
 
 FROZEN, TRAIN = "frozen", "train"
 

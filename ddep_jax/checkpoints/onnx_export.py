@@ -58,10 +58,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from ddep_jax import writers
+from ddep_jax.common import writers
 from ddep_jax.models import to_float_images
 
 ONNX_FILE = "model.onnx"
