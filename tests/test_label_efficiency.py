@@ -221,7 +221,7 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
 
     recipe = protocols.get(name)
     h = le.Harness(recipe, str(tmp_path), checkpoints={"supervised": "/ckpt/encoder"})
-    models = set()
+    encoders = {}  # pretraining name -> its encoder config
     decoders = {r.decoder_pretraining: r for r in recipe.rows if r.decoder_pretraining}
     for p in recipe.pretrainings:
         if p.config:
@@ -234,13 +234,20 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
                 assert (e.vit_size, tuple(e.resnet_layers), e.resnet_width) == (
                     "none", tuple(x.decoder_layers), x.decoder_width), p.name
                 continue
-            models.add(json.dumps(config.model.encoder.to_dict(), sort_keys=True))
-    for run in h.finetune_runs()[:len(recipe.rows)]:
-        config = h.finetune_config(run)
+            encoders[p.name] = json.dumps(config.model.encoder.to_dict(), sort_keys=True)
+    for p in recipe.pretrainings:  # a stage-2 run freezes its stage-1 encoder
+        if p.init_from and p.name in encoders and p.init_from in encoders:
+            assert encoders[p.name] == encoders[p.init_from], p.name
+    first = {}
+    for run in h.finetune_runs():
+        first.setdefault(run.row, run)
+    for row in recipe.rows:
+        config = h.finetune_config(first[row.key])
         loop.trainer("finetune").validate(config, 1)
         assert recipe.metric_split in (config.eval.split, *config.eval.final_splits)
-        models.add(json.dumps(config.model.encoder.to_dict(), sort_keys=True))
-    assert len(models) == 1, "the stages' encoders differ: no hand-over"
+        if row.pretraining in encoders:  # the hand-over needs the same encoder
+            encoder = json.dumps(config.model.encoder.to_dict(), sort_keys=True)
+            assert encoder == encoders[row.pretraining], row.key
 
 
 def _tiny_recipe(data_dir: str) -> le.Recipe:
@@ -645,8 +652,10 @@ def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
         got = rebuilt(h.finetune_command(run)).to_dict()
         assert got == h.finetune_config(run).to_dict(), run.id
     text = report.summary_markdown(recipe, [], commands=h.commands())
+    cells = sum(1 for r in recipe.rows for f in recipe.fractions if recipe.seeds_of(r, f))
+    assert cells == 12 * 2 + 10 + 4  # the ablations at 1/8 only, 100% for the main four
     assert "## Reproduce" in text and text.count("\n  python -m ddep_jax.main") == (
-        len(recipe.pretrainings) + len(recipe.rows) * len(recipe.fractions))
+        len(recipe.pretrainings) + cells)
 
 
 def test_xnet_rows_read_two_stage1_runs(tmp_path):
@@ -695,3 +704,102 @@ def test_two_runs_of_one_cell_give_identical_records(tmp_path, camvid_tfds):
         assert a[key] == b[key], key
     if le.usable_cpus() > 1:
         assert a["machine"]["cpus"] == 1
+
+
+def test_rows_run_their_own_seed_counts_and_arguments(tmp_path):
+    """camvid_cpu_v2's plan: 10 seeds at 1/30 for No pretraining, Supervised
+    and DDeP, 5 for the other rows, the ablations at 1/8 only, 100% for the
+    main four; --seeds replaces every count that is not 0; a row's `arg`
+    reaches its config and its command (Table 7's ResNet-50 U-Net)."""
+    from collections import Counter
+
+    recipe = protocols.get("camvid_cpu_v2")
+    runs = le.Harness(recipe, str(tmp_path)).finetune_runs()
+    cells = Counter((r.row, r.fraction) for r in runs)
+    assert len(runs) == 197 and len(set(runs)) == 197
+    assert cells[("ddep", "1/30")] == cells[("scratch", "1/30")] == 10
+    assert cells[("rotation", "1/30")] == cells[("r50unet_ddep", "1/8")] == 5
+    assert ("ddep_x", "1/30") not in cells and cells[("ddep_x", "1/8")] == 5
+    assert {r for r, f in cells if f == "100%"} == {"scratch", "supervised", "dep", "ddep"}
+    assert runs[0].seed == 0 and runs[-1].seed == 9  # seed-major
+    fewer = le.Harness(recipe, str(tmp_path), seeds={"1/30": 2, "100%": 1}).finetune_runs()
+    cells = Counter((r.row, r.fraction) for r in fewer)
+    assert cells[("ddep", "1/30")] == cells[("rotation", "1/30")] == 2
+    assert ("ddep_x", "1/30") not in cells and cells[("ddep", "100%")] == 1
+    h = le.Harness(recipe, str(tmp_path))
+    run = le.FinetuneRun("r50unet_ddep", "1/8", 0)
+    c = h.finetune_config(run)
+    assert c.model.encoder.vit_size == "none" and c.eval.size_multiple == 32
+    assert c.init.checkpoint == str(tmp_path / "pretrain" / "ddep_r50unet")
+    assert "--config=configs/finetune_camvid.py:arch=r50unet " in h.finetune_command(run)
+    with pytest.raises(ValueError, match=r"row 'a': seeds for \['1/2'\]"):
+        _recipe(rows=(le.Row("a", "A", "scratch", seeds={"1/2": 3}),)).check()
+    with pytest.raises(ValueError, match="fraction '100%' has no seeds"):
+        _recipe(rows=(le.Row("a", "A", "scratch", seeds={"100%": 0}),)).check()
+
+
+def test_claim_verdicts():
+    """Each relation's verdict from the interval of row - reference."""
+    from ddep_jax.experiments import claims
+
+    def d(low, high):
+        return stats.Difference((low + high) / 2, low, high, 5, "paired")
+
+    def v(relation, low, high, margin=1.0):
+        return claims.verdict(claims.Claim("c", "s", "a", "b", relation, margin=margin),
+                              d(low, high))
+
+    assert v(">", 0.1, 2) == claims.REPRODUCED and v(">", -2, -0.1) == claims.CONTRADICTED
+    assert v(">", -1, 2) == claims.NOT_RESOLVED
+    assert v("<", -2, -0.1) == claims.REPRODUCED and v("<", 0.1, 2) == claims.CONTRADICTED
+    assert v(">=", -0.9, 3) == claims.REPRODUCED and v(">=", -1.5, 3) == claims.NOT_RESOLVED
+    assert v(">=", -0.9, -0.1) == claims.CONTRADICTED  # significantly worse
+    assert v("~", -0.5, 0.8) == claims.REPRODUCED and v("~", -0.5, 1.5) == claims.NOT_RESOLVED
+    assert v("~", 0.2, 0.8) == claims.CONTRADICTED
+    assert v("", -3, 3) == claims.NO_CLAIM
+    assert claims.verdict(claims.Claim("c", "s", "a", "b"),
+                          stats.Difference(1.0, math.nan, math.nan, 1, "welch")) == claims.NOT_RUN
+    with pytest.raises(ValueError, match="relation '=>'"):
+        claims.Claim("c", "s", "a", "b", "=>")
+
+
+def test_summary_opens_with_the_ranking_and_the_claims(tmp_path):
+    """summary.md (rebuilt by --summary_only from results.jsonl alone) opens
+    with the ranking at each fraction and the claims table: rows sorted by
+    mean, paired differences to DDeP and Supervised, ties with the best."""
+    from ddep_jax.experiments import claims
+
+    recipe = _recipe(claims=(
+        claims.Claim("DDeP beats Supervised", "Fig. 6", "ddep", "supervised", ">",
+                     "Cityscapes 1/30: +9.76"),
+        claims.Claim("Supervised beats No pretraining", "Fig. 6", "supervised",
+                     "scratch", ">"),
+        claims.Claim("DDeP at 100%", "Fig. 6", "ddep", "supervised", ">=",
+                     fraction="100%")))
+    values = {"scratch": (30, 32, 34), "supervised": (40, 45, 41), "ddep": (41, 44, 45)}
+    results = [_record(row, "1/30", s, v, 13) for row, vs in values.items()
+               for s, v in enumerate(vs)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    le.Harness(recipe, str(out)).write_outputs()
+    text = (out / "summary.md").read_text()
+    assert text.index("## Ranking") < text.index("## The papers' claims, checked") \
+        < text.index("## Initialisations")
+    ranking = text[text.index("### 1/30"):text.index("## The papers'")]
+    lines = [line for line in ranking.splitlines() if line.startswith("| ") and
+             line[2].isdigit()]
+    assert [line.split(" | ")[1] for line in lines] == ["DDeP", "Supervised",
+                                                       "No pretraining"]
+    d = stats.difference(dict(enumerate(values["supervised"])),
+                         dict(enumerate(values["ddep"])))
+    assert lines[1].endswith(f"| {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] (n=3) | - | "
+                             "yes |")
+    assert lines[0].endswith("| best |") and lines[2].endswith("| no |")
+    assert ("| Supervised beats No pretraining: Supervised > No pretraining | Fig. 6 | "
+            "- | 1/30 | +10.00 [") in text
+    claim_lines = [line for line in text.splitlines() if line.startswith("| DDeP ")
+                   or line.startswith("| Supervised beats")]
+    assert claim_lines[0].endswith(f"| {claims.NOT_RESOLVED} |")  # [-4.9, +6.2]
+    assert claim_lines[1].endswith(f"| {claims.REPRODUCED} |")
+    assert claim_lines[2].endswith(f"| - | {claims.NOT_RUN} |")  # 100% not run

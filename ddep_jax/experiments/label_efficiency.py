@@ -92,8 +92,8 @@ def _recipe_signature(recipe: "Recipe") -> tuple:
         return getattr(config, "__qualname__", config)
 
     return (recipe.name, name(recipe.finetune_config), recipe.finetune_arg,
-            tuple((r.key, r.init, r.pretraining, r.decoder_pretraining)
-                  for r in recipe.rows),
+            tuple((r.key, r.init, r.pretraining, r.decoder_pretraining,
+                   tuple(sorted(r.seeds.items())), r.arg) for r in recipe.rows),
             tuple((p.name, name(p.config), p.arg, p.init_from) for p in recipe.pretrainings),
             tuple(recipe.fractions), dict(recipe.finetune_steps))
 
@@ -145,7 +145,8 @@ class Harness(GridPlan, RunConfigs, SerialRuns, HarnessRecords, ParallelRuns):
       data_dir: `config.data.data_dir` of every run ('' keeps the configs').
       checkpoints: {pretraining name: path} of the external checkpoints.
       only: fnmatch patterns over run ids; empty = every run.
-      seeds: per-fraction seed counts replacing the recipe's (e.g. fewer).
+      seeds: per-fraction seed counts replacing the recipe's and the rows'
+        (e.g. fewer; a row not run at a fraction stays so).
       configs_dir: where recipe config names are found (the repository's).
       run_fn: `loop.run` (tests may wrap it).
       jobs: runs at once, each a worker process on its share of the CPUs
@@ -197,7 +198,7 @@ class Harness(GridPlan, RunConfigs, SerialRuns, HarnessRecords, ParallelRuns):
         self.data_dir = data_dir
         self.checkpoints = dict(checkpoints or {})
         self.only = tuple(only)
-        self.seeds = dict(recipe.seeds, **(seeds or {}))
+        self.seed_override = dict(seeds or {})  # --seeds: {fraction: count}
         self.configs_dir = pathlib.Path(configs_dir)
         if run_fn is None:
             from ddep_jax.trainers import loop

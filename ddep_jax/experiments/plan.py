@@ -1,7 +1,7 @@
 """The harness's plan: which runs a grid holds, in which order they run,
 what state each is in and what each cost (or will cost, estimated from the
 recorded runs). `GridPlan` is a mix-in of `label_efficiency.Harness`: it
-reads `self.recipe`, `self.seeds`, `self.only`, `self.results` and
+reads `self.recipe`, `self.seed_override`, `self.only`, `self.results` and
 `self.pretraining_records`."""
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ from ddep_jax.experiments.recipe import FinetuneRun
 class GridPlan:
     """Runs, order, status and cost of a recipe's grid (see `Harness`)."""
 
+    def seeds_of(self, row, fraction: str) -> int:
+        """How many seeds `row` runs at `fraction`: the recipe's count
+        (`Recipe.seeds_of`), which --seeds replaces wherever it is not 0."""
+        n = self.recipe.seeds_of(row, fraction)
+        return self.seed_override.get(fraction, n) if n > 0 else 0
+
     def finetune_runs(self) -> list[FinetuneRun]:
         """Every fine-tuning run of the grid, seed-major (each cell gets its
         first seed before any cell gets its second), lowest fraction first."""
+        counts = {(r.key, f): self.seeds_of(r, f)
+                  for r in self.recipe.rows for f in self.recipe.fractions}
         runs = []
-        for seed in range(max(self.seeds[f] for f in self.recipe.fractions)):
+        for seed in range(max(counts.values(), default=0)):
             for fraction in self.recipe.fractions:
-                if seed < self.seeds[fraction]:
-                    runs.extend(FinetuneRun(r.key, fraction, seed) for r in self.recipe.rows)
+                runs.extend(FinetuneRun(r.key, fraction, seed) for r in self.recipe.rows
+                            if seed < counts[(r.key, fraction)])
         return runs
 
     def selected(self, run_id: str) -> bool:

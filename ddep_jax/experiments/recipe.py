@@ -44,7 +44,12 @@ class Row:
     decoder needs `model.noise_conditioning`); decoder_pretraining: a
     `Pretraining` whose `encoder` collection becomes the decoder (×Net's
     pretrained decoder: a stage-1 classifier's backbone,
-    `init.decoder_checkpoint`); '' for none.
+    `init.decoder_checkpoint`); '' for none. seeds: {fraction: seed count}
+    of this row replacing the recipe's (0: the row is not run at that
+    fraction), e.g. more seeds for the rows the paper's comparisons need,
+    or ablations at one fraction only. arg: the fine-tuning config's ':k=v'
+    argument for this row, after the recipe's `finetune_arg` (e.g.
+    'arch=r50unet').
     """
 
     key: str
@@ -54,6 +59,8 @@ class Row:
     group: str = "main"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     decoder_pretraining: str = ""
+    seeds: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    arg: str = ""
 
     @property
     def pretrainings(self) -> tuple[str, ...]:
@@ -64,7 +71,8 @@ class Row:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
     """A label-efficiency protocol: pretraining runs, rows, label fractions,
-    seeds per fraction, and the fine-tuning config.
+    seeds per fraction (a row's own `Row.seeds` replace them), and the
+    fine-tuning config.
 
     overrides apply to every run of every stage (e.g. the model, which must
     match across stages to hand weights over); finetune_overrides to the
@@ -74,6 +82,8 @@ class Recipe:
     references: the row keys differences are taken against (those the
       recipe has no row for are left out): by default Supervised, No
       pretraining and DeP, the paper's comparisons for DDeP (Fig. 6).
+    claims: the papers' claims about pairs of rows (`claims.Claim`), checked
+      in summary.md.
     """
 
     name: str
@@ -89,6 +99,17 @@ class Recipe:
     finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
     metric_split: str = "test"
     references: tuple[str, ...] = ("supervised", "scratch", "dep")
+    claims: tuple[Any, ...] = ()
+
+    def seeds_of(self, row: Row, fraction: str) -> int:
+        """How many seeds `row` runs at `fraction` (its own count, else the
+        recipe's)."""
+        return int(row.seeds.get(fraction, self.seeds.get(fraction, 0)))
+
+    def finetune_arg_of(self, row: Row) -> str:
+        """The fine-tuning config's argument for `row`: the recipe's, then
+        the row's."""
+        return ",".join(a for a in (self.finetune_arg, row.arg) if a)
 
     def row(self, key: str) -> Row:
         return self._find("row", {r.key: r for r in self.rows}, key)
@@ -130,9 +151,21 @@ class Recipe:
                 self.pretraining(r.pretraining)
             if r.decoder_pretraining:
                 self.pretraining(r.decoder_pretraining)
+            unknown = set(r.seeds) - set(self.fractions)
+            if unknown:
+                raise ValueError(f"recipe {self.name!r}, row {r.key!r}: seeds for "
+                                 f"{sorted(unknown)}, not fractions of the recipe "
+                                 f"{list(self.fractions)}.")
         for f in self.fractions:
-            if self.seeds.get(f, 0) < 1:
-                raise ValueError(f"recipe {self.name!r}: fraction {f!r} has no seeds.")
+            if max(self.seeds_of(r, f) for r in self.rows) < 1:
+                raise ValueError(f"recipe {self.name!r}: fraction {f!r} has no seeds "
+                                 "(in the recipe's seeds or any row's).")
+        keys = {r.key for r in self.rows}
+        for c in self.claims:
+            missing = {c.row, c.reference} - keys
+            if missing:
+                raise ValueError(f"recipe {self.name!r}: claim {c.text!r} names "
+                                 f"{sorted(missing)}, not rows of the recipe.")
 
 
 def fraction_slug(fraction: str) -> str:

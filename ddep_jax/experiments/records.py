@@ -204,12 +204,14 @@ class HarnessRecords:
 
     def commands(self) -> dict:
         """{'pretraining': {name: command}, 'finetune': {(row, fraction):
-        command of seed 0}} of every run of the recipe (`report._reproduce`)."""
+        command of seed 0}} of every cell of the recipe (`report._reproduce`)."""
         pre = {p.name: self.pretraining_command(p.name) for p in self.recipe.pretrainings
                if p.config}
         ft = {}
         for row in self.recipe.rows:
             for f in self.recipe.fractions:
+                if not self.recipe.seeds_of(row, f):
+                    continue  # the row is not run at this fraction
                 try:
                     ft[(row.key, f)] = self.finetune_command(FinetuneRun(row.key, f, 0))
                 except ValueError as e:  # an external checkpoint not given

@@ -1,6 +1,8 @@
 """The label-efficiency harness's outputs: summary.md and the Figure-6 plot.
 
-`summary_markdown(recipe, results, pretraining_records)` formats the per-cell
+`summary_markdown(recipe, results, pretraining_records)` opens with the two
+tables a user reads first (`claims`: the ranking at each fraction and the
+papers' claims checked one by one), then formats the per-cell
 mean +- std (percent mIoU), each row's difference against the recipe's
 reference rows with a 95% confidence interval over seeds, the sensitivity
 check per fraction (the criterion at the lowest), per-class IoU per fraction
@@ -17,7 +19,7 @@ import math
 from typing import Mapping, Sequence
 
 from ddep_jax.common import writers
-from ddep_jax.experiments import stats
+from ddep_jax.experiments import claims, stats
 
 
 def _by_cell(results: Sequence[Mapping]) -> dict[tuple[str, str], dict[int, float]]:
@@ -94,6 +96,9 @@ def summary_markdown(recipe, results: Sequence[Mapping],
              + f". CPU time: pretraining {cpu_pre:.2f} h, fine-tuning {cpu_ft:.2f} h"
              + (" (some runs were killed before their CPU time was counted: "
                 "lower bounds)" if incomplete else "") + "."]
+    lines += claims.ranking_table(recipe, cells)
+    lines += claims.ranking_table(recipe, cells, group="ablation")
+    lines += claims.claims_table(recipe, cells)
     lines += _reproducibility(results, pretraining_records)
     groups = [("main", "Initialisations"), ("ablation", "Ablations")]
     for group, title in groups:

@@ -68,7 +68,7 @@ class RunConfigs:
             o["init.decoder_collection"] = "encoder"
         if self.data_dir:
             o["data.data_dir"] = self.data_dir
-        base = self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
+        base = self._load(self.recipe.finetune_config, self.recipe.finetune_arg_of(row),
                           self.recipe.finetune_overrides, row.overrides)
         split = self.recipe.metric_split
         if split != base.eval.split and split not in base.eval.final_splits:
@@ -76,7 +76,8 @@ class RunConfigs:
         return o
 
     def finetune_config(self, run: FinetuneRun):
-        return self._load(self.recipe.finetune_config, self.recipe.finetune_arg,
+        return self._load(self.recipe.finetune_config,
+                          self.recipe.finetune_arg_of(self.recipe.row(run.row)),
                           self._finetune_overrides(run))
 
     def _command(self, config_spec, arg: str, overrides: Mapping[str, Any],
@@ -106,5 +107,6 @@ class RunConfigs:
     def finetune_command(self, run: FinetuneRun) -> str:
         """The one command that runs fine-tuning cell `run` as the harness
         does (after the pretraining runs it reads)."""
-        return self._command(self.recipe.finetune_config, self.recipe.finetune_arg,
+        return self._command(self.recipe.finetune_config,
+                             self.recipe.finetune_arg_of(self.recipe.row(run.row)),
                              self._finetune_overrides(run), self.finetune_dir(run))

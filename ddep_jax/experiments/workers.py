@@ -57,9 +57,9 @@ class ParallelRuns:
         if self.data_dir:
             cmd.append(f"--data_dir={self.data_dir}")
         cmd += [f"--checkpoint={k}={v}" for k, v in self.checkpoints.items()]
-        seeds = {f: n for f, n in self.seeds.items() if n != self.recipe.seeds.get(f)}
-        if seeds:
-            cmd.append("--seeds=" + ",".join(f"{f}:{n}" for f, n in seeds.items()))
+        if self.seed_override:
+            cmd.append("--seeds=" + ",".join(f"{f}:{n}" for f, n in
+                                             self.seed_override.items()))
         return cmd
 
     def run_parallel(self) -> int:
