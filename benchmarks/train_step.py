@@ -148,6 +148,9 @@ _DECODER_WIDTHS = flags.DEFINE_string(
     "and every width (GroupNorm; 16 for that example); '' keeps the config's.")
 _CONV = flags.DEFINE_enum("conv", "", ["", "auto", "xla", "tap_gemm"],
                           "config.model.conv ('' keeps the config's).")
+_CPU_DOT_FUSION = flags.DEFINE_enum(
+    "cpu_dot_fusion", "", ["", "ynn", "xla"],
+    "config.model.cpu_dot_fusion ('' keeps the config's): YNNPACK's or XLA's dots on CPU.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices on the 'data' mesh axis.")
 _PARAM_SHARDING = flags.DEFINE_string(
     "param_sharding", "", "'' keeps the config's; 'replicated' or 'fsdp'.")
@@ -316,6 +319,8 @@ def make_config(name: str, per_device_batch: int, num_devices: int,
         config.mesh.param_sharding = _PARAM_SHARDING.value
     if _CONV.value:
         config.model.conv = _CONV.value
+    if _CPU_DOT_FUSION.value:
+        config.model.cpu_dot_fusion = _CPU_DOT_FUSION.value
     grad_accum = _GRAD_ACCUM.value if grad_accum is None else grad_accum
     if grad_accum:
         config.grad_accum_steps = grad_accum

@@ -162,6 +162,10 @@ def model_config() -> ml_collections.ConfigDict:
     # Stride-1 convolutions (`models.fast_conv.CONV_IMPLS`): 'auto' is the
     # per-tap GEMM kernel gradient on CPU and XLA's convolution elsewhere.
     m.conv = "auto"
+    # On CPU, the dots of an 'auto' / 'tap_gemm' step: 'ynn' (YNNPACK's
+    # fusions) or 'xla' (`models.fast_conv.CPU_DOT_FUSIONS`: which is faster
+    # depends on the shapes and the threads).
+    m.cpu_dot_fusion = "ynn"
     return m
 
 
@@ -291,7 +295,7 @@ def validate_crop_area(key: str, area_range) -> None:
 
 def validate_model(m) -> None:
     """Checks `config.model` (decoder, encoder size and stages, dtype, conv)."""
-    from ddep_jax.models.fast_conv import CONV_IMPLS
+    from ddep_jax.models.fast_conv import CONV_IMPLS, CPU_DOT_FUSIONS
     from ddep_jax.models.hybrid_vit import NO_VIT as VIT_NONE, VIT_SIZES
 
     require(m.decoder_multiplier in (1, 2, 3), "model.decoder_multiplier",
@@ -324,6 +328,8 @@ def validate_model(m) -> None:
     require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
             "float32 or bfloat16")
     require(m.conv in CONV_IMPLS, "model.conv", m.conv, f"expected one of {CONV_IMPLS}")
+    require(m.get("cpu_dot_fusion", "ynn") in CPU_DOT_FUSIONS, "model.cpu_dot_fusion",
+            m.get("cpu_dot_fusion"), f"expected one of {CPU_DOT_FUSIONS}")
 
 
 def validate_classes_and_splits(config, spec, splits) -> None:

@@ -309,9 +309,12 @@ def test_conv_setting_is_resolved_where_the_model_is_built(impl, fast, ynn):
     jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
     assert ("custom_vjp_call" in jaxpr) == fast
     assert (fast_conv.compiler_options(impl) == fast_conv.YNN_DOT_OPTIONS) == ynn
+    assert fast_conv.compiler_options(impl, "xla") is None  # model.cpu_dot_fusion
     for bad in (fast_conv.resolve, fast_conv.compiler_options):
         with pytest.raises(ValueError, match="model.conv='cudnn'"):
             bad("cudnn")
+    with pytest.raises(ValueError, match="model.cpu_dot_fusion='mkl'"):
+        fast_conv.compiler_options(impl, "mkl")
 
 
 def test_build_model_from_config():

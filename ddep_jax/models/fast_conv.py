@@ -373,17 +373,28 @@ YNN_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_
 (the kernel-gradient convolutions get faster with it; see above)."""
 
 
-def compiler_options(impl: str) -> dict[str, str] | None:
+CPU_DOT_FUSIONS = ("ynn", "xla")
+"""`model.cpu_dot_fusion`: the dots of an 'auto' / 'tap_gemm' step on CPU,
+by YNNPACK ('ynn', `YNN_DOT_OPTIONS`) or XLA ('xla'). Which is faster
+depends on the shapes and threads (docs/performance.md, "CPU convolutions")."""
+
+
+def compiler_options(impl: str, dot_fusion: str = "ynn") -> dict[str, str] | None:
     """The XLA compiler options (`jax.jit(..., compiler_options=...)`) of a
     `model.conv` setting on the current backend: `YNN_DOT_OPTIONS` for 'auto'
-    and 'tap_gemm' on CPU, None (XLA's defaults) otherwise.
+    and 'tap_gemm' on CPU with `dot_fusion` 'ynn' (`model.cpu_dot_fusion`),
+    None (XLA's defaults) otherwise.
 
     Raises:
-      ValueError: `impl` is not one of `CONV_IMPLS`.
+      ValueError: `impl` is not one of `CONV_IMPLS`, or `dot_fusion` not one
+        of `CPU_DOT_FUSIONS`.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"model.conv={impl!r}: expected one of {CONV_IMPLS}.")
-    if impl != "xla" and jax.default_backend() == "cpu":
+    if dot_fusion not in CPU_DOT_FUSIONS:
+        raise ValueError(f"model.cpu_dot_fusion={dot_fusion!r}: expected one of "
+                         f"{CPU_DOT_FUSIONS}.")
+    if impl != "xla" and dot_fusion == "ynn" and jax.default_backend() == "cpu":
         return dict(YNN_DOT_OPTIONS)
     return None
 

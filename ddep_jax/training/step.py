@@ -121,14 +121,16 @@ def make_train_step(stage: Stage, tx, schedule, grad_accum_steps: int = 1,
 def jit_train_step(stage: Stage, state: TrainState, config, mesh):
     """`make_train_step` jitted with the state's shardings, the batch split
     over 'data', the state donated and the compiler options of the model's
-    convolution setting (`fast_conv.compiler_options(config.model.conv)`)."""
+    convolution setting (`fast_conv.compiler_options`: `model.conv` and
+    `model.cpu_dot_fusion`)."""
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     step = make_train_step(stage, state.tx, state.schedule, config.grad_accum_steps,
                            state.sharding["params"])
     return jax.jit(step, in_shardings=(state.sharding, batch_sharding, replicated),
                    out_shardings=(state.sharding, replicated), donate_argnums=(0,),
-                   compiler_options=fast_conv.compiler_options(config.model.conv))
+                   compiler_options=fast_conv.compiler_options(
+                       config.model.conv, config.model.get("cpu_dot_fusion", "ynn")))
 
 
 def global_batch_spec(stage: Stage, mesh) -> dict:
