@@ -172,7 +172,7 @@ class XNetHeadModules(nn.Module):
     deepest map to 3 channels at image size, zero-initialised), `pyramid`
     (Re-shapes of the decoder's H/8, H/16, H/32 outputs to H/4 with
     `pyramid_width` channels) and `predict` (the last Re-shape, H/4 -> H x W,
-    `num_outputs` channels)."""
+    `num_outputs` channels). It has no `__call__`: ×Net calls the parts."""
 
     num_outputs: int
     pyramid_width: int
@@ -184,6 +184,3 @@ class XNetHeadModules(nn.Module):
         self.pyramid = [ReShape(self.pyramid_width, r, dtype=self.dtype)
                         for r in (2, 4, 8)]
         self.predict = ReShape(self.num_outputs, 4, dtype=self.dtype)
-
-    def __call__(self, *args):  # (flax needs one; ×Net calls the parts)
-        raise NotImplementedError("call gate, pyramid or predict")
