@@ -160,9 +160,8 @@ def _quiet_read_errors(suppressed: list):
     """While a damaged checkpoint is read (and its pending reads are
     collected): the 'Exception ignored in <coroutine ...>' tracebacks of its
     abandoned Orbax / asyncio reads (one per array, ~60 lines each, some
-    'RuntimeError: Event loop is closed') and the 'Event loop is closed'
-    tracebacks its callbacks print (a damaged manifest) go to `suppressed`
-    instead of stderr; the caller logs one line. Other errors pass."""
+    'RuntimeError: Event loop is closed') go to `suppressed` instead of
+    stderr; the caller logs one line. Other unraisable errors pass."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -174,26 +173,12 @@ def _quiet_read_errors(suppressed: list):
             return
         previous(unraisable)
 
-    previous_excepthook = sys.excepthook
-
-    def excepthook(kind, value, tb):
-        # A damaged manifest: tensorstore's callbacks, run from its own
-        # threads after the read failed, find asyncio's loop closed and
-        # print through sys.excepthook (one traceback per pending read).
-        if kind is RuntimeError and "Event loop is closed" in str(value):
-            suppressed.append(value)
-            return
-        previous_excepthook(kind, value, tb)
-
     sys.unraisablehook = hook
-    sys.excepthook = excepthook
     try:
         yield
     finally:
         gc.collect()  # the abandoned reads are finalised here, under the hook
         sys.unraisablehook = previous
-        # The excepthook filter stays: tensorstore's threads may run the
-        # abandoned reads' callbacks later (it only drops those errors).
 
 
 _DATA_ITER_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
