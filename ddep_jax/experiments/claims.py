@@ -86,12 +86,9 @@ def verdict(claim: Claim, d: stats.Difference | None) -> str:
     return REPRODUCED if -m <= low and high <= m else NOT_RESOLVED
 
 
-def _fmt(x: float, signed: bool = True) -> str:
-    return "n/a" if x is None or math.isnan(x) else (f"{x:+.2f}" if signed else f"{x:.2f}")
-
-
 def _interval(d: stats.Difference) -> str:
-    return f"{_fmt(d.mean)} [{_fmt(d.low)}, {_fmt(d.high)}] (n={d.n})"
+    return (f"{stats.fmt(d.mean, True)} [{stats.fmt(d.low, True)}, "
+            f"{stats.fmt(d.high, True)}] (n={d.n})")
 
 
 def claim_fraction(claim: Claim, fractions: Sequence[str],
@@ -166,8 +163,7 @@ def ranking_table(recipe, cells: Mapping[tuple[str, str], Mapping[int, float]],
                 + "".join(f"vs {recipe.row(k).name} | " for k in refs)
                 + "indistinguishable from the best |",
                 "|---" * (4 + len(refs)) + "|"]
-        for rank, (c, r) in enumerate(present, 1):
-            spread = f" ± {_fmt(c.std, False)}" if c.n > 1 else ""
+        for rank, (_, r) in enumerate(present, 1):
             diffs = []
             for k in refs:
                 ref = cells.get((k, f))
@@ -182,7 +178,7 @@ def ranking_table(recipe, cells: Mapping[tuple[str, str], Mapping[int, float]],
                 d = stats.difference(cells[(r.key, f)], cells[(best.key, f)])
                 tie = ("n/a (one seed)" if math.isnan(d.low)
                        else "no" if d.significant else "yes")
-            out.append(f"| {rank} | {r.name} | {_fmt(c.mean, False)}{spread} (n={c.n}) | "
+            out.append(f"| {rank} | {r.name} | {stats.cell_text(cells[(r.key, f)])} | "
                        + "".join(f"{x} | " for x in diffs) + f"{tie} |")
     if not out:
         return []

@@ -36,21 +36,6 @@ def _labelled(results: Sequence[Mapping]) -> dict[str, int]:
             if r.get("labelled_images")}
 
 
-def _fmt(x: float, signed: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:+.2f}" if signed else f"{x:.2f}"
-
-
-def cell_text(values: Mapping[int, float] | None) -> str:
-    """'mean ± std (n=k)' of a cell's {seed: value}; '-' when empty."""
-    if not values:
-        return "-"
-    c = stats.cell(list(values.values()))
-    spread = f" ± {_fmt(c.std)}" if c.n > 1 else ""
-    return f"{_fmt(c.mean)}{spread} (n={c.n})"
-
-
 def difference_text(row: Mapping[int, float] | None,
                     reference: Mapping[int, float] | None) -> str:
     """'+d [low, high]' (95% CI; '*' where it excludes 0) or '-'."""
@@ -58,7 +43,7 @@ def difference_text(row: Mapping[int, float] | None,
         return "-"
     d = stats.difference(row, reference)
     star = "*" if d.significant else ""
-    return (f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]{star} "
+    return (f"{stats.fmt(d.mean, True)} [{stats.fmt(d.low, True)}, {stats.fmt(d.high, True)}]{star} "
             f"({d.method}, n={d.n})")
 
 
@@ -108,7 +93,7 @@ def summary_markdown(recipe, results: Sequence[Mapping],
         lines += ["", f"## {title}", "", *_header(recipe, labelled)]
         for row in rows:
             lines.append(f"| {row.name} | " + " | ".join(
-                cell_text(cells.get((row.key, f))) for f in recipe.fractions) + " |")
+                stats.cell_text(cells.get((row.key, f))) for f in recipe.fractions) + " |")
         for ref_key in recipe.references:
             try:
                 ref = recipe.row(ref_key)
@@ -206,7 +191,7 @@ def _sensitivity(recipe, cells) -> list[str]:
                  if fraction == recipe.fractions[0] else fraction)
         lines += ["", f"## Sensitivity at {title}", "",
                   f"Pooled seed std of the initialisations at {fraction}: "
-                  f"{_fmt(pooled)} mIoU points. An effect the protocol can see "
+                  f"{stats.fmt(pooled)} mIoU points. An effect the protocol can see "
                   "should exceed twice it."]
         lines += _effects(main, cells, fraction, pooled)
         if pooled > 0:
@@ -215,10 +200,10 @@ def _sensitivity(recipe, cells) -> list[str]:
                       "pairing narrows it when the seeds agree): the smallest "
                       "observed difference between two rows whose 95% interval "
                       "excludes 0 is " + ", ".join(
-                          f"{_fmt(stats.detectable_difference(pooled, n))} at {n} seeds"
+                          f"{stats.fmt(stats.detectable_difference(pooled, n))} at {n} seeds"
                           for n in sizes) + "; a true difference is found with 80% "
                       "power from " + ", ".join(
-                          f"{_fmt(stats.detectable_difference(pooled, n, power=0.8))}"
+                          f"{stats.fmt(stats.detectable_difference(pooled, n, power=0.8))}"
                           f" at {n}" for n in sizes) + " seeds."]
     return lines
 
@@ -236,14 +221,14 @@ def _effects(main, cells, fraction: str, pooled: float) -> list[str]:
         d = stats.difference(values, scratch)
         ratio = d.mean / pooled if pooled else math.nan
         verdict = "n/a" if math.isnan(ratio) else ("yes" if ratio > 2 else "no")
-        line = (f"- {row.name} - No pretraining: {_fmt(d.mean, True)} = "
-                f"{_fmt(ratio)} x pooled std (> 2x: {verdict})")
+        line = (f"- {row.name} - No pretraining: {stats.fmt(d.mean, True)} = "
+                f"{stats.fmt(ratio)} x pooled std (> 2x: {verdict})")
         common = sorted(set(values) & set(scratch))
         if d.method == "paired":  # the seed-to-seed noise a paired comparison sees
             sd = stats.cell([values[k] - scratch[k] for k in common]).std
             if sd > 0:
                 line += (f"; paired over {len(common)} seeds, the differences' sd is "
-                         f"{_fmt(sd)}, the effect {_fmt(d.mean / sd)} x it")
+                         f"{stats.fmt(sd)}, the effect {stats.fmt(d.mean / sd)} x it")
         lines.append(line)
     return lines
 

@@ -4,7 +4,8 @@ intervals, and the pooled seed standard deviation the sensitivity check uses.
 
 All functions take plain Python / NumPy numbers (mIoU in percent or in [0, 1],
 whatever the caller uses) and return floats; `nan` where a figure is
-undefined (fewer than two seeds for a spread or an interval).
+undefined (fewer than two seeds for a spread or an interval). `fmt` and
+`cell_text` write them as the summary's tables do.
 """
 
 from __future__ import annotations
@@ -131,3 +132,19 @@ def detectable_difference(std: float, n: int, confidence: float = 0.95,
     if power is not None:
         t += scipy_stats.t.ppf(power, df)
     return float(t * std * math.sqrt(2 / n))
+
+
+def fmt(x: float | None, signed: bool = False) -> str:
+    """`x` with two decimals ('+' sign when `signed`); 'n/a' for None / nan."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def cell_text(values: Mapping[int, float] | None) -> str:
+    """'mean ± std (n=k)' of a cell's {seed: value}; '-' when empty."""
+    if not values:
+        return "-"
+    c = cell(list(values.values()))
+    spread = f" ± {fmt(c.std)}" if c.n > 1 else ""
+    return f"{fmt(c.mean)}{spread} (n={c.n})"
