@@ -221,6 +221,12 @@ def add_run_options(c: ml_collections.ConfigDict, *, log_every: int = 50,
     c.log_every = log_every
     c.checkpoint_every = checkpoint_every
     c.keep_checkpoints = keep_checkpoints
+    # A SIGTERM / Ctrl-C during the final evaluation leaves it this many
+    # seconds to end (exit 0); after them it is stopped and the run exits 75
+    # (a rerun evaluates the saved last step). 20 s fits within the notice
+    # of a GCE / Cloud TPU spot preemption and SLURM's default KillWait (30 s
+    # each); -1: always finish. One host only (Preemption.grace_period).
+    c.final_eval_grace_seconds = 20.0
     # The batch of one optimizer step is processed as this many equal
     # micro-batches whose gradients are summed (a batch of 512 on any device
     # count); batch_size must be divisible by devices x grad_accum_steps.
@@ -417,3 +423,6 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
             config.mesh.fsdp_min_size, "must be > 0")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(config[key] > 0, key, config[key], "must be > 0")
+    grace = config.get("final_eval_grace_seconds", -1)
+    require(grace >= 0 or grace == -1, "final_eval_grace_seconds", grace,
+            "seconds >= 0, or -1 to let the final evaluation always finish")

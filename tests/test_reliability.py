@@ -110,9 +110,10 @@ def test_signals_and_a_second_run_from_the_outside(tmp_path):
 
 
 def test_signal_during_final_evaluation_lets_it_finish(tmp_path, monkeypatch):
-    """A SIGTERM that arrives during the final evaluation lets it finish:
-    reports and done.json are written and the run is not 'preempted'. A run
-    killed during its final evaluation redoes only the evaluation."""
+    """A SIGTERM that arrives during the final evaluation lets it finish
+    within `final_eval_grace_seconds` (default 20 s): reports and done.json
+    are written and the run is not 'preempted'. A run killed during its
+    final evaluation redoes only the evaluation."""
     calls = []
 
     def evaluate(run, params, step, final):
@@ -140,6 +141,54 @@ def test_signal_during_final_evaluation_lets_it_finish(tmp_path, monkeypatch):
     assert calls == [2, 2, 2] and redo["eval"]["validation"]["miou"] == 0.5
     assert redo["history"] == []  # no training step was redone
     assert (tmp_path / "b" / "done.json").exists()
+
+
+def test_final_evaluation_longer_than_the_grace_period_is_stopped(tmp_path,
+                                                                 monkeypatch):
+    """A SIGTERM during a final evaluation that would take minutes: it is
+    stopped `final_eval_grace_seconds` after the signal (not before: the
+    splits it evaluated meanwhile are kept), the run returns as preempted
+    (exit 75 from main) with no done.json, and a rerun on the workdir
+    evaluates the saved last step without a training step. -1 lets it
+    always finish."""
+    calls, done_splits = [], []
+
+    def evaluate(run, params, step, final):
+        calls.append(step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signalled = time.monotonic()
+            for split in ("validation", "test"):  # 1.5 s each
+                for _ in range(150):
+                    time.sleep(0.01)
+                done_splits.append((split, time.monotonic() - signalled))
+            return {"test": {"miou": 0.1, "step": step}}
+        return {"test": {"miou": 0.5, "step": step}}
+
+    stage = ddep.stage
+    monkeypatch.setattr(ddep, "stage", lambda *a, **k: dataclasses.replace(
+        stage(*a, **k), evaluate=evaluate))
+    config = tiny_config(total_steps=2, final_eval_grace_seconds=2.0)
+    t0 = time.monotonic()
+    result = loop.run(config, str(tmp_path / "a"))
+    assert result["preempted"] and result["eval"] == {} and result["step"] == 2
+    assert [s for s, _ in done_splits] == ["validation"], done_splits
+    assert done_splits[0][1] < 2.0
+    assert not (tmp_path / "a" / "done.json").exists()
+    assert (tmp_path / "a" / "checkpoints" / "2").is_dir()
+    redo = loop.run(config, str(tmp_path / "a"))
+    assert calls == [2, 2] and not redo["preempted"] and redo["history"] == []
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["eval"] == {
+        "test": {"miou": 0.5, "step": 2}}
+    assert time.monotonic() - t0 < 300
+
+    # -1: no bound, the evaluation ends and the run is not preempted.
+    calls.clear()
+    done_splits.clear()
+    result = loop.run(tiny_config(total_steps=2, final_eval_grace_seconds=-1),
+                      str(tmp_path / "b"))
+    assert [s for s, _ in done_splits] == ["validation", "test"]
+    assert not result["preempted"] and result["eval"]["test"]["miou"] == 0.1
 
 
 def test_error_exit_waits_for_the_save_and_prints_the_real_error(tmp_path, monkeypatch):

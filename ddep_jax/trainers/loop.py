@@ -58,7 +58,8 @@ from ddep_jax.common import writers
 import ddep_jax.trainers as trainers_package
 from ddep_jax.parallel.sharding import make_mesh
 
-from ddep_jax.training.preemption import PREEMPTED_EXIT_CODE, Preemption  # noqa: F401
+from ddep_jax.training.preemption import (  # noqa: F401
+    PREEMPTED_EXIT_CODE, GracePeriodOver, Preemption)
 from ddep_jax.training.progress import (  # noqa: F401
     MetricLog, StepControl, _format_eta, guarded, itstime, step_trace)
 from ddep_jax.training.stage import RunContext, Stage, TrainState  # noqa: F401
@@ -183,12 +184,23 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
               "eval": {}, "preempted": False, "already_finished": False}
 
     def finish(step: int):
-        """Final evaluation and done.json, once the last step is saved."""
+        """Final evaluation and done.json, once the last step is saved; a
+        signal leaves the evaluation `final_eval_grace_seconds`, after which
+        the run stops as preempted (a rerun redoes the evaluation)."""
         manager.wait_until_finished()
         manager.close()
         if stage.evaluate is not None:
             logging.info("Final evaluation at step %d.", step)
-            result["eval"] = stage.evaluate(ctx, state["params"], step, True)
+            grace = config.get("final_eval_grace_seconds", -1)
+            try:
+                with preemption.grace_period(grace):
+                    result["eval"] = stage.evaluate(ctx, state["params"], step, True)
+            except GracePeriodOver as e:
+                logging.warning("Stopped: %s (final_eval_grace_seconds=%g). The "
+                                "checkpoint of step %d is saved in %s; run again on "
+                                "this workdir to evaluate it.", e, grace, step, workdir)
+                result.update(preempted=True, eval={})
+                return
         if jax.process_index() == 0:
             writers.write_json(done_path, {"step": step, "eval": {
                 split: {k: v for k, v in report.items()
@@ -256,7 +268,8 @@ def _run(module, config, workdir: str, mesh, preemption: "Preemption",
             manager.wait_until_finished()
             manager.close()
         elif last_step == num_steps:
-            finish(num_steps)  # a signal now lets the evaluation finish
+            finish(num_steps)  # a signal now: final_eval_grace_seconds
+            preempted = result["preempted"]
         else:
             manager.wait_until_finished()
             manager.close()

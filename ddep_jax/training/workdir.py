@@ -20,9 +20,10 @@ RESUME_SAFE_KEYS = (
     "image_grid_size", "eval.", "profile.", "mesh.", "init.", "data.num_threads",
     "data.prefetch", "data.cache", "data.cache_max_mib", "data.data_dir",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
-    "optimizer.weight_decay", "grad_accum_steps")
+    "optimizer.weight_decay", "grad_accum_steps", "final_eval_grace_seconds")
 """Config keys (or prefixes, ending in '.') a resumed run may change: how
-often it logs, checkpoints, evaluates and draws; the device layout; where the
+often it logs, checkpoints, evaluates and draws (and how long a signalled
+final evaluation may go on); the device layout; where the
 data lives and how many threads read it; `init.*` (read only by a new run);
 and the optimizer settings a diverged run is resumed with (learning rate,
 warm-up, clipping, weight decay; the optimizer state that still fits is
