@@ -312,6 +312,62 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
                                 jax.device_get(straight["state"]))
 
 
+_CLOSED_LOOP_CALLBACK = """
+import asyncio, sys
+import tensorstore as ts
+from ddep_jax.checkpoints import store
+
+def pending_read_completed_after_its_loop_closed():
+    # What a damaged checkpoint's abandoned reads do: an asyncio task awaits a
+    # TensorStore future, Orbax closes the loop, the read completes later and
+    # its callback calls loop.call_soon_threadsafe on the closed loop.
+    promise, future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+    async def read():
+        return await future
+    async def start():
+        asyncio.ensure_future(read())
+        await asyncio.sleep(0.01)
+    loop.run_until_complete(start())
+    loop.close()
+    promise.set_result(1)
+
+class Other:
+    def __del__(self):
+        raise ValueError("an unrelated error")
+
+pending_read_completed_after_its_loop_closed()
+print("--- filter", file=sys.stderr, flush=True)
+if sys.argv[1] == "damaged":
+    try:
+        with store._quiet_read_errors([]):
+            raise TypeError("a damaged manifest")
+    except TypeError:
+        pass
+pending_read_completed_after_its_loop_closed()
+Other()
+"""
+
+
+@pytest.mark.parametrize("read", ["damaged", "clean"])
+def test_closed_loop_callbacks_of_a_damaged_checkpoint_print_nothing(read):
+    """A damaged checkpoint's pending TensorStore reads complete after Orbax
+    closed their event loop and report 'RuntimeError: Event loop is closed'
+    through sys.unraisablehook (a bare traceback each: dozens around the
+    one warning). After a read that failed, exactly those are dropped for
+    the rest of the process; other unraisable errors are still printed; a
+    read that succeeded changes nothing."""
+    out = subprocess.run([sys.executable, "-c", _CLOSED_LOOP_CALLBACK, read], cwd=REPO,
+                         env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = out.stderr.split("--- filter")
+    assert "RuntimeError: Event loop is closed" in before, out.stderr
+    assert "call_soon_threadsafe" in before
+    assert ("Event loop is closed" in after) == (read == "clean"), after
+    assert "ValueError: an unrelated error" in after
+
+
 def test_metrics_after_a_resume_hold_every_step_once_and_a_rerun_does_nothing(tmp_path):
     """Defect 10: lines written after the last checkpoint (a killed run) are
     cut on resume; loss_history.json holds the whole run. Defect 11: running

@@ -14,6 +14,7 @@ import gc
 import os
 import re
 import sys
+import traceback
 
 import grain
 import jax
@@ -155,20 +156,56 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if d.name.isdigit() and is_finished(d))
 
 
+def _closed_loop_callback(unraisable) -> bool:
+    """Whether an unraisable error is a TensorStore read's completion callback
+    that found Orbax's asyncio loop already closed: RuntimeError('Event loop
+    is closed') raised in `loop.call_soon_threadsafe`, reported by TensorStore
+    with PyErr_WriteUnraisable(NULL) (Python's default hook prints it as a
+    bare traceback, no 'Exception ignored in' line)."""
+    if unraisable.exc_type is not RuntimeError or unraisable.object is not None \
+            or "Event loop is closed" not in str(unraisable.exc_value):
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Installs (once per process) an unraisable hook that drops exactly the
+    errors `_closed_loop_callback` names and passes every other one on.
+
+    Needed after a damaged checkpoint: its failed read leaves reads pending
+    in TensorStore, whose callbacks run on TensorStore's threads after Orbax
+    closed the read's event loop, seconds later and outside any `with`
+    (dozens of tracebacks, one per pending read, around the one warning)."""
+    if getattr(sys.unraisablehook, "_ddep_closed_loop_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._ddep_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_read_errors(suppressed: list):
     """While a damaged checkpoint is read (and its pending reads are
     collected): the 'Exception ignored in <coroutine ...>' tracebacks of its
     abandoned Orbax / asyncio reads (one per array, ~60 lines each, some
     'RuntimeError: Event loop is closed') go to `suppressed` instead of
-    stderr; the caller logs one line. Other unraisable errors pass."""
+    stderr; the caller logs one line. Other unraisable errors pass. On an
+    error, the closed-loop callbacks that come later are dropped too
+    (`_drop_closed_loop_callbacks`)."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None) or getattr(
             unraisable.object, "__code__", None)
         where = getattr(code, "co_filename", "") or type(unraisable.object).__module__
-        if any(k in str(where) for k in ("orbax", "asyncio", "tensorstore")):
+        if any(k in str(where) for k in ("orbax", "asyncio", "tensorstore")) \
+                or _closed_loop_callback(unraisable):
             suppressed.append(unraisable.exc_value)
             return
         previous(unraisable)
@@ -176,8 +213,13 @@ def _quiet_read_errors(suppressed: list):
     sys.unraisablehook = hook
     try:
         yield
-    finally:
+    except BaseException:
         gc.collect()  # the abandoned reads are finalised here, under the hook
+        sys.unraisablehook = previous
+        _drop_closed_loop_callbacks()
+        raise
+    else:
+        gc.collect()
         sys.unraisablehook = previous
 
 
