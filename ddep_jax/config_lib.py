@@ -419,6 +419,11 @@ def validate_run(config, num_devices: int, num_processes: int) -> None:
     require(config.mesh.data == -1 or 1 <= config.mesh.data <= jax.device_count(),
             "mesh.data", config.mesh.data,
             f"-1 (all) or 1..{jax.device_count()} devices")
+    # Several processes: each feeds its own devices, so the mesh spans them all.
+    require(jax.process_count() == 1 or config.mesh.data in (-1, jax.device_count()),
+            "mesh.data", config.mesh.data,
+            f"with {jax.process_count()} processes the mesh must span all "
+            f"{jax.device_count()} devices of all hosts: set -1")
     require(config.mesh.fsdp_min_size > 0, "mesh.fsdp_min_size",
             config.mesh.fsdp_min_size, "must be > 0")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):

@@ -80,9 +80,7 @@ def main(argv):
     try:
         result = loop.run(config, _WORKDIR.value)
     except Exception as e:  # noqa: BLE001
-        ours = isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)) or (
-            type(e) is RuntimeError)  # the project's own (a lock, a disk)
-        if jax.process_count() > 1 and not ours:
+        if jax.process_count() > 1 and not distributed.is_project_error(e):
             # A step of a multi-process run failed: most likely another process
             # died. Exit at once, before the distributed shutdown's barrier.
             logging.flush()

@@ -250,17 +250,18 @@ def test_every_recipe_builds_valid_configs(name, tmp_path):
             assert encoder == encoders[row.pretraining], row.key
 
 
-def _tiny_recipe(data_dir: str) -> le.Recipe:
+def _tiny_recipe(data_dir: str, **overrides) -> le.Recipe:
     """Two rows, two fractions (two seeds at 1/30, one at 1/8) of the tiny
-    model on real CamVid."""
+    model on real CamVid; `overrides` (dotted keys) go to every run."""
     def stage2(arg):
         return tiny_config(**{"data.source": "tfds", "data.name": "camvid",
-                              "data.data_dir": data_dir, "total_steps": 2})
+                              "data.data_dir": data_dir, "total_steps": 2, **overrides})
 
     def stage3(arg):
         return tiny_finetune_config(**{"data.data_dir": data_dir, "total_steps": 2,
                                        "checkpoint_every": 2, "eval.num_visualize": 0,
-                                       "data.base_scale": 0.125})  # eval at 45x60
+                                       "data.base_scale": 0.125,  # eval at 45x60
+                                       **overrides})
 
     return le.Recipe(
         name="tiny", description="Two rows, two fractions, two seeds at 1/30.",

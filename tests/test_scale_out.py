@@ -345,3 +345,62 @@ def test_a_killed_process_ends_the_others_cleanly_and_a_restart_resumes(tmp_path
     outs = ["".join(seen) + procs[0].communicate(timeout=120)[0],
             procs[1].communicate(timeout=120)[0]]
     assert [p.returncode for p in procs] == [75, 75], outs[0][-3000:] + outs[1][-3000:]
+
+
+def test_the_harness_on_two_hosts_stops_on_a_lost_one_and_a_rerun_skips_what_ended(
+        tmp_path, camvid_tfds):
+    """Every host runs the same label-efficiency command (2 processes x 2 CPU
+    devices, --coordinator_address): process 0 alone writes the records.
+    kill -9 of process 1 once the pretraining is recorded: process 0 stops
+    with exit 76 and one line (no abort); the same command on both hosts
+    then skips the finished pretraining, runs the fine-tuning cells and
+    records each once."""
+    import signal
+    import time
+
+    recipe_file = tmp_path / "tiny.py"
+    recipe_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_label_efficiency import _tiny_recipe\n"
+        f"RECIPE = _tiny_recipe({camvid_tfds!r}, **{{'mesh.data': -1, 'batch_size': 16}})\n")
+    out = tmp_path / "grid"
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                          + COMPILE_FAST_FLAGS, JAX_PLATFORMS="cpu")
+
+    def harness(port):
+        return [subprocess.Popen(
+            [sys.executable, "-m", "ddep_jax.experiments.label_efficiency",
+             f"--recipe={recipe_file}:RECIPE", f"--out={out}",
+             "--only=finetune/scratch/1-30/s0,finetune/ddep/1-30/s0",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}", "--heartbeat_timeout=10"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) for i in range(2)]
+
+    procs = harness(_free_port())
+    deadline = time.monotonic() + 400
+    while not (out / "pretraining.jsonl").exists():
+        assert time.monotonic() < deadline, "pretrain/ddep not recorded in time"
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out0 = procs[0].communicate(timeout=180)[0]
+    took = time.monotonic() - killed
+    procs[1].communicate()
+    assert procs[0].returncode == distributed.LOST_PROCESS_EXIT_CODE, out0[-4000:]
+    print(f"surviving harness exited {procs[0].returncode} {took:.1f} s after the kill")
+    assert took < 60, took
+    assert "Restart every process" in out0, out0[-3000:]
+    assert "Fatal Python error" not in out0, out0[-4000:]
+
+    procs = harness(_free_port())
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for i, (p, text) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{text[-4000:]}"
+    assert "pretrain/ddep: running" not in outs[0], outs[0][-3000:]
+    assert "finetune/ddep/1-30/s0: running" in outs[0]
+    records = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in records) == ["ddep", "scratch"], records
+    assert len((out / "pretraining.jsonl").read_text().splitlines()) == 1
+    assert not (out / "failures.jsonl").exists()

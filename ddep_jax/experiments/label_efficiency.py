@@ -264,6 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--distributed", default="auto", choices=["auto", "yes", "no"],
                         help="jax.distributed.initialize() as python -m ddep_jax.main "
                         "does (every host runs the same harness; host 0 writes).")
+    parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                        help="Several hosts without SLURM / MPI / a TPU slice: process "
+                        "0's address, as python -m ddep_jax.main takes it.")
+    parser.add_argument("--num_processes", type=int, default=None,
+                        help="Number of processes (with --coordinator_address).")
+    parser.add_argument("--process_id", type=int, default=None,
+                        help="This process's index (with --coordinator_address).")
+    parser.add_argument("--heartbeat_timeout", type=int, default=100,
+                        help="Seconds after which a silent process counts as lost; "
+                        "the others stop (exit 76) after half of it.")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Runs at once, each a worker process pinned to its share "
                         "of the CPUs (on a 2-core CPU: 2).")
@@ -286,11 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "curves, per-class order, into results.jsonl as it is on disk).")
     args = parser.parse_args(argv)
 
+    from ddep_jax.parallel import distributed
+
+    try:
+        several_hosts = not args.worker and distributed.should_initialize(
+            args.distributed, args.coordinator_address, os.environ)
+    except ValueError as e:
+        parser.error(str(e))
     if args.cpus:  # before the first JAX call sizes XLA's thread pool
         pin_cpus([int(c) for c in args.cpus.split(",")])
         print(f"worker pinned to CPUs {sorted(os.sched_getaffinity(0))}", flush=True)
     elif (args.cpus_per_run and args.jobs == 1 and not (args.list or args.summary_only)
-          and hasattr(os, "sched_getaffinity")
+          and not several_hosts and hasattr(os, "sched_getaffinity")
           and usable_cpus() > args.cpus_per_run):
         pin_cpus(sorted(os.sched_getaffinity(0))[:args.cpus_per_run])
         print(f"runs pinned to CPUs {sorted(os.sched_getaffinity(0))} "
@@ -300,9 +317,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if not (args.list or args.summary_only):
-        from ddep_jax.parallel import distributed
-
-        distributed.initialize(args.distributed)
+        try:
+            initialised = distributed.initialize(
+                args.distributed, args.coordinator_address, args.num_processes,
+                args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
+        except ValueError as e:
+            parser.error(str(e))
+        if initialised:
+            # A lost host ends the others with one line and exit status 76.
+            distributed.start_watchdog(max(2.0, args.heartbeat_timeout / 2))
     checkpoints = {}
     for item in args.checkpoint:
         name, eq, path = item.partition("=")

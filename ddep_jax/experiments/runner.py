@@ -17,6 +17,7 @@ import jax
 from absl import logging
 
 from ddep_jax.common import writers
+from ddep_jax.parallel import distributed
 from ddep_jax.experiments.provenance import provenance, use_compilation_cache
 from ddep_jax.experiments.recipe import FinetuneRun
 from ddep_jax.experiments.records import (COST_FILE, WORKER_RECORD, _config_name,
@@ -113,8 +114,19 @@ class SerialRuns:
             result = self.run_fn(config, workdir)
             ended = "preempted" if result.get("preempted") else (
                 "already_finished" if result.get("already_finished") else "finished")
-        except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001
+            if jax.process_count() > 1 and not distributed.is_project_error(e):
+                # Another process of the grid died mid-run: stop every
+                # survivor loudly (a rerun of the same command on every
+                # host skips the finished runs and resumes this one).
+                distributed.exit_lost_process(e)
+            if not isinstance(e, (ValueError, FileNotFoundError, FloatingPointError,
+                                  RuntimeError)):
+                raise
             result, ended = None, f"error: {e}"
+        # Several hosts: process 0's done.json and records of this run are
+        # written before any process decides what to run next.
+        distributed.barrier(f"ddep_jax harness: {run_id} ended")
         entry.update(ended=ended, cpu_seconds=round(_cpu_seconds() - cpu0, 1),
                      wall_seconds=round(time.perf_counter() - wall0, 1))
         if _is_main():

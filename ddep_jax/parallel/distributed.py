@@ -74,6 +74,28 @@ of the run). Restart every process: the run resumes from its last complete
 checkpoint."""
 
 
+def is_project_error(error: BaseException) -> bool:
+    """Whether `error` is one the project raises on purpose (a bad config or
+    input, a missing dataset, a non-finite loss, a lock or a disk: ValueError,
+    FileNotFoundError, FloatingPointError, or RuntimeError itself). Those
+    name what is wrong and happen on every process alike; anything else
+    (XLA's runtime errors included) in a step of a multi-process run most
+    likely means another process died (`exit_lost_process`)."""
+    return isinstance(error, (ValueError, FileNotFoundError, FloatingPointError)) \
+        or type(error) is RuntimeError
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of the run reaches `barrier(name)` (nothing
+    on one process): what process 0 wrote before it is then there for all."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def exit_lost_process(error: BaseException) -> None:
     """Ends this process of a multi-process run whose step failed (another
     process died, its host was lost, a collective broke): one line naming the
