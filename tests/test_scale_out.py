@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dataclasses
 
+from ddep_jax.checkpoints import store
 from ddep_jax.parallel import distributed, sharding
 from ddep_jax.training import optim
 from ddep_jax.models import to_float_images
@@ -293,12 +295,16 @@ def test_a_killed_process_ends_the_others_cleanly_and_a_restart_resumes(tmp_path
     exits with distributed.LOST_PROCESS_EXIT_CODE within the heartbeat
     timeout (plus a margin), printing one line that names what was lost and
     what to do, with no abort or native stack dump; restarting both resumes
-    from the last complete checkpoint and finishes."""
+    from the last complete checkpoint; SIGTERM to process 1 alone then ends
+    both with 75 at one step; a third start finishes, and the final state
+    (parameters, optimizer state, step) and every process's data position
+    equal those of an uninterrupted 2-process run bit for bit."""
     import signal
     import time
 
     workdir = tmp_path / "work"
-    overrides = {"total_steps": 100000, "checkpoint_every": 5, "batch_size": 8}
+    total = 80
+    overrides = {"total_steps": total, "checkpoint_every": 5, "batch_size": 8}
     env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
                           + COMPILE_FAST_FLAGS, JAX_PLATFORMS="cpu")
     timeout = 10
@@ -345,6 +351,25 @@ def test_a_killed_process_ends_the_others_cleanly_and_a_restart_resumes(tmp_path
     outs = ["".join(seen) + procs[0].communicate(timeout=120)[0],
             procs[1].communicate(timeout=120)[0]]
     assert [p.returncode for p in procs] == [75, 75], outs[0][-3000:] + outs[1][-3000:]
+    preempted = max(int(d.name) for d in (workdir / "checkpoints").iterdir()
+                    if d.name.isdigit())
+    assert last < preempted < total, (last, preempted)
+
+    # A third start finishes; an uninterrupted run of the same command is
+    # the reference.
+    reference = tmp_path / "reference"
+    for wd in (workdir, reference):
+        procs = _two_processes(wd, _free_port(), overrides, env=env)
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    final = [store.read_state(str(wd / "checkpoints" / str(total) / "state"))
+             for wd in (workdir, reference)]
+    chex.assert_trees_all_equal(*final)
+    for i in range(2):
+        position = [json.loads((wd / "checkpoints" / str(total) / "data_iter" /
+                                f"process_{i}-of-2.json").read_text())
+                    for wd in (workdir, reference)]
+        assert position[0] == position[1], i
 
 
 def test_the_harness_on_two_hosts_stops_on_a_lost_one_and_a_rerun_skips_what_ended(
