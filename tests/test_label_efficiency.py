@@ -109,6 +109,22 @@ def test_summary_and_figure_from_records(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_states_what_each_method_costs():
+    """'What each method costs': a row's pretraining chain in CPU hours (DDeP:
+    its stage 1, then stage 2) and its fine-tuning's CPU seconds per step."""
+    recipe = _recipe()
+    results = [{**_record(row, "1/30", seed, 40, 13), "steps": 1000,
+                "cpu_seconds": 300.0 + 100 * seed}
+               for row in ("scratch", "ddep") for seed in range(3)]
+    pre = [{"name": "sup", "config": "classify_cifar10.py", "cpu_seconds": 7200.0},
+           {"name": "dd", "config": "ddep_camvid.py", "cpu_seconds": 1800.0}]
+    text = report.summary_markdown(recipe, results, pre)
+    assert "## What each method costs" in text
+    assert "| No pretraining | - | 0.400 (3) |" in text
+    assert "| Supervised | sup 2.00 | - |" in text
+    assert "| DDeP | sup 2.00 + dd 0.50 | 0.400 (3) |" in text
+
+
 def test_sensitivity_and_per_class_at_each_fraction():
     """Past the lowest fraction, each fraction with a pooled std gets its own
     sensitivity lines (hand-computed) and per-class table."""

@@ -108,6 +108,7 @@ def summary_markdown(recipe, results: Sequence[Mapping],
                 lines.append(f"| {row.name} | " + " | ".join(
                     difference_text(cells.get((row.key, f)), cells.get((ref_key, f)))
                     for f in recipe.fractions) + " |")
+    lines += _costs(recipe, results, pretraining_records)
     lines += _sensitivity(recipe, cells)
     lines += _per_class(recipe, results)
     if pretraining_records:
@@ -130,6 +131,52 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     if commands:
         lines += _reproduce(recipe, commands)
     return "\n".join(lines) + "\n"
+
+
+def _costs(recipe, results: Sequence[Mapping],
+           pretraining_records: Sequence[Mapping]) -> list[str]:
+    """'## What each method costs': per row, the CPU hours of the pretraining
+    runs it reads (their `init_from` chain included, e.g. stage 1 then
+    DDeP) and its fine-tuning's CPU seconds per step (the runs' CPU time
+    over their steps, compile and evaluations included), from the records."""
+    recorded = {p["name"]: p for p in pretraining_records}
+
+    def chain(name: str) -> list[str]:
+        names = []
+        while name and name not in names:
+            names.insert(0, name)
+            try:
+                name = recipe.pretraining(name).init_from
+            except ValueError:
+                break
+        return names
+
+    lines = []
+    for row in recipe.rows:
+        runs = [r for r in results if r.get("row") == row.key and r.get("cpu_seconds")
+                and r.get("steps")]
+        names = [n for p in row.pretrainings for n in chain(p)]
+        names = list(dict.fromkeys(names))  # a shared stage 1 once
+        parts = []
+        for n in names:
+            rec = recorded.get(n)
+            hours = (rec.get("cpu_seconds") or 0) / 3600 if rec else None
+            parts.append(f"{n} " + (f"{hours:.2f}" if hours is not None else "not run"))
+        per_step = [r["cpu_seconds"] / r["steps"] for r in runs]
+        if not runs and not any(n in recorded for n in names):
+            continue
+        lines.append(f"| {row.name} | {' + '.join(parts) or '-'} | "
+                     + (f"{sum(per_step) / len(per_step):.3f} ({len(per_step)})"
+                        if per_step else "-") + " |")
+    if not lines:
+        return []
+    return ["", "## What each method costs", "",
+            "CPU hours of the pretraining runs a row reads (stage 1 included where "
+            "it is the row's own chain; a stage 1 shared by several rows is counted "
+            "in each) and the fine-tuning's CPU seconds per step, all-in (compile "
+            "and evaluations included; mean over its runs, n in brackets).", "",
+            "| row | pretraining CPU h | fine-tuning CPU s / step (n) |",
+            "|---|---|---|", *lines]
 
 
 def _reproducibility(results: Sequence[Mapping],
