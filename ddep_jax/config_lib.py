@@ -16,6 +16,11 @@ its trainer module (`ddep_jax.trainers.<stage>`); the config files under
 
 The ConfigDicts are locked by the entry point, so a misspelt
 `--config.a.b=v` override fails with the key's name too.
+
+Why one module of ~440 lines: the parsing, the shared sub-schemas and the
+shared checks are one contract (a key added to a sub-schema gets its check
+and its parsing beside it), and `defaults` and every config file import
+this module alone, which must stay free of JAX at import.
 """
 
 from __future__ import annotations

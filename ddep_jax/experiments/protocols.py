@@ -22,6 +22,15 @@
 - `camvid_cpu` also has the SSL4DP rows: patch rotation (`configs/
   rotation_camvid.py`, encoder frozen as in DDeP) and the three MoCo
   pretext tasks (`configs/moco_camvid.py`).
+- `camvid_cpu_v2`, the protocol whose stage 1 trains at the fine-tuning
+  input size, with every row and the ablations; `camvid_cpu_v2_calibration`
+  and `camvid_cpu_v2_lr` chose its fine-tuning length and learning rate.
+
+Why one module of ~450 lines: it is data, the catalogue a user picks a
+protocol from by name, and each CPU recipe is built from the one before it
+(`camvid_cpu` -> `_long` -> `_v2` -> its calibration and learning-rate
+sweep share its rows, pretrainings and overrides); split, every file would
+import the others' private row and pretraining tuples.
 """
 
 from __future__ import annotations
