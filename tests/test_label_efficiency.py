@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, subprocess_env, tiny_config, tiny_finetune_config
 from ddep_jax.experiments import label_efficiency as le
-from ddep_jax.experiments import protocols, report, stats
+from ddep_jax.experiments import figures, protocols, report, stats
 
 T_975_2DF = 4.302652729749462  # Student t, 97.5% quantile, 2 degrees of freedom
 
@@ -105,7 +105,7 @@ def test_summary_and_figure_from_records(tmp_path):
     assert "## Per-class IoU at 100%" in text
     assert "## Sensitivity at 100%" not in text  # one seed per cell: no pooled std
     path = tmp_path / "fig.png"
-    report.plot(recipe, results, recipe.rows, str(path))
+    figures.plot(recipe, results, recipe.rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -593,7 +593,7 @@ def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     its window's last step; `fill_from_workdirs` adds them to results lines
     written without (from their workdirs), puts per-class IoU back in the
     evaluation report's class order, and rewrites results.jsonl;
-    `report.mean_curve` averages runs over the steps they share."""
+    `figures.mean_curve` averages runs over the steps they share."""
     from ddep_jax.experiments import report
 
     run = tmp_path / "finetune" / "scratch" / "1-30" / "s0"
@@ -609,7 +609,7 @@ def test_loss_curve_window_means_and_filling_old_lines(tmp_path):
     assert [s for s, _ in le.loss_curve(str(partial), points=20)] == [
         s for s, _ in curve if s >= 9]
     assert le.loss_curve(str(tmp_path)) is None  # no history
-    assert report.mean_curve([[[1, 1.0], [2, 3.0]], [[2, 5.0], [3, 0.0]]]) == ([2], [4.0])
+    assert figures.mean_curve([[[1, 1.0], [2, 3.0]], [[2, 5.0], [3, 0.0]]]) == ([2], [4.0])
 
     recipe = le.Recipe(name="tiny", description="", finetune_config=lambda arg: None,
                        rows=(le.Row("scratch", "No pretraining", "scratch"),),

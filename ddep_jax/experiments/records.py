@@ -185,7 +185,7 @@ class HarnessRecords:
         """summary.md and the figure(s) from the results so far."""
         if not _is_main() or self.worker:
             return
-        from ddep_jax.experiments import report
+        from ddep_jax.experiments import figures, report
 
         self._sync_records()
         total = len(self.finetune_runs())
@@ -196,10 +196,10 @@ class HarnessRecords:
         for group, suffix in (("main", ""), ("ablation", "_ablations")):
             rows = [r for r in self.recipe.rows if r.group == group]
             if rows and any(r["row"] in {x.key for x in rows} for r in self.results):
-                report.plot(self.recipe, self.results, rows,
+                figures.plot(self.recipe, self.results, rows,
                             os.path.join(self.out, f"label_efficiency{suffix}.png"))
                 if any(r.get("train_loss") for r in self.results):
-                    report.plot_curves(self.recipe, self.results, rows, os.path.join(
+                    figures.plot_curves(self.recipe, self.results, rows, os.path.join(
                         self.out, f"training_loss{suffix}.png"))
 
     def commands(self) -> dict:
