@@ -157,7 +157,9 @@ def _costs(recipe, results: Sequence[Mapping],
         for n in names:
             rec = recorded.get(n)
             hours = (rec.get("cpu_seconds") or 0) / 3600 if rec else None
-            parts.append(f"{n} " + (f"{hours:.2f}" if hours is not None else "not run"))
+            at_least = ">= " if rec and rec.get("cpu_seconds_complete") is False else ""
+            parts.append(f"{n} " + (f"{at_least}{hours:.2f}" if hours is not None
+                                    else "not run"))
         per_step = [r["cpu_seconds"] / r["steps"] for r in runs]
         if not runs and not any(n in recorded for n in names):
             continue
@@ -169,8 +171,9 @@ def _costs(recipe, results: Sequence[Mapping],
     return ["", "## What each method costs", "",
             "CPU hours of the pretraining runs a row reads (stage 1 included where "
             "it is the row's own chain; a stage 1 shared by several rows is counted "
-            "in each) and the fine-tuning's CPU seconds per step, all-in (compile "
-            "and evaluations included; mean over its runs, n in brackets).", "",
+            "in each; '>=': a run killed before its CPU time was counted) and the "
+            "fine-tuning's CPU seconds per step, all-in (compile and evaluations "
+            "included; mean over its runs, n in brackets).", "",
             "| row | pretraining CPU h | fine-tuning CPU s / step (n) |",
             "|---|---|---|", *lines]
 
