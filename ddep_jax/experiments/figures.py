@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from ddep_jax.common import writers
 from ddep_jax.experiments import stats
-from ddep_jax.experiments.report import _by_cell, _labelled
+from ddep_jax.experiments.report import cells_by_row, labelled_images
 
 
 def _pyplot():
@@ -32,8 +32,8 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     their bars do not hide each other."""
     plt = _pyplot()
 
-    cells = _by_cell(results)
-    labelled = _labelled(results)
+    cells = cells_by_row(results)
+    labelled = labelled_images(results)
     fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
     ticks = []
     for index, row in enumerate(rows):
@@ -95,7 +95,7 @@ def plot_curves(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -
     one panel per label fraction with curves."""
     plt = _pyplot()
 
-    labelled = _labelled(results)
+    labelled = labelled_images(results)
     curves = collections.defaultdict(list)
     for r in results:
         if r.get("train_loss"):

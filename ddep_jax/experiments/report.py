@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 from ddep_jax.experiments import claims, stats
 
 
-def _by_cell(results: Sequence[Mapping]) -> dict[tuple[str, str], dict[int, float]]:
+def cells_by_row(results: Sequence[Mapping]) -> dict[tuple[str, str], dict[int, float]]:
     """{(row, fraction): {seed: mIoU in percent}}."""
     cells: dict[tuple[str, str], dict[int, float]] = collections.defaultdict(dict)
     for r in results:
@@ -26,7 +26,7 @@ def _by_cell(results: Sequence[Mapping]) -> dict[tuple[str, str], dict[int, floa
     return cells
 
 
-def _labelled(results: Sequence[Mapping]) -> dict[str, int]:
+def labelled_images(results: Sequence[Mapping]) -> dict[str, int]:
     """{fraction: labelled images} as the runs recorded them."""
     return {r["fraction"]: r["labelled_images"] for r in results
             if r.get("labelled_images")}
@@ -59,8 +59,8 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     docstring). mIoU in percent; std is the sample std over seeds (ddof 1).
     `commands`: {'pretraining': {name: command}, 'finetune': {(row key,
     fraction): command of seed 0}} for the "Reproduce" section."""
-    cells = _by_cell(results)
-    labelled = _labelled(results)
+    cells = cells_by_row(results)
+    labelled = labelled_images(results)
     split = recipe.metric_split
     cpu_ft = sum(r.get("cpu_seconds") or 0 for r in results) / 3600
     cpu_pre = sum((r.get("cpu_seconds") or 0)  # reruns on a new machine included
