@@ -96,6 +96,11 @@ def test_summary_and_figure_from_records(tmp_path):
     assert f"Pooled seed std of the initialisations at 1/30: {pooled:.2f}" in text
     assert f"- Supervised - No pretraining: +10.00 = {10 / pooled:.2f} x pooled std " \
            "(> 2x: yes)" in text
+    # The encoder's bar: >= 3x pooled std (10 / 2.26 = 4.42x) with the
+    # interval excluding 0 (+2.55 at its low end): met.
+    assert (f"Does the encoder matter here? Supervised - No pretraining at 1/30: +10.00 "
+            f"[{10 - half:+.2f}, {10 + half:+.2f}] (paired, n=3) = {10 / pooled:.2f} x the "
+            "pooled seed std; the bar is 3 x with the interval excluding 0: met.") in text
     assert (f"{stats.detectable_difference(pooled, 3):.2f} at 3 seeds, "
             f"{stats.detectable_difference(pooled, 5):.2f} at 5 seeds") in text
     assert f"{stats.detectable_difference(pooled, 3, power=0.8):.2f} at 3, " in text
@@ -144,6 +149,12 @@ def test_sensitivity_and_per_class_at_each_fraction():
     assert f"| Supervised | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (paired, n=2) |" \
         in text
     assert "## Sensitivity at the lowest fraction (1/30)" in text
+    # The encoder's bar, at the lowest fraction only: paired (+1, +1) against
+    # a pooled std of sqrt((2 + 2 + 0.5) / 3) (DeP's cell counts too).
+    assert ("Supervised - No pretraining at 1/30: +1.00 [+1.00, +1.00] (paired, n=2) = "
+            f"{1 / math.sqrt(1.5):.2f} x the pooled seed std; the bar is 3 x with the "
+            "interval excluding 0: not met.") in text
+    assert "Supervised - No pretraining at 100%" not in text
     # 100%: variances 2 and 50, one df each -> pooled sqrt(26); Supervised -
     # No pretraining paired (0, +8): mean +4, sd sqrt(32).
     pooled = math.sqrt(26)

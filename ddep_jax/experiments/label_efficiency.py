@@ -47,8 +47,9 @@ Writes, after every finished run:
   Supervised, No pretraining and DeP with a 95% confidence interval over
   seeds (`stats.difference`), the sensitivity check per fraction (each
   effect over No pretraining against twice the pooled seed std; the
-  criterion is read at the lowest), per-class IoU per fraction and the CPU
-  hours;
+  criterion is read at the lowest, where Supervised - No pretraining is
+  also held to the encoder's bar, `report.ENCODER_BAR`), per-class IoU per
+  fraction and the CPU hours;
 - OUT/label_efficiency.png (and _ablations.png for a recipe's second table):
   mIoU against labelled images on a log axis, one line per row with a +- 1
   std band (the paper's Fig. 6), drawn with matplotlib;
