@@ -129,6 +129,27 @@ def test_summary_states_what_each_method_costs():
     assert "| No pretraining | - | 0.400 (3) |" in text
     assert "| Supervised | sup 2.00 | - |" in text
     assert "| DDeP | sup 2.00 + dd >= 0.50 | 0.400 (3) |" in text
+    costs = report.method_costs(recipe, results, pre)
+    assert costs["ddep"].pretraining == (("sup", 2.0, False), ("dd", 0.5, True))
+    assert costs["ddep"].pretraining_hours == 2.5 and costs["ddep"].runs == 3
+    assert costs["ddep"].finetune_seconds_per_step == pytest.approx(0.4)
+    assert math.isnan(costs["supervised"].finetune_seconds_per_step)
+
+
+def test_figure_6_has_the_costs_beside_it(tmp_path):
+    """With costs in the records, Figure 6 gets a second panel (what each row
+    costs): a wider PNG than from records without CPU times."""
+    from PIL import Image
+
+    recipe = _recipe()
+    results = [{**_record(row, "1/30", seed, 40 + seed, 13), "steps": 1000}
+               for row in ("scratch", "ddep") for seed in range(2)]
+    pre = [{"name": "sup", "cpu_seconds": 7200.0}, {"name": "dd", "cpu_seconds": 1800.0}]
+    figures.plot(recipe, results, recipe.rows, str(tmp_path / "with.png"), pre)
+    uncounted = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results]
+    figures.plot(recipe, uncounted, recipe.rows, str(tmp_path / "without.png"))
+    with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "without.png") as b:
+        assert a.size[1] == b.size[1] and a.size[0] > 1.4 * b.size[0], (a.size, b.size)
 
 
 def test_sensitivity_and_per_class_at_each_fraction():

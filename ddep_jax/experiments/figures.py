@@ -1,6 +1,7 @@
 """The label-efficiency figures, drawn with matplotlib (Agg, no display):
 `plot` (Figure 6 of the paper: mean mIoU against labelled images per row,
-one PNG per table: the initialisations and the ablations) and `plot_curves`
+one PNG per table: the initialisations and the ablations, with each row's
+cost beside it) and `plot_curves`
 (the fine-tuning runs' training loss, mean over seeds, per fraction)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Mapping, Sequence
 
 from ddep_jax.common import writers
 from ddep_jax.experiments import stats
-from ddep_jax.experiments.report import cells_by_row, labelled_images
+from ddep_jax.experiments.report import cells_by_row, labelled_images, method_costs
 
 
 def _pyplot():
@@ -25,16 +26,26 @@ def _pyplot():
     return plt
 
 
-def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
+def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str,
+         pretraining_records: Sequence[Mapping] = ()) -> None:
     """Writes the Figure-6 PNG at `path`: mean mIoU (%) against labelled
     images (log x axis) per row, with a +- 1 std band and error bar (none for
     a single seed); the rows' points are spread a little along x so that
-    their bars do not hide each other."""
+    their bars do not hide each other. Beside it, what each row costs
+    (`report.method_costs`): its fine-tuning's CPU seconds per step as a
+    bar, labelled with the CPU hours of the pretraining it reads."""
     plt = _pyplot()
 
     cells = cells_by_row(results)
     labelled = labelled_images(results)
-    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
+    costs = method_costs(recipe, results, pretraining_records)
+    costs = {r.key: costs[r.key] for r in rows if r.key in costs and costs[r.key].runs}
+    if costs:
+        fig, (ax, cost_ax) = plt.subplots(1, 2, figsize=(13.0, 4.4), dpi=120,
+                                          gridspec_kw={"width_ratios": (2.4, 1.0)})
+    else:
+        fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
+    colours = {}
     ticks = []
     for index, row in enumerate(rows):
         xs, means, stds = [], [], []
@@ -56,6 +67,7 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
         shift = 1.0 + 0.025 * (index - (len(rows) - 1) / 2)  # on the log axis
         xs = [x * shift for x in xs]
         (line,) = ax.plot(xs, means, marker="o", label=row.name)
+        colours[row.key] = line.get_color()
         ax.errorbar(xs, means, yerr=stds, fmt="none", ecolor=line.get_color(),
                     capsize=3, linewidth=1)
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
@@ -72,12 +84,44 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str) -> None:
     ax.set_ylabel(f"{recipe.metric_split} mIoU (%)")
     ax.set_title(f"{recipe.name}: mean ± 1 std over seeds")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if costs:
+        ax.legend(loc="best", fontsize="x-small")
+        _cost_panel(cost_ax, recipe, costs, colours)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     writers.write_bytes(path, buffer.getvalue())
+
+
+def _cost_panel(ax, recipe, costs: Mapping, colours: Mapping) -> None:
+    """Horizontal bars, one per row with fine-tuning runs (top to bottom in
+    the recipe's order):
+    fine-tuning CPU s / step, labelled with the pretraining CPU hours ('>='
+    where a figure is a lower bound; 'not run' where one is missing)."""
+    keys = list(costs)
+    ys = list(range(len(keys)))[::-1]
+    widths = [0.0 if math.isnan(costs[k].finetune_seconds_per_step)
+              else costs[k].finetune_seconds_per_step for k in keys]
+    ax.barh(ys, widths, color=[colours.get(k, "0.6") for k in keys], height=0.6)
+    top = max(widths) if any(widths) else 1.0
+    for y, k, w in zip(ys, keys, widths):
+        cost = costs[k]
+        if not cost.pretraining:
+            label = "no pretraining"
+        elif any(h is None for _, h, _ in cost.pretraining):
+            label = "pretraining: not all run"
+        else:
+            at_least = ">= " if any(a for _, _, a in cost.pretraining) else ""
+            label = f"pretraining {at_least}{cost.pretraining_hours:.2f} CPU h"
+        ax.text(w + 0.02 * top, y, label, va="center", fontsize="x-small")
+    ax.set_yticks(ys, [recipe.row(k).name for k in keys], fontsize="x-small")
+    ax.set_xlim(0, top * 2.0)
+    ax.set_xlabel("fine-tuning CPU s / step (all-in)")
+    ax.set_title("what each row costs", fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> tuple[list, list]:

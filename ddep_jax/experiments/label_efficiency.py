@@ -52,7 +52,8 @@ Writes, after every finished run:
   fraction and the CPU hours;
 - OUT/label_efficiency.png (and _ablations.png for a recipe's second table):
   mIoU against labelled images on a log axis, one line per row with a +- 1
-  std band (the paper's Fig. 6), drawn with matplotlib;
+  std band (the paper's Fig. 6), each row's cost beside it (fine-tuning CPU
+  s / step, pretraining CPU h), drawn with matplotlib;
 - OUT/training_loss.png (and _ablations.png): each row's fine-tuning loss
   against steps, mean over seeds, one panel per label fraction.
 

@@ -197,7 +197,8 @@ class HarnessRecords:
             rows = [r for r in self.recipe.rows if r.group == group]
             if rows and any(r["row"] in {x.key for x in rows} for r in self.results):
                 figures.plot(self.recipe, self.results, rows,
-                            os.path.join(self.out, f"label_efficiency{suffix}.png"))
+                             os.path.join(self.out, f"label_efficiency{suffix}.png"),
+                             self.pretraining_records)
                 if any(r.get("train_loss") for r in self.results):
                     figures.plot_curves(self.recipe, self.results, rows, os.path.join(
                         self.out, f"training_loss{suffix}.png"))

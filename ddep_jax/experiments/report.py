@@ -12,6 +12,7 @@ what each method costs and the CPU hours.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -129,12 +130,33 @@ def summary_markdown(recipe, results: Sequence[Mapping],
     return "\n".join(lines) + "\n"
 
 
-def _costs(recipe, results: Sequence[Mapping],
-           pretraining_records: Sequence[Mapping]) -> list[str]:
-    """'## What each method costs': per row, the CPU hours of the pretraining
-    runs it reads (their `init_from` chain included, e.g. stage 1 then
-    DDeP) and its fine-tuning's CPU seconds per step (the runs' CPU time
-    over their steps, compile and evaluations included), from the records."""
+@dataclasses.dataclass(frozen=True)
+class MethodCost:
+    """What one row costs, from the records.
+
+    pretraining: (name, CPU hours or None when not run yet, True when that
+      figure is a lower bound: an invocation was killed before it was
+      counted) for each pretraining run the row reads, its `init_from`
+      chain included (e.g. stage 1, then DDeP);
+    finetune_seconds_per_step: the fine-tuning's CPU seconds per step,
+      all-in (compile and evaluations included), mean over its `runs`
+      (nan when none is recorded).
+    """
+
+    pretraining: tuple[tuple[str, float | None, bool], ...]
+    finetune_seconds_per_step: float
+    runs: int
+
+    @property
+    def pretraining_hours(self) -> float:
+        """The recorded pretraining CPU hours summed (0 for none)."""
+        return sum(h for _, h, _ in self.pretraining if h is not None)
+
+
+def method_costs(recipe, results: Sequence[Mapping],
+                 pretraining_records: Sequence[Mapping]) -> dict[str, MethodCost]:
+    """{row key: MethodCost} for every row with a recorded fine-tuning run or
+    pretraining (a stage 1 shared by several rows is counted in each)."""
     recorded = {p["name"]: p for p in pretraining_records}
 
     def chain(name: str) -> list[str]:
@@ -147,25 +169,35 @@ def _costs(recipe, results: Sequence[Mapping],
                 break
         return names
 
-    lines = []
+    costs = {}
     for row in recipe.rows:
         runs = [r for r in results if r.get("row") == row.key and r.get("cpu_seconds")
                 and r.get("steps")]
-        names = [n for p in row.pretrainings for n in chain(p)]
-        names = list(dict.fromkeys(names))  # a shared stage 1 once
+        names = list(dict.fromkeys(n for p in row.pretrainings for n in chain(p)))
+        if not runs and not any(n in recorded for n in names):
+            continue
         parts = []
         for n in names:
             rec = recorded.get(n)
-            hours = (rec.get("cpu_seconds") or 0) / 3600 if rec else None
-            at_least = ">= " if rec and rec.get("cpu_seconds_complete") is False else ""
-            parts.append(f"{n} " + (f"{at_least}{hours:.2f}" if hours is not None
-                                    else "not run"))
+            parts.append((n, (rec.get("cpu_seconds") or 0) / 3600 if rec else None,
+                          bool(rec and rec.get("cpu_seconds_complete") is False)))
         per_step = [r["cpu_seconds"] / r["steps"] for r in runs]
-        if not runs and not any(n in recorded for n in names):
-            continue
-        lines.append(f"| {row.name} | {' + '.join(parts) or '-'} | "
-                     + (f"{sum(per_step) / len(per_step):.3f} ({len(per_step)})"
-                        if per_step else "-") + " |")
+        costs[row.key] = MethodCost(tuple(parts),
+                                    sum(per_step) / len(per_step) if per_step else math.nan,
+                                    len(per_step))
+    return costs
+
+
+def _costs(recipe, results: Sequence[Mapping],
+           pretraining_records: Sequence[Mapping]) -> list[str]:
+    """'## What each method costs': `method_costs` as a table."""
+    lines = []
+    for key, cost in method_costs(recipe, results, pretraining_records).items():
+        parts = [f"{n} " + (f"{'>= ' if at_least else ''}{h:.2f}" if h is not None
+                            else "not run") for n, h, at_least in cost.pretraining]
+        lines.append(f"| {recipe.row(key).name} | {' + '.join(parts) or '-'} | "
+                     + (f"{cost.finetune_seconds_per_step:.3f} ({cost.runs})"
+                        if cost.runs else "-") + " |")
     if not lines:
         return []
     return ["", "## What each method costs", "",
