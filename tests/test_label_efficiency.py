@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, subprocess_env, tiny_config, tiny_finetune_config
 from ddep_jax.experiments import label_efficiency as le
-from ddep_jax.experiments import figures, protocols, report, stats
+from ddep_jax.experiments import figures, protocols, provenance, report, stats
 
 T_975_2DF = 4.302652729749462  # Student t, 97.5% quantile, 2 degrees of freedom
 
@@ -794,6 +794,24 @@ def test_rows_run_their_own_seed_counts_and_arguments(tmp_path):
         _recipe(rows=(le.Row("a", "A", "scratch", seeds={"1/2": 3}),)).check()
     with pytest.raises(ValueError, match="fraction '100%' has no seeds"):
         _recipe(rows=(le.Row("a", "A", "scratch", seeds={"100%": 0}),)).check()
+
+
+def test_v3_changes_only_the_stage1_length(tmp_path):
+    """camvid_cpu_v3 is camvid_cpu_v2 with a 24-epoch stage 1: the same
+    rows, runs and fine-tuning configs (No pretraining's cells hash alike,
+    so their records are comparable across the two), a stage-1 command
+    with epochs=24, and DDeP still reading this recipe's own stage 1."""
+    v2, v3 = protocols.get("camvid_cpu_v2"), protocols.get("camvid_cpu_v3")
+    h2, h3 = le.Harness(v2, str(tmp_path)), le.Harness(v3, str(tmp_path))
+    assert h2.finetune_runs() == h3.finetune_runs()
+    run = le.FinetuneRun("scratch", "1/30", 0)
+    assert (provenance.config_hash(h2.finetune_config(run), str(tmp_path))
+            == provenance.config_hash(h3.finetune_config(run), str(tmp_path)))
+    assert h3.pretraining_config("supervised").num_epochs == 24
+    assert h2.pretraining_config("supervised").num_epochs == 6
+    assert "classify_cifar10.py:epochs=24,size=96" in h3.pretraining_command("supervised")
+    assert v3.pretraining("ddep").init_from == "supervised"
+    assert ([p.name for p in v2.pretrainings] == [p.name for p in v3.pretrainings])
 
 
 def test_claim_verdicts():
