@@ -29,8 +29,15 @@ import pytest  # noqa: E402
 # re-jits its init and step: XLA's persistent compilation cache (in a fresh
 # temporary folder, removed at exit) turns the repeats into
 # cache hits; a tiny TransUNet's init alone takes ~30 s to compile on 2 cores.
-_XLA_CACHE = tempfile.mkdtemp(prefix="ddep_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# One folder for the whole session: pytest-xdist's controller makes it and
+# its worker processes (started after this module ran there) inherit it
+# through the environment, so a program one worker compiled is a hit for the
+# other; the process that made it removes it at exit.
+_XLA_CACHE = os.environ.get("DDEP_JAX_TEST_XLA_CACHE", "")
+if not _XLA_CACHE:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="ddep_jax_test_xla_cache_")
+    os.environ["DDEP_JAX_TEST_XLA_CACHE"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # JAX's default partitionable threefry (sharded random bits without
