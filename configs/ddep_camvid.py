@@ -8,7 +8,11 @@ then
 Small hybrid encoder (R(1,1,1) with the R50 root width 64 + ViT-nano), frozen;
 a narrow decoder; 96x96 inception crops; scaled noise, sigma 0.22 (Eq. 5).
 `:paper` switches to the R50+ViT-B/16 encoder and the 1x decoder at 224x224.
-`:arch=r50unet` trains the paper's Table 7 ResNet-50 U-Net instead.
+`:arch=r50unet` trains the paper's Table 7 ResNet-50 U-Net instead;
+`:arch=xnet` trains ×Net's decoder (a plain ResNet (1, 1, 1, 1), random
+initialisation), its Re-shapes and head by denoising on the frozen hybrid
+encoder (beyond the paper; fine-tune it with configs/finetune_camvid.py:
+arch=xnet,init=pretrained,ckpt=<this workdir>).
 `:ckpt=DIR` takes the frozen encoder from a stage-1 run (e.g. of
 configs/classify_cifar10.py, whose encoder is this one) or from a converted
 or raw vision_transformer .npz (with `:paper`); without it the encoder is the

@@ -17,7 +17,9 @@ Arguments (comma-separated k=v):
   arch      hybrid | r50unet (the paper's Table 7 ResNet-50 U-Net; the
             checkpoint must be of the same arch) | xnet (×Net: the hybrid
             encoder from ckpt with init=encoder, the decoder a stage-1
-            classifier's ResNet from decoder_ckpt)
+            classifier's ResNet from decoder_ckpt; or with init=pretrained
+            encoder, decoder and Re-shapes from ckpt, a
+            configs/ddep_camvid.py:arch=xnet run)
   decoder_ckpt  ×Net's decoder: a configs/classify_cifar10.py:arch=xnet workdir
             ('' = random decoder)
   product   ×Net's image x encoder product: residual (image * (1 + g)) | plain

@@ -169,21 +169,24 @@ def set_xnet_init(c: ml_collections.ConfigDict, arg) -> None:
     """The fine-tuning configs' ×Net arguments: `decoder_ckpt` (a stage-1
     workdir of the decoder's classifier, e.g. configs/classify_cifar10.py:
     arch=xnet; '' leaves the decoder random: the 'random decoder' row) and
-    `product` ('residual' | 'plain'). With arch=xnet, `init` is 'scratch' or
-    'encoder' (the encoder from `ckpt`).
+    `product` ('residual' | 'plain'). With arch=xnet, `init` is 'scratch',
+    'encoder' (the encoder from `ckpt`) or 'pretrained' (encoder, decoder and
+    neck from `ckpt`, a stage-2 denoising run of ×Net,
+    configs/ddep_camvid.py:arch=xnet; then no decoder_ckpt).
 
     Raises:
-      ValueError: decoder_ckpt without arch=xnet, or init=pretrained with it.
+      ValueError: decoder_ckpt without arch=xnet, or with init=pretrained.
     """
     if arg.arch != "xnet":
         if arg.decoder_ckpt:
             raise ValueError(f"config argument decoder_ckpt={arg.decoder_ckpt!r} is "
                              "×Net's: add arch=xnet.")
         return
-    if arg.init == "pretrained":
-        raise ValueError("config arguments arch=xnet,init=pretrained: ×Net has no "
-                         "stage 2; use init=encoder (ckpt= the encoder's stage-1 run) "
-                         "and decoder_ckpt= the decoder classifier's stage-1 run.")
+    if arg.init == "pretrained" and arg.decoder_ckpt:
+        raise ValueError("config arguments arch=xnet,init=pretrained,decoder_ckpt=...: "
+                         "init=pretrained reads the decoder from ckpt (a stage-2 "
+                         "denoising run of ×Net); a classifier's decoder goes with "
+                         "init=encoder.")
     c.model.xnet.product = arg.product
     c.init.decoder_checkpoint = arg.decoder_ckpt
     c.init.decoder_collection = "encoder"

@@ -711,7 +711,7 @@ def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
         assert got == h.finetune_config(run).to_dict(), run.id
     text = report.summary_markdown(recipe, [], commands=h.commands())
     cells = sum(1 for r in recipe.rows for f in recipe.fractions if recipe.seeds_of(r, f))
-    assert cells == 12 * 2 + 10 + 4  # the ablations at 1/8 only, 100% for the main four
+    assert cells == 13 * 2 + 10 + 4  # the ablations at 1/8 only, 100% for the main four
     assert "## Reproduce" in text and text.count("\n  python -m ddep_jax.main") == (
         len(recipe.pretrainings) + cells)
 
@@ -719,12 +719,22 @@ def test_each_cell_prints_the_command_that_builds_its_config(tmp_path):
 def test_xnet_rows_read_two_stage1_runs(tmp_path):
     """×Net (pretrained decoder) waits for the hybrid encoder's and the
     decoder classifier's stage-1 runs and reads the second as its decoder;
-    the random-decoder row reads the encoder only."""
+    the random-decoder row reads the encoder only; the denoising row reads
+    its stage-2 run (on the stage-1 encoder) whole."""
     recipe = protocols.get("camvid_cpu_v2")
     h = le.Harness(recipe, str(tmp_path), only=["finetune/xnet*/1-30/s0"])
     tasks = dict(h._tasks())
     assert set(tasks) == {"pretrain/supervised", "pretrain/supervised_xnet_decoder",
-                          "finetune/xnet/1-30/s0", "finetune/xnet_random/1-30/s0"}
+                          "pretrain/ddep_xnet", "finetune/xnet/1-30/s0",
+                          "finetune/xnet_random/1-30/s0", "finetune/xnet_ddep/1-30/s0"}
+    assert tasks["pretrain/ddep_xnet"] == ["pretrain/supervised"]
+    dd = h.finetune_config(next(r for r in h.finetune_runs() if r.row == "xnet_ddep"))
+    assert dd.model.architecture == "xnet" and dd.init.mode == "pretrained"
+    assert dd.init.checkpoint == str(tmp_path / "pretrain" / "ddep_xnet")
+    assert dd.init.decoder_checkpoint == ""
+    s2 = h.pretraining_config("ddep_xnet")
+    assert s2.model.architecture == "xnet" and s2.frozen == ("encoder",)
+    assert s2.model.to_dict()["xnet"] == dd.model.to_dict()["xnet"]
     assert set(tasks["finetune/xnet/1-30/s0"]) == {"pretrain/supervised",
                                                    "pretrain/supervised_xnet_decoder"}
     assert tasks["finetune/xnet_random/1-30/s0"] == ["pretrain/supervised"]
@@ -774,7 +784,7 @@ def test_rows_run_their_own_seed_counts_and_arguments(tmp_path):
     recipe = protocols.get("camvid_cpu_v2")
     runs = le.Harness(recipe, str(tmp_path)).finetune_runs()
     cells = Counter((r.row, r.fraction) for r in runs)
-    assert len(runs) == 197 and len(set(runs)) == 197
+    assert len(runs) == 207 and len(set(runs)) == 207
     assert cells[("ddep", "1/30")] == cells[("scratch", "1/30")] == 10
     assert cells[("rotation", "1/30")] == cells[("r50unet_ddep", "1/8")] == 5
     assert ("ddep_x", "1/30") not in cells and cells[("ddep_x", "1/8")] == 5

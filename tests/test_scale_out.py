@@ -303,7 +303,7 @@ def test_a_killed_process_ends_the_others_cleanly_and_a_restart_resumes(tmp_path
     import time
 
     workdir = tmp_path / "work"
-    total = 40  # the kill lands at step 5-10, the SIGTERM a few steps after the restart
+    total = 40  # killed once step 5's checkpoint exists; the SIGTERM comes after the restart
     overrides = {"total_steps": total, "checkpoint_every": 5, "batch_size": 8}
     env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
                           + COMPILE_FAST_FLAGS, JAX_PLATFORMS="cpu")

@@ -59,12 +59,13 @@ def test_shapes_for_both_encoder_kinds(encoder):
     model, variables, x = _model_and_vars(encoder)
     assert isinstance(model, XNet)
     assert model.encoder_stride == (32 if encoder == "resnet" else 16)
-    assert set(variables["params"]) == {"encoder", "decoder", "head"}
-    assert set(variables["params"]["head"]) == {"gate", "pyramid_0", "pyramid_1",
-                                                "pyramid_2", "predict"}
+    assert set(variables["params"]) == {"encoder", "decoder", "neck", "head"}
+    assert set(variables["params"]["neck"]) == {"gate", "pyramid_0", "pyramid_1",
+                                                "pyramid_2"}
+    assert set(variables["params"]["head"]) == {"norm", "proj"}
     out = model.apply(variables, x)
     assert out.shape == (2, 64, 96, 5) and out.dtype == jnp.float32
-    gate = model.apply(variables, x, method=lambda m, x: m.head.gate(m.encode(x).tokens))
+    gate = model.apply(variables, x, method=lambda m, x: m.neck.gate(m.encode(x).tokens))
     assert gate.shape == (2, 64, 96, 3)
 
 
@@ -92,9 +93,39 @@ def test_only_the_deepest_encoder_map_reaches_the_decoder():
     assert not np.allclose(moved, base)
 
 
-def test_stage2_refuses_xnet():
+def test_denoising_pretrains_the_decoder_and_finetuning_reads_it(camvid_tfds, tmp_path):
+    """Stage 2 on ×Net (real CamVid images, DDeP's objective, encoder
+    frozen): the encoder stays bit for bit, decoder, neck and head train;
+    fine-tuning with init.mode='pretrained' places encoder, decoder and neck
+    bit for bit and only the head is new. The pretext tasks refuse ×Net."""
+    from ddep_jax.trainers import rotation
+
+    config = tiny_config(**XNET, **{
+        "data.source": "tfds", "data.name": "camvid", "data.data_dir": camvid_tfds,
+        "total_steps": 3, "checkpoint_every": 1, "optimizer.warmup_steps": 2})
+    ddep.validate(config, 1)
+    assert config.frozen == ("encoder",)
+    stage2 = str(tmp_path / "ddep_xnet")
+    # Step 1 of the warm-up trains at learning rate 0: its state is the start.
+    start = jax.device_get(loop.run(config, stage2, stop_after_step=1)["state"]["params"])
+    end = jax.device_get(loop.run(config, stage2)["state"]["params"])
+    chex.assert_trees_all_equal(end["encoder"], start["encoder"])
+    for name in ("decoder", "neck", "head"):
+        assert not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(end[name]), jax.tree.leaves(start[name]))), name
+
+    ft = _xnet_finetune_config(camvid_tfds, **{
+        "init.mode": "pretrained", "init.checkpoint": stage2,
+        "optimizer.warmup_steps": 2})
+    first = jax.device_get(loop.run(ft, str(tmp_path / "ft"), stop_after_step=1)
+                           ["state"]["params"])
+    for name in ("encoder", "decoder", "neck"):
+        chex.assert_trees_all_equal(first[name], end[name])
+    record = writers.read_json(str(tmp_path / "ft" / "init.json"))
+    assert record["collections"] == ["encoder", "decoder", "neck"]
+    assert record["new"] == ["head"]
     with pytest.raises(ValueError, match="model.architecture"):
-        ddep.validate(tiny_config(**XNET), 1)
+        rotation.validate(config_lib.apply_overrides(rotation.default_config(), XNET), 1)
 
 
 def _xnet_finetune_config(camvid_tfds, **overrides):
@@ -131,7 +162,7 @@ def test_decoder_from_a_stage1_classifier_bit_for_bit_and_resume(cifar_subset,
     chex.assert_trees_all_equal(start["decoder"], decoder_params["encoder"])
     chex.assert_trees_all_equal(start["encoder"], encoder_params["encoder"])
     record = writers.read_json(str(tmp_path / "resumed" / "init.json"))
-    assert record["collections"] == ["encoder"] and record["new"] == ["head"]
+    assert record["collections"] == ["encoder"] and record["new"] == ["head", "neck"]
     assert [s["as"] for s in record["sources"]] == ["decoder"]
     assert record["sources"][0]["collections"] == ["encoder"]  # the head not read
 

@@ -102,6 +102,7 @@ def load_finetuned(workdir: str, step: int = -1) -> dict[str, Any]:
                               jnp.zeros((1, h, w, 3), jnp.float32))["params"]
     shardings = state_shardings(abstract, make_mesh(1), "replicated", 1)
     params, provenance = partial.restore_collections(
-        workdir, COLLECTIONS, abstract, shardings, step)
+        workdir, tuple(c for c in COLLECTIONS if c in abstract), abstract, shardings,
+        step)
     return {"config": config, "spec": spec, "model": model, "params": params,
             "step": provenance["step"], "checkpoint": provenance["checkpoint"]}

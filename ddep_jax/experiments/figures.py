@@ -97,14 +97,13 @@ def plot(recipe, results: Sequence[Mapping], rows: Sequence, path: str,
 
 
 def _cost_panel(ax, recipe, costs: Mapping, colours: Mapping) -> None:
-    """Horizontal bars, one per row with fine-tuning runs (top to bottom in
-    the recipe's order):
-    fine-tuning CPU s / step, labelled with the pretraining CPU hours ('>='
-    where a figure is a lower bound; 'not run' where one is missing)."""
+    """Horizontal bars, one per row of `costs` (only rows with fine-tuning
+    runs, top to bottom in the recipe's order): fine-tuning CPU s / step,
+    labelled with the pretraining CPU hours ('>=' where a figure is a lower
+    bound; 'pretraining: not all run' where one is missing)."""
     keys = list(costs)
     ys = list(range(len(keys)))[::-1]
-    widths = [0.0 if math.isnan(costs[k].finetune_seconds_per_step)
-              else costs[k].finetune_seconds_per_step for k in keys]
+    widths = [costs[k].finetune_seconds_per_step for k in keys]
     ax.barh(ys, widths, color=[colours.get(k, "0.6") for k in keys], height=0.6)
     top = max(widths) if any(widths) else 1.0
     for y, k, w in zip(ys, keys, widths):

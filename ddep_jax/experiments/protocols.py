@@ -252,15 +252,24 @@ _V2_ABLATIONS = (
 _XNET = {"model.architecture": "xnet", "model.xnet.decoder_layers": (1, 1, 1, 1),
          "model.xnet.decoder_width": 64, "model.xnet.pyramid_width": 64,
          "eval.size_multiple": 32}
+# Beyond the paper, a third row: ×Net's decoder pretrained by denoising
+# (DDeP's objective and length on this network, from a random decoder, the
+# stage-1 hybrid encoder frozen), fine-tuned with its Re-shapes (the neck).
 _XNET_ROWS = (
     Row("xnet", "×Net (pretrained decoder)", "encoder", "supervised", overrides=_XNET,
         decoder_pretraining="supervised_xnet_decoder"),
     Row("xnet_random", "×Net (random decoder)", "encoder", "supervised", overrides=_XNET),
+    Row("xnet_ddep", "×Net (decoder pretrained by denoising)", "pretrained", "ddep_xnet",
+        overrides=_XNET),
 )
 _XNET_PRETRAININGS = (
     Pretraining("supervised_xnet_decoder", "stage 1: ×Net's decoder, a plain ResNet "
                 "(1, 1, 1, 1) classifier on CIFAR-10 at 96x96, 6 epochs",
                 "classify_cifar10.py", "epochs=6,size=96,arch=xnet"),
+    Pretraining("ddep_xnet", "stage 2: DDeP on CamVid's training images, ×Net's "
+                "decoder (random initialisation) on the frozen stage-1 hybrid encoder",
+                "ddep_camvid.py", "steps=1000,arch=xnet", _V2_XLA_DOTS,
+                init_from="supervised"),
 )
 
 # Table 7's pair at CPU scale: the plain ResNet-50 U-Net (`arch=r50unet`)
@@ -298,7 +307,8 @@ CAMVID_CPU_V2 = Recipe(
     description=CAMVID_CPU.description.replace(
         "Stage 1 on CIFAR-10", "Stage 1 on CIFAR-10 upsampled to 96x96") + (
         " Rows: the main initialisations, the SSL4DP pretext tasks, ×Net with a "
-        "pretrained and a random decoder and Table 7's ResNet-50 U-Net pair. Second "
+        "pretrained, a random and a denoising-pretrained decoder and Table 7's "
+        "ResNet-50 U-Net pair. Second "
         "table (at 1/8): the DDeP ablations of Tables 1 and 4, Fig. 5 and Sec. 4.4, "
         "the 2x decoder, and patch-level encoder-decoder MoCo with overlapping "
         "negatives kept."),

@@ -40,6 +40,9 @@ class TransUNet(nn.Module):
     Methods (images: float [B, H, W, 3] in [-1, 1], H, W multiples of 16):
       encode(images, train) -> EncoderFeatures
       decode(features, noise_level, train) -> float32 [B, H, W, num_outputs]
+      decode_from(features, images, noise_level, train) == decode(features,
+        noise_level, train) (the signature ×Net shares: its decoder reads
+        the images too; stage 2 calls it on the frozen encoder's features)
       __call__(images, noise_level, train) == decode(encode(images), ...)
     """
 
@@ -80,6 +83,12 @@ class TransUNet(nn.Module):
         del train  # the decoder has no dropout or batch statistics
         x = self.decoder(features, noise_level)
         return self.head(x).astype(jnp.float32)
+
+    def decode_from(self, features: EncoderFeatures, images: jax.Array,
+                    noise_level: jax.Array | None = None, *,
+                    train: bool = False) -> jax.Array:
+        del images  # the decoder reads the encoder's features only
+        return self.decode(features, noise_level, train=train)
 
     def __call__(self, images: jax.Array, noise_level: jax.Array | None = None, *,
                  train: bool = False) -> jax.Array:

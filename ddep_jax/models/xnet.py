@@ -38,8 +38,15 @@ Our assumptions (each a config value, `config.model.xnet`):
 - the Post Feature Pyramid's Re-shapes output `pyramid_width` channels each.
 
 Parameter collections: `encoder` (the HybridViT encoder), `decoder` (the
-classifier backbone, leaf for leaf the stage-1 classifier's `encoder`), `head`
-(every Re-shape module: new at fine-tuning).
+classifier backbone, leaf for leaf the stage-1 classifier's `encoder`),
+`neck` (the gate's and the Post Feature Pyramid's Re-shapes) and `head` (the
+last Re-shape, to `num_outputs` channels). From two stage-1 classifiers
+(`init.mode='encoder'` + `init.decoder_checkpoint`) neck and head are new at
+fine-tuning. Beyond the paper, stage 2 can pretrain the decoder by denoising
+(DDeP's objective on this network, encoder frozen, decoder from a random
+initialisation: `configs/ddep_camvid.py:arch=xnet`); its fine-tuning
+(`init.mode='pretrained'`) reads encoder, decoder and neck, and only the
+head (3 noise channels there, classes here) is new, as the TransUNet's.
 """
 
 from __future__ import annotations
@@ -113,6 +120,8 @@ class XNet(nn.Module):
         map, is used further)
       decoder_input(images, features) -> the decoder's input
       decode(features, images, train) -> float32 [B, H, W, num_outputs]
+      decode_from(features, images, noise_level, train) == decode(features,
+        images, train) (`TransUNet.decode_from`'s signature)
       __call__(images, noise_level=None, train) -> float32 [B, H, W, num_outputs]
     """
 
@@ -131,8 +140,8 @@ class XNet(nn.Module):
                                  conv=self.conv)
         self.decoder = HybridViT(**dict(self.decoder_kwargs), dtype=self.dtype,
                                  conv=self.conv)
-        self.head = XNetHeadModules(self.num_outputs, self.pyramid_width,
-                                    self.encoder_stride, self.dtype)
+        self.neck = XNetNeck(self.pyramid_width, self.encoder_stride, self.dtype)
+        self.head = ReShape(self.num_outputs, 4, dtype=self.dtype)
 
     @property
     def encoder_stride(self) -> int:
@@ -145,7 +154,7 @@ class XNet(nn.Module):
 
     def decoder_input(self, images: jax.Array, features: EncoderFeatures) -> jax.Array:
         """The element-wise product of the image and the re-shaped deepest map."""
-        g = self.head.gate(features.tokens).astype(images.dtype)
+        g = self.neck.gate(features.tokens).astype(images.dtype)
         return images * (1.0 + g) if self.product == "residual" else images * g
 
     def decode(self, features: EncoderFeatures, images: jax.Array, *,
@@ -158,8 +167,17 @@ class XNet(nn.Module):
         _, c4, c8, c16 = out.skips  # the root's 1/2 map is not used
         fused = jnp.concatenate(
             [c4.astype(self.dtype)]
-            + [p(c) for p, c in zip(self.head.pyramid, (c8, c16, out.tokens))], axis=-1)
-        return self.head.predict(fused).astype(jnp.float32)
+            + [p(c) for p, c in zip(self.neck.pyramid, (c8, c16, out.tokens))], axis=-1)
+        return self.head(fused).astype(jnp.float32)
+
+    def decode_from(self, features: EncoderFeatures, images: jax.Array,
+                    noise_level: jax.Array | None = None, *,
+                    train: bool = False) -> jax.Array:
+        """`decode` under the signature both models share (stage 2 runs the
+        frozen encoder apart): ×Net's decoder reads the images; it has no
+        noise-level input."""
+        del noise_level
+        return self.decode(features, images, train=train)
 
     def __call__(self, images: jax.Array, noise_level: jax.Array | None = None, *,
                  train: bool = False) -> jax.Array:
@@ -167,14 +185,13 @@ class XNet(nn.Module):
         return self.decode(self.encode(images, train=train), images, train=train)
 
 
-class XNetHeadModules(nn.Module):
-    """The `head` collection of ×Net: `gate` (the encoder-side Re-shape of the
-    deepest map to 3 channels at image size, zero-initialised), `pyramid`
+class XNetNeck(nn.Module):
+    """The `neck` collection of ×Net: `gate` (the encoder-side Re-shape of the
+    deepest map to 3 channels at image size, zero-initialised) and `pyramid`
     (Re-shapes of the decoder's H/8, H/16, H/32 outputs to H/4 with
-    `pyramid_width` channels) and `predict` (the last Re-shape, H/4 -> H x W,
-    `num_outputs` channels). It has no `__call__`: ×Net calls the parts."""
+    `pyramid_width` channels). It has no `__call__`: ×Net calls the parts;
+    the last Re-shape (H/4 -> H x W) is the `head`."""
 
-    num_outputs: int
     pyramid_width: int
     encoder_stride: int
     dtype: Any = jnp.float32
@@ -183,4 +200,3 @@ class XNetHeadModules(nn.Module):
         self.gate = ReShape(3, self.encoder_stride, zero_init=True, dtype=self.dtype)
         self.pyramid = [ReShape(self.pyramid_width, r, dtype=self.dtype)
                         for r in (2, 4, 8)]
-        self.predict = ReShape(self.num_outputs, 4, dtype=self.dtype)

@@ -4,7 +4,9 @@ The encoder (frozen: DDeP; trained too: DeP, Sec. 3) takes a noisy image
 x~ = sqrt(gamma) x + sqrt(1 - gamma) eps (scaled additive noise, Eq. 5; or
 x + sigma eps, Eq. 1); the TransUNet decoder and a 3-channel head are
 trained to predict eps (Eq. 6) or x (Eq. 2) with the mean squared error
-(`objectives.denoising`). Every `image_grid_every` steps and at the end, a
+(`objectives.denoising`). The same objective trains ×Net's decoder
+(`model.architecture='xnet'`: the decoder reads the noisy image times the
+encoder's re-shaped deepest map; beyond the paper). Every `image_grid_every` steps and at the end, a
 grid of clean / noisy / denoised images is written to WORKDIR/images.
 
 `default_config()` is the paper's run (R50+ViT-B/16, 1x decoder, Sec. 5.1);
@@ -71,7 +73,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     require(config.model.clean_noise_level >= 0, "model.clean_noise_level",
             config.model.clean_noise_level, "must be >= 0")
     config_lib.validate_model(config.model)
-    require_transunet(config)
     require(tuple(config.frozen) in ((), ("encoder",)), "frozen", tuple(config.frozen),
             "only 'encoder' may be frozen in stage 2 (() trains it too: DeP)")
     validate_source(config.data)
@@ -82,12 +83,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
 
 
 def require_transunet(config) -> None:
-    """The stage-2 objectives train the TransUNet: ×Net has no stage 2 (its
-    halves come from stage-1 classifiers, `configs/finetune_camvid.py`)."""
+    """The pretext tasks (rotation, MoCo) train the TransUNet's decoder: on
+    ×Net only denoising is built (`configs/ddep_camvid.py:arch=xnet`); its
+    classifier-pretrained decoder comes from stage 1
+    (`configs/finetune_camvid.py`)."""
     config_lib.require(config_lib.architecture(config.model) == "transunet",
                        "model.architecture", config_lib.architecture(config.model),
-                       "stage 2 trains the TransUNet; ×Net's encoder and decoder "
-                       "both come from stage 1 and are fine-tuned in stage 3")
+                       f"the {config.stage} pretext task trains the TransUNet; "
+                       "×Net's decoder is pretrained by classification (stage 1) "
+                       "or by denoising (stage 'ddep')")
 
 
 def denoising_run_name(config) -> str:
@@ -267,8 +271,9 @@ def make_loss_fn(config, model):
     """(params, {'x', 'eps', 'sigma', 'noisy'}, key, context) -> (MSE, {}).
 
     With the encoder frozen it runs in inference mode on the noisy images and
-    only the decoder and head are differentiated; with DeP the whole model
-    runs in training mode (dropout from `key`)."""
+    only the decoder and head (×Net: decoder, neck and head) are
+    differentiated; with DeP the whole model runs in training mode (dropout
+    from `key`)."""
     frozen_encoder = "encoder" in tuple(config.frozen)
     target = config.denoising.target
     conditioning = config.model.noise_conditioning
@@ -280,8 +285,8 @@ def make_loss_fn(config, model):
         if frozen_encoder:
             features = model.apply(variables, batch["noisy"], train=False,
                                    method=model.encode)
-            prediction = model.apply(variables, features, noise_level,
-                                     method=model.decode)
+            prediction = model.apply(variables, features, batch["noisy"], noise_level,
+                                     method=model.decode_from)
         else:
             prediction = model.apply(variables, batch["noisy"], noise_level,
                                      train=True, rngs={"dropout": key})

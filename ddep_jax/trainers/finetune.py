@@ -44,6 +44,17 @@ from `init.checkpoint`: no pretraining; the encoder of a checkpoint with a
 random decoder ("Supervised"); encoder and decoder of a stage-2 DDeP/DeP
 checkpoint. The head is always new."""
 INIT_MODES = tuple(INIT_COLLECTIONS)
+
+
+def init_collections(config) -> tuple[str, ...]:
+    """The collections `config.init.mode` reads from `init.checkpoint`
+    (`INIT_COLLECTIONS`); ×Net's 'pretrained' (a stage-2 denoising run of
+    ×Net) also reads its `neck`, the Re-shapes that run trained with the
+    decoder: only the head is new, as the TransUNet's."""
+    names = INIT_COLLECTIONS[config.init.mode]
+    if config.init.mode == "pretrained" and config_lib.architecture(config.model) == "xnet":
+        names += ("neck",)
+    return names
 DATA_SOURCES = ("tfds", "mmseg")
 
 
@@ -314,7 +325,7 @@ def stage(config, mesh, workdir: str | None = None, *, data: bool = True) -> loo
         mean_over_micro=False,
         metrics=metrics,
         peak_lr=config.optimizer.learning_rate,
-        init_collections=INIT_COLLECTIONS[config.init.mode],
+        init_collections=init_collections(config),
         init_record={"mode": config.init.mode},
         init_sources=((config.init.decoder_checkpoint, config.init.decoder_collection,
                        "decoder"),) if config.init.decoder_checkpoint else (),
