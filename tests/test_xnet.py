@@ -93,37 +93,9 @@ def test_only_the_deepest_encoder_map_reaches_the_decoder():
     assert not np.allclose(moved, base)
 
 
-def test_denoising_pretrains_the_decoder_and_finetuning_reads_it(camvid_tfds, tmp_path):
-    """Stage 2 on ×Net (real CamVid images, DDeP's objective, encoder
-    frozen): the encoder stays bit for bit, decoder, neck and head train;
-    fine-tuning with init.mode='pretrained' places encoder, decoder and neck
-    bit for bit and only the head is new. The pretext tasks refuse ×Net."""
+def test_the_pretext_tasks_refuse_xnet():
     from ddep_jax.trainers import rotation
 
-    config = tiny_config(**XNET, **{
-        "data.source": "tfds", "data.name": "camvid", "data.data_dir": camvid_tfds,
-        "total_steps": 3, "checkpoint_every": 1, "optimizer.warmup_steps": 2})
-    ddep.validate(config, 1)
-    assert config.frozen == ("encoder",)
-    stage2 = str(tmp_path / "ddep_xnet")
-    # Step 1 of the warm-up trains at learning rate 0: its state is the start.
-    start = jax.device_get(loop.run(config, stage2, stop_after_step=1)["state"]["params"])
-    end = jax.device_get(loop.run(config, stage2)["state"]["params"])
-    chex.assert_trees_all_equal(end["encoder"], start["encoder"])
-    for name in ("decoder", "neck", "head"):
-        assert not all(np.array_equal(a, b) for a, b in zip(
-            jax.tree.leaves(end[name]), jax.tree.leaves(start[name]))), name
-
-    ft = _xnet_finetune_config(camvid_tfds, **{
-        "init.mode": "pretrained", "init.checkpoint": stage2,
-        "optimizer.warmup_steps": 2})
-    first = jax.device_get(loop.run(ft, str(tmp_path / "ft"), stop_after_step=1)
-                           ["state"]["params"])
-    for name in ("encoder", "decoder", "neck"):
-        chex.assert_trees_all_equal(first[name], end[name])
-    record = writers.read_json(str(tmp_path / "ft" / "init.json"))
-    assert record["collections"] == ["encoder", "decoder", "neck"]
-    assert record["new"] == ["head"]
     with pytest.raises(ValueError, match="model.architecture"):
         rotation.validate(config_lib.apply_overrides(rotation.default_config(), XNET), 1)
 
@@ -141,7 +113,11 @@ def test_decoder_from_a_stage1_classifier_bit_for_bit_and_resume(cifar_subset,
     CIFAR-10 images) hands its `encoder` over as ×Net's `decoder` exactly,
     its head dropped; a hybrid classifier hands over the encoder; the
     fine-tune on real CamVid resumes bit for bit; a classifier of another
-    width is refused with every mismatch named."""
+    width is refused with every mismatch named. Stage 2 on ×Net (DDeP's
+    objective, real CamVid images, the stage-1 encoder frozen) keeps the
+    encoder bit for bit and trains the neck (its gate starts at 0);
+    fine-tuning it (init=pretrained) places encoder, decoder and neck bit
+    for bit, only the head new."""
     _, cifar_dir, _ = cifar_subset
     enc_run, dec_run = str(tmp_path / "stage1_encoder"), str(tmp_path / "stage1_decoder")
     encoder_params = jax.device_get(
@@ -173,6 +149,27 @@ def test_decoder_from_a_stage1_classifier_bit_for_bit_and_resume(cifar_subset,
                                 jax.device_get(straight["state"]))
     assert np.isfinite(straight["loss"])
 
+    s2_config = tiny_config(**XNET, **{
+        "data.source": "tfds", "data.name": "camvid", "data.data_dir": camvid_tfds,
+        "total_steps": 2, "checkpoint_every": 2, "optimizer.warmup_steps": 1,
+        "init.checkpoint": enc_run})
+    ddep.validate(s2_config, 1)
+    assert s2_config.frozen == ("encoder",)
+    stage2 = str(tmp_path / "ddep_xnet")
+    denoised = jax.device_get(loop.run(s2_config, stage2)["state"]["params"])
+    chex.assert_trees_all_equal(denoised["encoder"], encoder_params["encoder"])
+    assert np.abs(denoised["neck"]["gate"]["proj"]["kernel"]).max() > 0
+    ft = _xnet_finetune_config(camvid_tfds, **{
+        "init.mode": "pretrained", "init.checkpoint": stage2,
+        "optimizer.warmup_steps": 2})
+    first = jax.device_get(loop.run(ft, str(tmp_path / "ft_ddep"), stop_after_step=1)
+                           ["state"]["params"])
+    for name in ("encoder", "decoder", "neck"):
+        chex.assert_trees_all_equal(first[name], denoised[name])
+    record = writers.read_json(str(tmp_path / "ft_ddep" / "init.json"))
+    assert record["collections"] == ["encoder", "decoder", "neck"]
+    assert record["new"] == ["head"]
+
     wide = _xnet_finetune_config(camvid_tfds, **{
         "model.xnet.decoder_width": 16, "init.mode": "encoder",
         "init.checkpoint": enc_run, "init.decoder_checkpoint": dec_run})
@@ -192,9 +189,16 @@ def test_finetune_config_arguments():
         "arch=xnet,init=encoder,ckpt=/runs/enc,decoder_ckpt=/runs/dec")
     assert tuple(paper.model.xnet.decoder_layers) == (3, 4, 6, 3)
     assert paper.model.encoder.vit_size == "B"
-    with pytest.raises(ValueError, match="×Net has no stage 2"):
+    dd = config_lib.load_config_file("configs/finetune_camvid.py",
+                                     "arch=xnet,init=pretrained,ckpt=/runs/ddep_xnet")
+    assert dd.init.mode == "pretrained" and dd.init.decoder_checkpoint == ""
+    with pytest.raises(ValueError, match="init=pretrained reads the decoder from ckpt"):
         config_lib.load_config_file("configs/finetune_camvid.py",
-                                    "arch=xnet,init=pretrained,ckpt=/x")
+                                    "arch=xnet,init=pretrained,ckpt=/x,decoder_ckpt=/y")
+    s2 = config_lib.load_config_file("configs/ddep_camvid.py", "arch=xnet,ckpt=/runs/enc")
+    assert s2.model.architecture == "xnet" and s2.model.num_outputs == 3
+    assert tuple(s2.model.xnet.decoder_layers) == (1, 1, 1, 1)
+    ddep.validate(s2, 1)
     with pytest.raises(ValueError, match="add arch=xnet"):
         config_lib.load_config_file("configs/finetune_camvid.py", "decoder_ckpt=/x")
     k = config_lib.load_config_file("configs/classify_cifar10.py", "arch=xnet")
