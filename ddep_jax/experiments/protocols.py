@@ -353,8 +353,8 @@ CAMVID_CPU_V2 = Recipe(
 # 34). Only the hybrid encoder's stage-1 length changes: the rows, the
 # fine-tuning, the stage-2 runs (which read this stage 1) and the other
 # stage-1 runs (×Net's decoder, Table 7's ResNet-50) are v2's, so No
-# pretraining's cells are v2's configs (same config hash) and a re-run of
-# them must reproduce v2's records.
+# pretraining's cells are v2's configs (the same config hash under one code
+# version) and a re-run of them must reproduce v2's records.
 _V3_EPOCHS = 24
 CAMVID_CPU_V3 = dataclasses.replace(
     CAMVID_CPU_V2, name="camvid_cpu_v3",
