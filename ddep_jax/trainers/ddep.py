@@ -6,8 +6,9 @@ x + sigma eps, Eq. 1); the TransUNet decoder and a 3-channel head are
 trained to predict eps (Eq. 6) or x (Eq. 2) with the mean squared error
 (`objectives.denoising`). The same objective trains ×Net's decoder
 (`model.architecture='xnet'`: the decoder reads the noisy image times the
-encoder's re-shaped deepest map; beyond the paper). Every `image_grid_every` steps and at the end, a
-grid of clean / noisy / denoised images is written to WORKDIR/images.
+encoder's re-shaped deepest map; beyond the paper). Every
+`image_grid_every` steps and at the end, a grid of clean / noisy /
+denoised images is written to WORKDIR/images.
 
 `default_config()` is the paper's run (R50+ViT-B/16, 1x decoder, Sec. 5.1);
 `validate(config, num_devices, num_processes)` rejects bad values;

@@ -55,6 +55,8 @@ def init_collections(config) -> tuple[str, ...]:
     if config.init.mode == "pretrained" and config_lib.architecture(config.model) == "xnet":
         names += ("neck",)
     return names
+
+
 DATA_SOURCES = ("tfds", "mmseg")
 
 
